@@ -1,0 +1,71 @@
+"""The Reward protocol and the checks every reward output goes through."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from ..errors import DDRLError
+
+
+@dataclass
+class RewardConfig:
+    """The training (proxy) reward."""
+
+    name: str = "ink"  # built-in name (see `ddrl.rewards.REWARDS`) or "module:attr" factory
+    scale: float = 1.0  # multiplies the reward (advantages are normalised, so mostly for logs)
+
+
+@dataclass
+class RewardContext:
+    """What a reward factory may need to build itself."""
+
+    task: str
+    cache_dir: Path
+    seed: int = 0
+    device: str = "cpu"
+
+
+@runtime_checkable
+class Reward(Protocol):
+    """r(x0, c): images [B, ...] (clamped to the valid range) and prompts [B] → Tensor [B]."""
+
+    def __call__(self, images: Tensor, prompts: list[str]) -> Tensor: ...
+
+
+def checked_reward(reward: Reward, name: str, images: Tensor, prompts: list[str]) -> Tensor:
+    """Call ``reward`` and insist on a float Tensor [B]; NaN/inf are allowed through (the loop
+    skips those groups) but the wrong type or shape is the reward's bug and stops the run."""
+    out = reward(images, prompts)
+    if not isinstance(out, Tensor):
+        raise DDRLError(f"reward {name!r} returned {type(out).__name__}; expected a Tensor [B]")
+    if out.shape != (images.shape[0],):
+        raise DDRLError(
+            f"reward {name!r} returned shape {tuple(out.shape)}; expected ({images.shape[0]},)"
+        )
+    return out.detach().float()
+
+
+class GoldEvaluator(Protocol):
+    """A held-out judge the training loop never sees (different model, different data)."""
+
+    def reward(self, images: Tensor, prompts: list[str]) -> Tensor:
+        """Gold reward [B] (digits: P_gold(prompted class))."""
+
+    def correct(self, images: Tensor, prompts: list[str]) -> Tensor:
+        """Bool [B]: is the sample what the prompt asked for (digits: gold argmax == class)."""
+
+    def features(self, images: Tensor) -> Tensor:
+        """Feature vectors [B, D] for diversity and Fréchet distance."""
+
+
+def flat_numpy(images: Tensor):
+    return images.detach().float().cpu().reshape(images.shape[0], -1).numpy()
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
