@@ -18,8 +18,8 @@ def check_choice(what: str, value: str, allowed) -> None:
 
 
 def check_range(what: str, value: float, lo: float | None = None, hi: float | None = None) -> None:
-    """Raise DDRLError unless lo <= value <= hi (either bound may be None)."""
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
+    """Raise DDRLError unless lo <= value <= hi (either bound may be None); NaN never passes."""
+    if value != value or (lo is not None and value < lo) or (hi is not None and value > hi):
         lo_s = "-inf" if lo is None else repr(lo)
         hi_s = "inf" if hi is None else repr(hi)
         raise DDRLError(f"{what}={value!r} is out of range; allowed: [{lo_s}, {hi_s}]")

@@ -31,7 +31,7 @@ class SamplerConfig:
 
     def check(self) -> None:
         check_choice("sampler.sde", self.sde, SDE_STEPS)
-        check_range("sampler.noise_level", self.noise_level, 0.0, 10.0)
+        check_range("sampler.noise_level", self.noise_level, 1e-4, 10.0)  # 0 ⇒ std 0, no log-prob
         check_range("sampler.num_steps", self.num_steps, 1, 1000)
         check_range("sampler.eval_steps", self.eval_steps, 1, 1000)
         check_range("sampler.shift", self.shift, 1e-3, 100.0)

@@ -50,11 +50,8 @@ class RunLogger:
         self.run_dir = Path(run_dir)
         for name in ("metrics.jsonl", "eval.jsonl"):
             path = self.run_dir / name
-            rows = [
-                r
-                for r in read_jsonl(path)
-                if r["iteration"] < start or (name == "eval.jsonl" and r["iteration"] == start)
-            ]
+            # Rows are numbered by completed iterations; the checkpoint at `start` covers them.
+            rows = [r for r in read_jsonl(path) if r["iteration"] <= start]
             path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         self.tb = None
         if tensorboard:

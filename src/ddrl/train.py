@@ -22,7 +22,7 @@ from .backbones import cond_index
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .components import build_components, device_of
 from .config import RunConfig, save_config
-from .eval.evaluate import evaluate
+from .eval.evaluate import evaluate, save_prompt_grid
 from .losses import StepBatch, build_loss
 from .pretrain import ema_update
 from .rewards import checked_reward
@@ -59,19 +59,13 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     n_train = max(1, round(tc.timestep_fraction * cfg.sampler.num_steps))
     micro = tc.micro_batch or P * G
 
-    def run_eval(it: int) -> None:
-        m, _, _ = evaluate(
-            ema or model,
-            c.data,
-            c.reward,
-            c.gold,
-            cfg.eval,
-            cfg.sampler.eval_steps,
-            cfg.sampler.shift,
-            cfg.sampler.cfg_scale,
-            dev,
-        )
+    def run_eval(it: int, final: bool = False) -> None:
+        m, raw, _ = evaluate(ema or model, c.data, c.reward, c.gold, cfg.eval,
+                             cfg.sampler.eval_steps, cfg.sampler.shift, cfg.sampler.cfg_scale, dev)
         logger.eval({"iteration": it, **m})
+        if final:
+            save_prompt_grid(raw, len(c.data.prompts), run_dir / "samples_final.png",
+                             f"{cfg.algorithm} after {it} iterations")
 
     if cfg.eval.every and start == 0:
         run_eval(0)
@@ -153,7 +147,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{total:.3f}")
         done = it + 1 == tc.iterations
         if cfg.eval.every and ((it + 1) % cfg.eval.every == 0 or done):
-            run_eval(it + 1)
+            run_eval(it + 1, final=done)
         if (it + 1) % tc.checkpoint_every == 0 or done:
             save_checkpoint(
                 run_dir, it + 1, model, ema, opt, {"algorithm": cfg.algorithm}, tc.keep_checkpoints

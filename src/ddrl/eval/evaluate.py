@@ -19,6 +19,7 @@ from ..data import TaskData
 from ..errors import check_range
 from ..rewards import GoldEvaluator, Reward
 from ..rollout import sample_ode
+from .report import save_image_grid
 from .metrics import (
     default_t_grid,
     frechet_distance,
@@ -89,3 +90,13 @@ def evaluate(
     }
     model.train(was_training)
     return metrics, raw, prompts
+
+
+def save_prompt_grid(raw: Tensor, n_prompts: int, path, title: str | None = None):
+    """Grid of up to 10 samples per prompt, one prompt per column; raw [P·n, C, H, W]
+    ordered prompt-major as ``evaluate`` returns it. Non-image tasks write nothing."""
+    if raw.dim() != 4:
+        return None
+    per = raw.shape[0] // n_prompts
+    show = raw.view(n_prompts, per, *raw.shape[1:])[:, : min(per, 10)].transpose(0, 1)
+    return save_image_grid(show.reshape(-1, *raw.shape[1:]), path, nrow=n_prompts, title=title)

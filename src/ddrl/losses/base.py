@@ -25,7 +25,7 @@ class LossConfig:
 
     reward_weight: float = 1.0  # weight of the policy-gradient term (SFT: 0)
     clip_range: float = 1e-4  # PPO ratio clip ε (DDRL release: 1e-4; ratio ≡ 1 on-policy)
-    data_beta: float = 0.3  # DDRL/SFT: weight of the flow-matching loss on data (forward KL)
+    data_beta: float = 0.1  # DDRL/SFT: weight of the flow-matching loss on data (forward KL)
     data_t: str = "rollout"  # "rollout": data term at the rollout's t and initial noise; "random"
     data_on_first_only: bool = False  # data term once per item (first trained step) not per step
     beta_kl: float = 0.04  # Flow-GRPO: weight of the reverse KL to the frozen reference model
@@ -67,8 +67,9 @@ def policy_step(model: Backbone, b: StepBatch, sampler: SamplerConfig) -> Step:
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean of x [B] over mask [B]; 0 (with a graph) if the mask is empty."""
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+    """Mean of x [B] over mask [B]; 0 (with a graph) if the mask is empty. Masked-out entries
+    may be NaN/inf (a diverged sample of a skipped group): where(), unlike x·0, drops them."""
+    return torch.where(mask.bool(), x, torch.zeros_like(x)).sum() / mask.sum().clamp(min=1)
 
 
 def clipped_policy_loss(

@@ -11,6 +11,7 @@ import copy
 import torch
 
 from ..backbones import guided_velocity
+from ..errors import DDRLError
 from ..sde import sde_step
 from .base import LossConfig, masked_mean, policy_term
 
@@ -21,7 +22,7 @@ class FlowGRPOLoss:
         self.ref = None
         if cfg.beta_kl > 0:
             if base_model is None:
-                raise ValueError("flow_grpo with beta_kl > 0 needs the base model as reference")
+                raise DDRLError("flow_grpo with loss.beta_kl > 0 needs the base model as reference")
             self.ref = copy.deepcopy(base_model).eval().requires_grad_(False)
 
     def __call__(self, model, b):

@@ -1,0 +1,44 @@
+# Every target creates .venv and installs what it needs on a fresh machine.
+# torch goes in first (CPU wheel by default) so that no dependency pulls a CUDA build;
+# override with e.g. `make test TORCH_SPEC="torch==2.5.1"`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install demo test test-slow lint format compare bench clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)  ## pretrain (or reuse) the base, train DDRL + baselines, evaluate (< 10 min on 2 cores)
+	$(VENV)/bin/ddrl demo --out runs/demo --overwrite
+
+test: $(STAMP)  ## fast suite (slow runs are marked and excluded)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)  ## the slow suite: full demo end to end
+	$(PY) -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+	$(VENV)/bin/ruff format src tests benchmarks
+
+compare: $(STAMP)  ## the full reward-hacking comparison (ink + classifier, ~40 min on 2 cores)
+	$(VENV)/bin/ddrl compare --out runs/compare --overwrite
+
+bench: $(STAMP)  ## speed figures (see docs/BENCHMARKS.md)
+	$(PY) benchmarks/bench.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

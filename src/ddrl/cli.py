@@ -1,0 +1,153 @@
+"""The `ddrl` command: pretrain, synth, train, eval, demo, compare.
+
+Every subcommand takes config files (``--config``) and ``key=value`` overrides; user errors
+print one line (``ddrl: error: ...``) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import DDRLError
+
+
+def _cfg(args, extra: list[str] = ()):
+    from .config import build_config
+
+    return build_config(args.config, list(extra) + list(args.overrides))
+
+
+def cmd_pretrain(args) -> None:
+    from .pretrain import ensure_base
+
+    cfg = _cfg(args, [f"task={args.task}"] if args.task else [])
+    _, path = ensure_base(cfg.task, cfg.pretrain, cfg.seed, cfg.model.cache_dir)
+    print(path)
+
+
+def cmd_synth(args) -> None:
+    from .components import build_components, save_pool, synthetic_path
+    from .data import PairedPool
+    from .rollout import sample_ode
+
+    import torch
+
+    cfg = _cfg(args)
+    c = build_components(cfg)
+    prompts = [p for p in c.data.prompts for _ in range(args.per_prompt)]
+    x = sample_ode(c.base, prompts, cfg.sampler.eval_steps, torch.Generator().manual_seed(
+        cfg.seed + 1), cfg.sampler.shift, cfg.sampler.cfg_scale)
+    x = x.clamp(cfg.eval.clamp_low, cfg.eval.clamp_high)
+    path = Path(args.out) if args.out else synthetic_path(cfg, c.base_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_pool(PairedPool(x, prompts), path)
+    print(f"wrote {len(prompts)} synthetic samples to {path}")
+
+
+def cmd_train(args) -> None:
+    from .config import load_config
+    from .runlog import prepare_run_dir
+    from .train import train
+
+    out = Path(args.out)
+    if args.resume:
+        prepare_run_dir(out, resume=True, overwrite=False)
+        cfg = load_config(out / "config.json")
+        if args.overrides:  # only the length of a run may change on resume
+            from .config import apply, parse_overrides
+
+            ov = parse_overrides(args.overrides)
+            bad = [k for k in ov if k != "train.iterations"]
+            if bad:
+                raise DDRLError(f"on --resume only train.iterations may change; got {bad}")
+            apply(cfg, ov)
+            cfg.check()
+    else:
+        cfg = _cfg(args)
+        prepare_run_dir(out, resume=False, overwrite=args.overwrite)
+    row = train(cfg, out, resume=args.resume)
+    print(json.dumps(row))
+
+
+def cmd_eval(args) -> None:
+    from .eval.run_eval import evaluate_run
+
+    result = evaluate_run(Path(args.run), step=args.step, overrides=args.overrides,
+                          out=Path(args.out) if args.out else None)
+    print(json.dumps(result, indent=1))
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), quick=args.quick, overwrite=args.overwrite, overrides=args.overrides)
+
+
+def cmd_compare(args) -> None:
+    from .eval.compare import run_compare
+
+    run_compare(Path(args.out), quick=args.quick, rewards=args.rewards.split(","),
+                overwrite=args.overwrite, overrides=args.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ddrl", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name, fn, help_):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("--config", action="append", default=[], help="TOML/JSON config file")
+        s.add_argument("overrides", nargs="*", help="key=value, e.g. train.iterations=50")
+        s.set_defaults(fn=fn)
+        return s
+
+    s = add("pretrain", cmd_pretrain, "train (or reuse) the task's base model; prints its path")
+    s.add_argument("--task", default="", help="digits (default) or toy2d")
+    s = add("synth", cmd_synth, "generate a synthetic data pool from the base model")
+    s.add_argument("--per-prompt", type=int, default=150, help="samples per prompt")
+    s.add_argument("--out", default="", help="output .safetensors (default: next to the base)")
+    s = add("train", cmd_train, "train one run")
+    s.add_argument("--out", required=True, help="run folder")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out")
+    s.add_argument("--overwrite", action="store_true", help="move an existing --out aside")
+    s = add("eval", cmd_eval, "evaluate a run (latest checkpoint, or --step) into eval.json")
+    s.add_argument("run", help="run folder, or a saved model folder")
+    s.add_argument("--step", type=int, default=None, help="checkpoint iteration")
+    s.add_argument("--out", default="", help="output file (default: RUN/eval.json)")
+    for name, fn, h in (("demo", cmd_demo, "pretrain, train DDRL and baselines, evaluate"),
+                        ("compare", cmd_compare, "the reward-hacking comparison and report")):
+        s = add(name, fn, h)
+        s.add_argument("--out", default=f"runs/{name}", help="output folder")
+        s.add_argument("--quick", action="store_true", help="a small, fast version")
+        s.add_argument("--overwrite", action="store_true", help="move an existing --out aside")
+        if name == "compare":
+            s.add_argument("--rewards", default="ink,classifier", help="reward regimes")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("DDRL_THREADS", torch.get_num_threads())))
+    t0 = time.time()
+    try:
+        args.fn(args)
+    except DDRLError as e:
+        print(f"ddrl: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ddrl: interrupted; the last checkpoint is intact (resume with --resume)",
+              file=sys.stderr)
+        return 130
+    print(f"ddrl {args.command}: done in {time.time() - t0:.0f}s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

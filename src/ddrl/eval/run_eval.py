@@ -1,0 +1,66 @@
+"""`ddrl eval`: evaluate a run's checkpoint (or any saved model folder) into eval.json."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from ..backbones import load_backbone
+from ..checkpoint import latest_checkpoint, load_checkpoint
+from ..components import build_components, device_of
+from ..config import apply, build_config, load_config, parse_overrides
+from ..errors import DDRLError
+from .evaluate import evaluate, save_prompt_grid
+
+
+def _checkpoint(run: Path, step: int | None) -> Path:
+    if step is None:
+        return latest_checkpoint(run)
+    path = run / "checkpoints" / f"step-{step:06d}"
+    if not (path / "state.json").is_file():
+        kept = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
+        raise DDRLError(f"no checkpoint for step {step} in {run}; kept: {', '.join(kept) or 'none'}")
+    return path
+
+
+def evaluate_run(run: Path, step: int | None = None, overrides: list[str] = (),
+                 out: Path | None = None) -> dict:
+    """Evaluate RUN (a run folder: its latest or ``step`` checkpoint, EMA weights if kept;
+    or a model folder with backbone.json). Overrides may set eval.* and reward.* keys."""
+    run = Path(run)
+    ov = parse_overrides(list(overrides))
+    if (run / "config.json").is_file():
+        cfg = load_config(run / "config.json")
+        bad = [k for k in ov if not k.startswith(("eval.", "reward.", "sampler.eval_steps"))]
+        if bad:
+            raise DDRLError(f"ddrl eval of a run may only override eval.*, reward.* and "
+                            f"sampler.eval_steps; got {bad}")
+        apply(cfg, ov)
+        cfg.check()
+        c = build_components(cfg)
+        ckpt = _checkpoint(run, step)
+        model, ema = copy.deepcopy(c.base), copy.deepcopy(c.base)
+        has_ema = (ckpt / "ema.safetensors").is_file()
+        state = load_checkpoint(ckpt, model, ema if has_ema else None)
+        model = ema if has_ema else model
+        source = {"checkpoint": str(ckpt), "iteration": state["iteration"], "ema": has_ema}
+    elif (run / "backbone.json").is_file():
+        if step is not None:
+            raise DDRLError(f"{run} is a model folder, not a run; --step does not apply")
+        cfg = build_config(overrides=list(overrides))
+        c = build_components(cfg)
+        model = load_backbone(run)
+        source = {"model": str(run)}
+    else:
+        raise DDRLError(f"{run} is neither a run folder (config.json) nor a model (backbone.json)")
+    dev = device_of(cfg)
+    metrics, raw, _ = evaluate(model.to(dev), c.data, c.reward, c.gold, cfg.eval,
+                               cfg.sampler.eval_steps, cfg.sampler.shift, cfg.sampler.cfg_scale,
+                               dev)
+    result = {**metrics, **source, "task": cfg.task, "reward": cfg.reward.name,
+              "eval_seed": cfg.eval.seed, "samples_per_prompt": cfg.eval.samples_per_prompt}
+    out = out or run / "eval.json"
+    out.write_text(json.dumps(result, indent=1, sort_keys=True))
+    save_prompt_grid(raw, len(c.data.prompts), out.with_name(out.stem + "_samples.png"))
+    return result
