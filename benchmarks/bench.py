@@ -34,16 +34,27 @@ def main() -> None:
         print(f"threads={args.threads} torch={torch.__version__} device=cpu")
         print(f"{'algorithm':12}{'rollout s':>12}{'reward s':>12}{'update s':>12}{'iter s':>12}")
         for algo in ("ddrl", "flow_grpo", "dance_grpo", "grpo", "sft"):
-            cfg = build_config(overrides=[
-                f"algorithm={algo}", f"model.base={tmp / 'base'}", f"model.cache_dir={tmp}",
-                f"train.iterations={args.iterations}", "train.progress=false"])
+            cfg = build_config(
+                overrides=[
+                    f"algorithm={algo}",
+                    f"model.base={tmp / 'base'}",
+                    f"model.cache_dir={tmp}",
+                    f"train.iterations={args.iterations}",
+                    "train.progress=false",
+                ]
+            )
             out = tmp / algo
             out.mkdir()
             train(cfg, out, log=lambda *a: None)
             rows = read_jsonl(out / "metrics.jsonl")[1:]  # first iteration includes warm-up
-            mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
-            print(f"{algo:12}{mean('time_rollout'):>12.3f}{mean('time_reward'):>12.4f}"
-                  f"{mean('time_train'):>12.3f}{mean('time_iteration'):>12.3f}")
+
+            def mean(k: str, rows=rows) -> float:
+                return sum(r[k] for r in rows) / len(rows)
+
+            print(
+                f"{algo:12}{mean('time_rollout'):>12.3f}{mean('time_reward'):>12.4f}"
+                f"{mean('time_train'):>12.3f}{mean('time_iteration'):>12.3f}"
+            )
         model = DigitsBackbone()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         x, c, t = torch.randn(128, 1, 8, 8), torch.randint(10, (128,)), torch.rand(128)

@@ -349,5 +349,5 @@ def test_build_loss_names():
     assert isinstance(build_loss("ddrl.losses.sft:SFTLoss", cfg, s), SFTLoss)
     with pytest.raises(DDRLError, match="unknown algorithm 'nope'"):
         build_loss("nope", cfg, s)
-    with pytest.raises(DDRLError, match="cannot import loss"):
+    with pytest.raises(DDRLError, match="cannot import algorithm"):
         build_loss("no_such_module_xyz:Loss", cfg, s)

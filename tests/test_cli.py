@@ -91,7 +91,7 @@ def test_compare_quick_schema(tmp_path, capsys):
     ],
 )
 def test_bad_input_one_line_errors(tmp_path, capsys, argv, needle):
-    line = error_line(capsys, *[a.format(tmp=tmp_path) for a in argv])
+    line = error_line(capsys, *[a.format(tmp=tmp_path) for a in argv], *quick())
     assert needle in line
 
 
@@ -118,3 +118,36 @@ def test_run_folder_never_overwritten_and_checkpoints_checked(tmp_path, capsys):
     assert "no checkpoint for step 7" in error_line(capsys, "eval", run_dir, "--step", "7")
     shutil.rmtree(run_dir / "checkpoints")
     assert "no checkpoint" in error_line(capsys, "train", "--out", run_dir, "--resume")
+
+
+def test_synth_then_train_on_synthetic_data(tmp_path, capsys):
+    pool = tmp_path / "synthetic.safetensors"
+    code, out, err = run(capsys, "synth", "--per-prompt", 3, "--out", pool, *quick())
+    assert code == 0, err
+    from safetensors.torch import load_file
+
+    t = load_file(pool)
+    assert t["x"].shape == (30, 1, 8, 8) and sorted(set(t["prompt_ids"].tolist())) == list(
+        range(10)
+    )
+    assert float(t["x"].abs().max()) <= 1.0  # stored clamped, like a decoded image
+    run_dir = tmp_path / "syn"
+    code, _, err = run(
+        capsys,
+        "train",
+        "--out",
+        run_dir,
+        "data.source=synthetic",
+        f"data.synthetic_path={pool}",
+        *quick(),
+    )
+    assert code == 0, err
+    assert "no synthetic data" in error_line(
+        capsys,
+        "train",
+        "--out",
+        tmp_path / "x",
+        "data.source=synthetic",
+        f"data.synthetic_path={tmp_path}/none.safetensors",
+        *quick(),
+    )

@@ -13,7 +13,7 @@ def test_defaults_resolve():
     assert cfg.task == "digits" and cfg.algorithm == "ddrl" and cfg.seed == 0
     assert cfg.reward.name == "ink"  # task_digits preset
     assert cfg.sampler.sde == "flow" and cfg.sampler.noise_level == 0.7
-    assert cfg.loss.reward_weight == 1.0 and cfg.loss.data_beta == 0.3
+    assert cfg.loss.reward_weight == 1.0 and cfg.loss.data_beta == 0.1
     assert cfg.loss.data_t == "rollout"
     assert cfg.optim.betas == (0.9, 0.99)
 

@@ -44,7 +44,7 @@ def group_advantages(
         a = (r - r.mean()) / (r.std(unbiased=False) + cfg.eps)
         if cfg.exp_transform:
             # As in DDRL's release (`exp_reward`): not re-centred; λ is monotone, so the order
-            # of samples is kept and large negative advantages are amplified, positive ones saturate.
+            # of samples is kept; large negative advantages are amplified, positive ones saturate.
             a = -torch.exp(-a / cfg.beta)
         adv[m] = a.clamp(-cfg.clamp, cfg.clamp)
         valid[m] = True

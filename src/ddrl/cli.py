@@ -31,17 +31,23 @@ def cmd_pretrain(args) -> None:
 
 
 def cmd_synth(args) -> None:
+    import torch
+
     from .components import build_components, save_pool, synthetic_path
     from .data import PairedPool
     from .rollout import sample_ode
 
-    import torch
-
     cfg = _cfg(args)
     c = build_components(cfg)
     prompts = [p for p in c.data.prompts for _ in range(args.per_prompt)]
-    x = sample_ode(c.base, prompts, cfg.sampler.eval_steps, torch.Generator().manual_seed(
-        cfg.seed + 1), cfg.sampler.shift, cfg.sampler.cfg_scale)
+    x = sample_ode(
+        c.base,
+        prompts,
+        cfg.sampler.eval_steps,
+        torch.Generator().manual_seed(cfg.seed + 1),
+        cfg.sampler.shift,
+        cfg.sampler.cfg_scale,
+    )
     x = x.clamp(cfg.eval.clamp_low, cfg.eval.clamp_high)
     path = Path(args.out) if args.out else synthetic_path(cfg, c.base_path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,8 +83,12 @@ def cmd_train(args) -> None:
 def cmd_eval(args) -> None:
     from .eval.run_eval import evaluate_run
 
-    result = evaluate_run(Path(args.run), step=args.step, overrides=args.overrides,
-                          out=Path(args.out) if args.out else None)
+    result = evaluate_run(
+        Path(args.run),
+        step=args.step,
+        overrides=args.overrides,
+        out=Path(args.out) if args.out else None,
+    )
     print(json.dumps(result, indent=1))
 
 
@@ -91,8 +101,13 @@ def cmd_demo(args) -> None:
 def cmd_compare(args) -> None:
     from .eval.compare import run_compare
 
-    run_compare(Path(args.out), quick=args.quick, rewards=args.rewards.split(","),
-                overwrite=args.overwrite, overrides=args.overrides)
+    run_compare(
+        Path(args.out),
+        quick=args.quick,
+        rewards=args.rewards.split(","),
+        overwrite=args.overwrite,
+        overrides=args.overrides,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,8 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run", help="run folder, or a saved model folder")
     s.add_argument("--step", type=int, default=None, help="checkpoint iteration")
     s.add_argument("--out", default="", help="output file (default: RUN/eval.json)")
-    for name, fn, h in (("demo", cmd_demo, "pretrain, train DDRL and baselines, evaluate"),
-                        ("compare", cmd_compare, "the reward-hacking comparison and report")):
+    for name, fn, h in (
+        ("demo", cmd_demo, "pretrain, train DDRL and baselines, evaluate"),
+        ("compare", cmd_compare, "the reward-hacking comparison and report"),
+    ):
         s = add(name, fn, h)
         s.add_argument("--out", default=f"runs/{name}", help="output folder")
         s.add_argument("--quick", action="store_true", help="a small, fast version")
@@ -142,8 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ddrl: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("ddrl: interrupted; the last checkpoint is intact (resume with --resume)",
-              file=sys.stderr)
+        print(
+            "ddrl: interrupted; the last checkpoint is intact (resume with --resume)",
+            file=sys.stderr,
+        )
         return 130
     print(f"ddrl {args.command}: done in {time.time() - t0:.0f}s", file=sys.stderr)
     return 0

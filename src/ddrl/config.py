@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from .advantages import AdvantageConfig
+from .backbones import resolve as resolve_backbone
 from .data import DataConfig
 from .errors import DDRLError, check_choice, check_range
 from .eval.evaluate import EvalConfig
 from .losses import LOSSES, LossConfig
 from .pretrain import PretrainConfig
-from .rewards import RewardConfig
+from .rewards import RewardConfig, reward_factory
 from .rollout import SamplerConfig
 from .train_config import ModelConfig, OptimConfig, TrainConfig
 
@@ -57,6 +58,10 @@ class RunConfig:
         check_choice("task", self.task, TASKS)
         if self.algorithm not in LOSSES and ":" not in self.algorithm:
             check_choice("algorithm", self.algorithm, LOSSES)
+        # Names are checked here, before any model is built or pretrained: a typo fails fast.
+        reward_factory(self.task, self.reward.name)
+        if self.model.backbone:
+            resolve_backbone(self.model.backbone)
         for f in dataclasses.fields(self):
             sub = getattr(self, f.name)
             if hasattr(sub, "check"):
@@ -77,7 +82,7 @@ def _parse(key: str, raw: Any, typ: Any) -> Any:
         args = typing.get_args(typ)
         if len(items) != len(args):
             raise DDRLError(f"{key}={raw!r} needs {len(args)} comma-separated values")
-        return tuple(_parse(key, v, a) for v, a in zip(items, args))
+        return tuple(_parse(key, v, a) for v, a in zip(items, args, strict=True))
     if typ is bool:
         if isinstance(raw, bool):
             return raw

@@ -17,12 +17,19 @@ from .runlog import prepare_run_dir
 
 DEMO_ARMS = [("ddrl", {}), ("flow_grpo", {}), ("dance_grpo", {})]  # each at its preset defaults
 DEMO_COMMON = {"train.iterations": 30, "eval.every": 10}
-KEYS = ("proxy_reward", "gold_accuracy", "diversity", "heldout_diffusion_loss", "fd",
-        "saturation_rate")
+KEYS = (
+    "proxy_reward",
+    "gold_accuracy",
+    "diversity",
+    "heldout_diffusion_loss",
+    "fd",
+    "saturation_rate",
+)
 
 
-def run_demo(out: Path, quick: bool = False, overwrite: bool = False,
-             overrides: list[str] = (), log=print) -> dict:
+def run_demo(
+    out: Path, quick: bool = False, overwrite: bool = False, overrides: list[str] = (), log=print
+) -> dict:
     """Writes ``out/summary.json``: {base|ddrl|flow_grpo|dance_grpo: {metric: value, seconds}}."""
     t_start = time.time()
     out = prepare_run_dir(out, resume=False, overwrite=overwrite)
@@ -30,28 +37,45 @@ def run_demo(out: Path, quick: bool = False, overwrite: bool = False,
     t0 = time.time()
     base = evaluate_base(common, "ink", list(overrides), out, log)
     pre = json.loads((Path(base["base_path"]) / "pretrain.json").read_text())
-    summary = {"base": {**{k: base[k] for k in KEYS}, "seconds": time.time() - t0,
-                        "pretrain_seconds": pre["seconds"]}}
+    summary = {
+        "base": {
+            **{k: base[k] for k in KEYS},
+            "seconds": time.time() - t0,
+            "pretrain_seconds": pre["seconds"],
+        }
+    }
     arms, grids = [], {"base": out / "samples_base.png"}
     for algorithm, setting in DEMO_ARMS:
         log(f"[demo] training {algorithm}")
-        arm = run_arm(algorithm, setting, common, out / algorithm, ["reward.name=ink",
-                                                                     *overrides], log)
+        arm = run_arm(
+            algorithm, setting, common, out / algorithm, ["reward.name=ink", *overrides], log
+        )
         arms.append(arm)
-        summary[algorithm] = {**{k: arm["final"][k] for k in KEYS}, "seconds": arm["seconds"],
-                              "time_per_iteration": arm["time_per_iteration"]}
+        summary[algorithm] = {
+            **{k: arm["final"][k] for k in KEYS},
+            "seconds": arm["seconds"],
+            "time_per_iteration": arm["time_per_iteration"],
+        }
         grids[algorithm] = out / algorithm / "samples_final.png"
     summary["total_seconds"] = time.time() - t_start
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    write_report({"base": {k: base[k] for k in KEYS}, "arms": arms}, out, grids=grids,
-                 title="ddrl demo: ink reward on digits",
-                 notes="Same base, same budget (" + ", ".join(f"{k}={v}" for k, v in
-                                                           common.items()) + ").")
+    write_report(
+        {"base": {k: base[k] for k in KEYS}, "arms": arms},
+        out,
+        grids=grids,
+        title="ddrl demo: ink reward on digits",
+        notes="Same base, same budget (" + ", ".join(f"{k}={v}" for k, v in common.items()) + ").",
+    )
     header = f"{'':12}" + "".join(f"{k:>24}" for k in (*KEYS, "seconds"))
-    lines = [header] + [f"{name:12}" + "".join(f"{row[k]:>24.3f}" for k in (*KEYS, "seconds"))
-                        for name, row in summary.items() if isinstance(row, dict)]
+    lines = [header] + [
+        f"{name:12}" + "".join(f"{row[k]:>24.3f}" for k in (*KEYS, "seconds"))
+        for name, row in summary.items()
+        if isinstance(row, dict)
+    ]
     (out / "summary.txt").write_text("\n".join(lines) + "\n")
     log("\n".join(lines))
-    log(f"[demo] wrote {out / 'summary.json'}, {out / 'report.html'} "
-        f"({summary['total_seconds']:.0f}s in all)")
+    log(
+        f"[demo] wrote {out / 'summary.json'}, {out / 'report.html'} "
+        f"({summary['total_seconds']:.0f}s in all)"
+    )
     return summary

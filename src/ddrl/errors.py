@@ -17,6 +17,23 @@ def check_choice(what: str, value: str, allowed) -> None:
         raise DDRLError(f"unknown {what} {value!r}; allowed: {', '.join(sorted(allowed))}")
 
 
+def lookup(kind: str, name: str, table: dict, allowed: list[str] | None = None):
+    """``table[name]`` for a registered name, else the attribute named by "package.module:attr"
+    (the plugin escape hatch); DDRLError naming the allowed names otherwise."""
+    allowed = list(table) if allowed is None else allowed
+    if name in allowed:
+        return table[name]
+    if ":" in name:
+        import importlib
+
+        mod, attr = name.split(":", 1)
+        try:
+            return getattr(importlib.import_module(mod), attr)
+        except (ImportError, AttributeError) as e:
+            raise DDRLError(f"cannot import {kind} {name!r}: {e}") from e
+    raise DDRLError(f"unknown {kind} {name!r}; allowed: {', '.join(allowed)} or 'module:attr'")
+
+
 def check_range(what: str, value: float, lo: float | None = None, hi: float | None = None) -> None:
     """Raise DDRLError unless lo <= value <= hi (either bound may be None); NaN never passes."""
     if value != value or (lo is not None and value < lo) or (hi is not None and value > hi):

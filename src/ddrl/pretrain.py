@@ -54,7 +54,7 @@ def base_path(task: str, cfg: PretrainConfig, seed: int, cache_dir: str = "") ->
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """ema ← decay·ema + (1 − decay)·θ, parameter by parameter."""
-    for pe, p in zip(ema.parameters(), model.parameters()):
+    for pe, p in zip(ema.parameters(), model.parameters(), strict=True):
         pe.lerp_(p.detach(), 1 - decay)
 
 

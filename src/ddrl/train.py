@@ -22,7 +22,7 @@ from .backbones import cond_index
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .components import build_components, device_of
 from .config import RunConfig, save_config
-from .eval.evaluate import evaluate, save_prompt_grid
+from .eval.evaluate import evaluate_components, save_prompt_grid
 from .losses import StepBatch, build_loss
 from .pretrain import ema_update
 from .rewards import checked_reward
@@ -60,12 +60,15 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     micro = tc.micro_batch or P * G
 
     def run_eval(it: int, final: bool = False) -> None:
-        m, raw, _ = evaluate(ema or model, c.data, c.reward, c.gold, cfg.eval,
-                             cfg.sampler.eval_steps, cfg.sampler.shift, cfg.sampler.cfg_scale, dev)
+        m, raw, _ = evaluate_components(ema or model, c, cfg, dev)
         logger.eval({"iteration": it, **m})
         if final:
-            save_prompt_grid(raw, len(c.data.prompts), run_dir / "samples_final.png",
-                             f"{cfg.algorithm} after {it} iterations")
+            save_prompt_grid(
+                raw,
+                len(c.data.prompts),
+                run_dir / "samples_final.png",
+                f"{cfg.algorithm} after {it} iterations",
+            )
 
     if cfg.eval.every and start == 0:
         run_eval(0)

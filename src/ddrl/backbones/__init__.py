@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
-from ..errors import DDRLError
+from ..errors import DDRLError, lookup
 from .base import Backbone, Cond, cond_cat, cond_index, guided_velocity
 from .digits import DigitsBackbone
 from .toy2d import Toy2DBackbone
@@ -27,15 +26,7 @@ __all__ = [
 
 def resolve(name: str):
     """A registered name, or "package.module:Attr" for a user plugin."""
-    if name in BACKBONES:
-        return BACKBONES[name]
-    if ":" in name:
-        mod, attr = name.split(":", 1)
-        try:
-            return getattr(importlib.import_module(mod), attr)
-        except (ImportError, AttributeError) as e:
-            raise DDRLError(f"cannot import backbone {name!r}: {e}") from e
-    raise DDRLError(f"unknown backbone {name!r}; allowed: {', '.join(BACKBONES)} or 'module:attr'")
+    return lookup("backbone", name, BACKBONES)
 
 
 def load_backbone(path: str | Path) -> Backbone:

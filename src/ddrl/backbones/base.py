@@ -7,12 +7,12 @@ only indexes and repeats it, so text-encoder outputs and class ids both fit.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol, Union, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-Cond = Union[Tensor, tuple[Tensor, ...]]
+Cond = Tensor | tuple[Tensor, ...]
 
 
 @runtime_checkable
@@ -44,7 +44,7 @@ def cond_index(cond: Cond, idx: Tensor) -> Cond:
 def cond_cat(a: Cond, b: Cond) -> Cond:
     """Concatenate two conditions along the batch dim (for one CFG forward pass)."""
     if isinstance(a, tuple):
-        return tuple(torch.cat([x, y]) for x, y in zip(a, b))
+        return tuple(torch.cat([x, y]) for x, y in zip(a, b, strict=True))
     return torch.cat([a, b])
 
 

@@ -17,7 +17,7 @@ from ..components import build_components
 from ..config import build_config
 from ..runlog import prepare_run_dir, read_jsonl
 from ..train import train
-from .evaluate import evaluate, save_prompt_grid
+from .evaluate import evaluate_components, save_prompt_grid
 from .report import arm_label, write_report
 
 # Arms of the full comparison: (algorithm, setting). DanceGRPO and plain GRPO have no
@@ -30,48 +30,78 @@ FULL_ARMS: list[tuple[str, dict[str, Any]]] = [
 ]
 # 30 iterations: unregularised GRPO/DanceGRPO hack the ink reward by ~20-30 (docs/LOG.md).
 FULL_COMMON = {"train.iterations": 30, "eval.every": 5}
-QUICK_ARMS = [("ddrl", {"loss.data_beta": 0.3}), ("flow_grpo", {"loss.beta_kl": 0.04}),
-              ("dance_grpo", {})]
-QUICK_COMMON = {"train.iterations": 2, "train.prompts_per_iter": 2, "train.group_size": 4,
-                "sampler.num_steps": 4, "sampler.eval_steps": 4, "eval.every": 1,
-                "eval.samples_per_prompt": 3, "pretrain.steps": 20, "pretrain.batch_size": 32}
+QUICK_ARMS = [
+    ("ddrl", {"loss.data_beta": 0.3}),
+    ("flow_grpo", {"loss.beta_kl": 0.04}),
+    ("dance_grpo", {}),
+]
+QUICK_COMMON = {
+    "train.iterations": 2,
+    "train.prompts_per_iter": 2,
+    "train.group_size": 4,
+    "sampler.num_steps": 4,
+    "sampler.eval_steps": 4,
+    "eval.every": 1,
+    "eval.samples_per_prompt": 3,
+    "pretrain.steps": 20,
+    "pretrain.batch_size": 32,
+}
 
 
 def _ov(d: dict[str, Any]) -> list[str]:
     return [f"{k}={v}" for k, v in d.items()]
 
 
-def run_arm(algorithm: str, setting: dict, common: dict, out: Path, overrides: list[str] = (),
-            log=print) -> dict:
+def run_arm(
+    algorithm: str, setting: dict, common: dict, out: Path, overrides: list[str] = (), log=print
+) -> dict:
     """Train one arm into ``out`` and return its metrics.json entry (curve from eval.jsonl)."""
-    cfg = build_config(overrides=[f"algorithm={algorithm}", *_ov(common), *_ov(setting),
-                                  "train.progress=false", *overrides])
+    cfg = build_config(
+        overrides=[
+            f"algorithm={algorithm}",
+            *_ov(common),
+            *_ov(setting),
+            "train.progress=false",
+            *overrides,
+        ]
+    )
     t0 = time.time()
     train(cfg, prepare_run_dir(out, resume=False, overwrite=False), log=log)
     seconds = time.time() - t0
     curve = read_jsonl(out / "eval.jsonl")
     rows = read_jsonl(out / "metrics.jsonl")
-    arm = {"algorithm": algorithm, "setting": {k.split(".")[-1]: v for k, v in setting.items()},
-           "final": curve[-1], "curve": curve, "seconds": seconds, "run": str(out),
-           "time_per_iteration": sum(r["time_iteration"] for r in rows) / max(len(rows), 1),
-           "reward_curve": [{"iteration": r["iteration"], "reward_mean": r["reward_mean"]}
-                            for r in rows]}
+    arm = {
+        "algorithm": algorithm,
+        "setting": {k.split(".")[-1]: v for k, v in setting.items()},
+        "final": curve[-1],
+        "curve": curve,
+        "seconds": seconds,
+        "run": str(out),
+        "time_per_iteration": sum(r["time_iteration"] for r in rows) / max(len(rows), 1),
+        "reward_curve": [
+            {"iteration": r["iteration"], "reward_mean": r["reward_mean"]} for r in rows
+        ],
+    }
     arm["label"] = arm_label(arm)
     return arm
 
 
-def evaluate_base(common: dict, reward: str, overrides: list[str], out: Path,
-                  log=print) -> dict:
+def evaluate_base(common: dict, reward: str, overrides: list[str], out: Path, log=print) -> dict:
     cfg = build_config(overrides=[*_ov(common), f"reward.name={reward}", *overrides])
     c = build_components(cfg, log)
-    metrics, raw, _ = evaluate(c.base, c.data, c.reward, c.gold, cfg.eval, cfg.sampler.eval_steps,
-                               cfg.sampler.shift, cfg.sampler.cfg_scale)
+    metrics, raw, _ = evaluate_components(c.base, c, cfg)
     save_prompt_grid(raw, len(c.data.prompts), out / "samples_base.png", "base")
     return {**metrics, "base_path": str(c.base_path)}
 
 
-def run_compare(out: Path, quick: bool = False, rewards: list[str] = ("ink", "classifier"),
-                overwrite: bool = False, overrides: list[str] = (), log=print) -> dict:
+def run_compare(
+    out: Path,
+    quick: bool = False,
+    rewards: list[str] = ("ink", "classifier"),
+    overwrite: bool = False,
+    overrides: list[str] = (),
+    log=print,
+) -> dict:
     """Run every arm for every reward regime; write metrics.json, report.html and figures."""
     out = prepare_run_dir(out, resume=False, overwrite=overwrite)
     arms_spec, common = (QUICK_ARMS, QUICK_COMMON) if quick else (FULL_ARMS, FULL_COMMON)
@@ -84,29 +114,45 @@ def run_compare(out: Path, quick: bool = False, rewards: list[str] = ("ink", "cl
         grids[f"{reward}: base"] = rdir / "samples_base.png"
         arms = []
         for algorithm, setting in arms_spec:
-            arm = run_arm(algorithm, setting, common, rdir / _slug(algorithm, setting),
-                          [f"reward.name={reward}", *overrides], log)
+            arm = run_arm(
+                algorithm,
+                setting,
+                common,
+                rdir / _slug(algorithm, setting),
+                [f"reward.name={reward}", *overrides],
+                log,
+            )
             arm["reward"] = reward
             f = arm["final"]
-            log(f"[compare] {reward} {arm['label']}: proxy {f['proxy_reward']:.3f} gold "
+            log(
+                f"[compare] {reward} {arm['label']}: proxy {f['proxy_reward']:.3f} gold "
                 f"{f['gold_accuracy']:.3f} diversity {f['diversity']:.3f} "
-                f"({arm['seconds']:.0f}s)")
+                f"({arm['seconds']:.0f}s)"
+            )
             arms.append(arm)
             grid = Path(arm["run"]) / "samples_final.png"
             if grid.is_file():
                 grids[f"{reward}: {arm['label']}"] = grid
         regimes[reward] = {"reward": reward, "base": base, "arms": arms}
     first = regimes[rewards[0]]
-    metrics = {"base": first["base"], "arms": [a for r in regimes.values() for a in r["arms"]],
-               "regimes": regimes, "budget": common, "quick": quick}
+    metrics = {
+        "base": first["base"],
+        "arms": [a for r in regimes.values() for a in r["arms"]],
+        "regimes": regimes,
+        "budget": common,
+        "quick": quick,
+    }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    notes = ("Every arm starts from the same base model and gets the same budget: "
-             + ", ".join(f"{k}={v}" for k, v in common.items())
-             + ". Gold accuracy comes from a PCA+SVC evaluator trained on a half of the digits "
-               "that the proxy reward never saw; the held-out diffusion loss uses 297 held-out "
-               "images that no model trained on.")
-    write_report({"regimes": regimes}, out, grids=grids, title="ddrl: reward hacking comparison",
-                 notes=notes)
+    notes = (
+        "Every arm starts from the same base model and gets the same budget: "
+        + ", ".join(f"{k}={v}" for k, v in common.items())
+        + ". Gold accuracy comes from a PCA+SVC evaluator trained on a half of the digits "
+        "that the proxy reward never saw; the held-out diffusion loss uses 297 held-out "
+        "images that no model trained on."
+    )
+    write_report(
+        {"regimes": regimes}, out, grids=grids, title="ddrl: reward hacking comparison", notes=notes
+    )
     log(f"[compare] wrote {out / 'report.html'}")
     return metrics
 

@@ -19,7 +19,6 @@ from ..data import TaskData
 from ..errors import check_range
 from ..rewards import GoldEvaluator, Reward
 from ..rollout import sample_ode
-from .report import save_image_grid
 from .metrics import (
     default_t_grid,
     frechet_distance,
@@ -28,6 +27,7 @@ from .metrics import (
     pairwise_diversity,
     saturation_rate,
 )
+from .report import save_image_grid
 
 
 @dataclass
@@ -92,11 +92,48 @@ def evaluate(
     return metrics, raw, prompts
 
 
+def evaluate_components(model: Backbone, c, cfg, device="cpu"):
+    """``evaluate`` with a run's components (data, reward, gold) and its eval/sampler config."""
+    return evaluate(
+        model,
+        c.data,
+        c.reward,
+        c.gold,
+        cfg.eval,
+        cfg.sampler.eval_steps,
+        cfg.sampler.shift,
+        cfg.sampler.cfg_scale,
+        device,
+    )
+
+
 def save_prompt_grid(raw: Tensor, n_prompts: int, path, title: str | None = None):
-    """Grid of up to 10 samples per prompt, one prompt per column; raw [P·n, C, H, W]
-    ordered prompt-major as ``evaluate`` returns it. Non-image tasks write nothing."""
+    """Picture of evaluation samples: for images [P·n, C, H, W] (prompt-major, as ``evaluate``
+    returns them) a grid of up to 10 per prompt, one prompt per column; for 2-D points a
+    scatter plot. Anything else writes nothing and returns None."""
+    if raw.dim() == 2 and raw.shape[1] == 2:
+        return save_scatter(raw, path, title)
     if raw.dim() != 4:
         return None
     per = raw.shape[0] // n_prompts
     show = raw.view(n_prompts, per, *raw.shape[1:])[:, : min(per, 10)].transpose(0, 1)
     return save_image_grid(show.reshape(-1, *raw.shape[1:]), path, nrow=n_prompts, title=title)
+
+
+def save_scatter(points: Tensor, path, title: str | None = None):
+    """Scatter plot of 2-D samples [N, 2] over the toy mixture's centres."""
+    from matplotlib.figure import Figure
+
+    from ..data.toy2d import CENTRES
+
+    fig = Figure(figsize=(4, 4))
+    ax = fig.subplots()
+    p = points.detach().float().cpu()
+    ax.scatter(p[:, 0], p[:, 1], s=4, alpha=0.5, label="samples")
+    ax.scatter(CENTRES[:, 0], CENTRES[:, 1], marker="x", c="k", label="data modes")
+    ax.set_aspect("equal")
+    ax.legend(loc="upper left", fontsize=7)
+    if title:
+        ax.set_title(title)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return path

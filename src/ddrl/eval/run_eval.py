@@ -11,7 +11,7 @@ from ..checkpoint import latest_checkpoint, load_checkpoint
 from ..components import build_components, device_of
 from ..config import apply, build_config, load_config, parse_overrides
 from ..errors import DDRLError
-from .evaluate import evaluate, save_prompt_grid
+from .evaluate import evaluate_components, save_prompt_grid
 
 
 def _checkpoint(run: Path, step: int | None) -> Path:
@@ -20,12 +20,14 @@ def _checkpoint(run: Path, step: int | None) -> Path:
     path = run / "checkpoints" / f"step-{step:06d}"
     if not (path / "state.json").is_file():
         kept = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
-        raise DDRLError(f"no checkpoint for step {step} in {run}; kept: {', '.join(kept) or 'none'}")
+        kept_s = ", ".join(kept) or "none"
+        raise DDRLError(f"no checkpoint for step {step} in {run}; kept: {kept_s}")
     return path
 
 
-def evaluate_run(run: Path, step: int | None = None, overrides: list[str] = (),
-                 out: Path | None = None) -> dict:
+def evaluate_run(
+    run: Path, step: int | None = None, overrides: list[str] = (), out: Path | None = None
+) -> dict:
     """Evaluate RUN (a run folder: its latest or ``step`` checkpoint, EMA weights if kept;
     or a model folder with backbone.json). Overrides may set eval.* and reward.* keys."""
     run = Path(run)
@@ -34,8 +36,10 @@ def evaluate_run(run: Path, step: int | None = None, overrides: list[str] = (),
         cfg = load_config(run / "config.json")
         bad = [k for k in ov if not k.startswith(("eval.", "reward.", "sampler.eval_steps"))]
         if bad:
-            raise DDRLError(f"ddrl eval of a run may only override eval.*, reward.* and "
-                            f"sampler.eval_steps; got {bad}")
+            raise DDRLError(
+                f"ddrl eval of a run may only override eval.*, reward.* and "
+                f"sampler.eval_steps; got {bad}"
+            )
         apply(cfg, ov)
         cfg.check()
         c = build_components(cfg)
@@ -55,11 +59,15 @@ def evaluate_run(run: Path, step: int | None = None, overrides: list[str] = (),
     else:
         raise DDRLError(f"{run} is neither a run folder (config.json) nor a model (backbone.json)")
     dev = device_of(cfg)
-    metrics, raw, _ = evaluate(model.to(dev), c.data, c.reward, c.gold, cfg.eval,
-                               cfg.sampler.eval_steps, cfg.sampler.shift, cfg.sampler.cfg_scale,
-                               dev)
-    result = {**metrics, **source, "task": cfg.task, "reward": cfg.reward.name,
-              "eval_seed": cfg.eval.seed, "samples_per_prompt": cfg.eval.samples_per_prompt}
+    metrics, raw, _ = evaluate_components(model.to(dev), c, cfg, dev)
+    result = {
+        **metrics,
+        **source,
+        "task": cfg.task,
+        "reward": cfg.reward.name,
+        "eval_seed": cfg.eval.seed,
+        "samples_per_prompt": cfg.eval.samples_per_prompt,
+    }
     out = out or run / "eval.json"
     out.write_text(json.dumps(result, indent=1, sort_keys=True))
     save_prompt_grid(raw, len(c.data.prompts), out.with_name(out.stem + "_samples.png"))

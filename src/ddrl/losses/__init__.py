@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
-
-from ..errors import DDRLError
+from ..errors import lookup
 from .base import Loss, LossConfig, StepBatch, clipped_policy_loss, policy_step
 from .dance_grpo import PolicyOnlyLoss
 from .ddrl import DDRLLoss
@@ -32,16 +30,5 @@ __all__ = [
 
 def build_loss(algorithm: str, cfg: LossConfig, sampler, base_model=None) -> Loss:
     """Instantiate the algorithm's loss: cls(loss_cfg, sampler_cfg, base_model)."""
-    if algorithm in LOSSES:
-        cls = LOSSES[algorithm]
-    elif ":" in algorithm:
-        mod, attr = algorithm.split(":", 1)
-        try:
-            cls = getattr(importlib.import_module(mod), attr)
-        except (ImportError, AttributeError) as e:
-            raise DDRLError(f"cannot import loss {algorithm!r}: {e}") from e
-    else:
-        raise DDRLError(
-            f"unknown algorithm {algorithm!r}; allowed: {', '.join(LOSSES)} or 'module:attr'"
-        )
+    cls = lookup("algorithm", algorithm, LOSSES)
     return cls(cfg, sampler, base_model)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
-
-from ..errors import DDRLError, check_choice
+from ..errors import check_choice, lookup
 from .base import GoldEvaluator, Reward, RewardConfig, RewardContext, checked_reward
 from .digits import ClassifierReward, DigitsGold, InkReward
 from .toy2d import RightReward, Toy2DGold
@@ -26,26 +24,20 @@ __all__ = [
     "RewardContext",
     "build_gold",
     "build_reward",
+    "reward_factory",
     "checked_reward",
 ]
 
 
+def reward_factory(task: str, name: str):
+    """The factory(ctx) -> Reward for a built-in name of ``task``, or "module:attr"."""
+    table = {n: factory for n, (t, factory) in REWARDS.items() if t == task}
+    return lookup(f"reward for task {task!r}", name, table)
+
+
 def build_reward(name: str, ctx: RewardContext) -> Reward:
     """A built-in reward for ``ctx.task`` or a user factory given as "module:attr"."""
-    if ":" in name:
-        mod, attr = name.split(":", 1)
-        try:
-            factory = getattr(importlib.import_module(mod), attr)
-        except (ImportError, AttributeError) as e:
-            raise DDRLError(f"cannot import reward {name!r}: {e}") from e
-        return factory(ctx)
-    allowed = [n for n, (task, _) in REWARDS.items() if task == ctx.task]
-    if name not in allowed:
-        raise DDRLError(
-            f"unknown reward {name!r} for task {ctx.task!r}; allowed: "
-            f"{', '.join(allowed)} or 'module:attr'"
-        )
-    return REWARDS[name][1](ctx)
+    return reward_factory(ctx.task, name)(ctx)
 
 
 def build_gold(task: str, seed: int = 0) -> GoldEvaluator:
