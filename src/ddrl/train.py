@@ -58,9 +58,10 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     tc, P, G = cfg.train, cfg.train.prompts_per_iter, cfg.train.group_size
     n_train = max(1, round(tc.timestep_fraction * cfg.sampler.num_steps))
     micro = tc.micro_batch or P * G
+    shipped = ema if ema is not None else model  # what evaluation and final/ see
 
     def run_eval(it: int, final: bool = False) -> None:
-        m, raw, _ = evaluate_components(ema or model, c, cfg, dev)
+        m, raw, _ = evaluate_components(shipped, c, cfg, dev)
         logger.eval({"iteration": it, **m})
         if final:
             save_prompt_grid(
@@ -157,5 +158,5 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
             )
     bar.close()
     logger.close()
-    (ema or model).save_pretrained(run_dir / "final")
+    shipped.save_pretrained(run_dir / "final")
     return row
