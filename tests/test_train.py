@@ -144,3 +144,15 @@ def test_toy2d_eval_writes_scatter(tmp_path):
     rows = read_jsonl(out / "eval.jsonl")
     assert [r["iteration"] for r in rows] == [0, 1, 2]
     assert 0.0 <= rows[-1]["gold_accuracy"] <= 1.0
+
+
+def test_tensorboard_scalars(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, out, _ = _run(tmp_path, "tb", "train.tensorboard=true", "eval.every=1")
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"reward_mean", "grad_norm", "eval/gold_accuracy"} <= tags
+    assert [e.step for e in acc.Scalars("reward_mean")] == [1, 2]
