@@ -14,7 +14,7 @@ from torch import Tensor
 from .backbones import Backbone, Cond, guided_velocity
 from .errors import check_choice, check_range
 from .flow import timestep_grid
-from .sde import SDE_STEPS, sde_step
+from .sde import SDE_STEPS, ode_step, sde_step
 
 
 @dataclass
@@ -107,6 +107,7 @@ def sample_ode(
         cond = model.encode(prompts[s : s + batch_size])
         for i in range(num_steps):
             t = ts[i].expand(x.shape[0])
-            x = x + guided_velocity(model, x, t, cond, cfg_scale) * (ts[i + 1] - ts[i])
+            v = guided_velocity(model, x, t, cond, cfg_scale)
+            x = ode_step(x, v, t, ts[i + 1].expand(x.shape[0])).x_next
         out.append(x)
     return torch.cat(out)

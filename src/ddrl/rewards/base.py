@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-import torch
 from torch import Tensor
 
 from ..errors import DDRLError
@@ -65,7 +64,3 @@ class GoldEvaluator(Protocol):
 
 def flat_numpy(images: Tensor):
     return images.detach().float().cpu().reshape(images.shape[0], -1).numpy()
-
-
-def seeded(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
