@@ -34,7 +34,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix src tests benchmarks
 	$(VENV)/bin/ruff format src tests benchmarks
 
-compare: $(STAMP)  ## the full reward-hacking comparison (ink + classifier, ~30 min on 2 cores)
+compare: $(STAMP)  ## the full reward-hacking comparison (ink + classifier, ~25-50 min on 2 cores)
 	$(VENV)/bin/ddrl compare --out runs/compare --overwrite
 
 bench: $(STAMP)  ## speed figures (see docs/BENCHMARKS.md)
