@@ -34,12 +34,27 @@ def test_train_eval_resume_cli(tmp_path, capsys):
     first = (run_dir / "eval.json").read_text()
     assert run(capsys, "eval", run_dir)[0] == 0
     assert (run_dir / "eval.json").read_text() == first, "eval.json must be deterministic"
+    # overrides may follow options; eval.seed changes the samples, so the file must change
+    assert run(capsys, "eval", run_dir, "--out", tmp_path / "e.json", "eval.seed=7")[0] == 0
+    assert json.loads((tmp_path / "e.json").read_text())["eval_seed"] == 7
+    assert run(capsys, "eval", run_dir, "eval.seed=8", "--out", tmp_path / "g.json")[0] == 0
+    assert json.loads((tmp_path / "g.json").read_text())["eval_seed"] == 8
+    assert "may only change" in error_line(
+        capsys, "eval", run_dir, "--out", tmp_path / "f.json", "train.iterations=3"
+    )
     ev = json.loads(first)
     assert SCHEMA_KEYS <= set(ev) and ev["iteration"] == 2
     assert (run_dir / "eval_samples.png").stat().st_size > 0
     assert run(capsys, "train", "--out", run_dir, "--resume", "train.iterations=3")[0] == 0
     rows = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["iteration"] for r in rows] == [1, 2, 3]
+    assert "--resume may only change train.iterations" in error_line(
+        capsys, "train", "--out", run_dir, "--resume", "optim.lr=1"
+    )
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--out", str(run_dir), "--bogus"])
+    assert exc.value.code == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
 def test_demo_quick(tmp_path, capsys):

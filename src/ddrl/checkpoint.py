@@ -44,6 +44,14 @@ def _optimizer_join(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def save_file_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors ``save_file`` under a temporary name, then rename into place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file(tensors, tmp)
+    tmp.replace(path)
+
+
 def save_checkpoint(
     run_dir: Path,
     iteration: int,

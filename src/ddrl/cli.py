@@ -63,16 +63,8 @@ def cmd_train(args) -> None:
     out = Path(args.out)
     if args.resume:
         prepare_run_dir(out, resume=True, overwrite=False)
-        cfg = load_config(out / "config.json")
-        if args.overrides:  # only the length of a run may change on resume
-            from .config import apply, parse_overrides
-
-            ov = parse_overrides(args.overrides)
-            bad = [k for k in ov if k != "train.iterations"]
-            if bad:
-                raise DDRLError(f"on --resume only train.iterations may change; got {bad}")
-            apply(cfg, ov)
-            cfg.check()
+        # Only the length of a run may change on resume.
+        cfg = load_config(out / "config.json", args.overrides, ("train.iterations",), "--resume")
     else:
         cfg = _cfg(args)
         prepare_run_dir(out, resume=False, overwrite=args.overwrite)
@@ -117,7 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name, fn, help_):
         s = sub.add_parser(name, help=help_)
         s.add_argument("--config", action="append", default=[], help="TOML/JSON config file")
-        s.add_argument("overrides", nargs="*", help="key=value, e.g. train.iterations=50")
         s.set_defaults(fn=fn)
         return s
 
@@ -144,11 +135,21 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--overwrite", action="store_true", help="move an existing --out aside")
         if name == "compare":
             s.add_argument("--rewards", default="ink,classifier", help="reward regimes")
+    # Last, so a command's own positionals (eval's RUN) come before the overrides.
+    for s in sub.choices.values():
+        s.add_argument("overrides", nargs="*", help="key=value, e.g. train.iterations=50")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # argparse takes positionals in one block, so `key=value` items after an option (e.g.
+    # `train --out DIR a=1`) come back as extras; they are overrides too, kept in order.
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    args.overrides = [*args.overrides, *extra]
     import torch
 
     torch.set_num_threads(int(os.environ.get("DDRL_THREADS", torch.get_num_threads())))

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .backbones import Backbone, load_backbone, resolve
+from .checkpoint import save_file_atomic
 from .config import RunConfig
 from .data import PairedPool, TaskData, load_task_data
 from .errors import DDRLError
@@ -54,15 +55,8 @@ def synthetic_path(cfg: RunConfig, base_path: Path) -> Path:
 
 
 def save_pool(pool: PairedPool, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    save_file(
-        {
-            "x": pool.x.contiguous(),
-            "prompt_ids": torch.tensor([int(p) if p else -1 for p in pool.prompts]),
-        },
-        tmp,
-    )
-    tmp.rename(path)
+    ids = torch.tensor([int(p) if p else -1 for p in pool.prompts])
+    save_file_atomic({"x": pool.x.contiguous(), "prompt_ids": ids}, path)
 
 
 def load_pool(path: Path) -> PairedPool:

@@ -183,10 +183,18 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Read a resolved config.json (no presets re-applied: it is already complete)."""
+def load_config(
+    path: str | Path, overrides: list[str] = (), allowed: tuple[str, ...] = (), context: str = ""
+) -> RunConfig:
+    """Read a resolved config.json (no presets re-applied: it is already complete), then apply
+    ``key=value`` overrides whose keys start with one of ``allowed`` (others are an error)."""
     cfg = RunConfig()
     apply(cfg, read_file(path))
+    ov = parse_overrides(list(overrides))
+    bad = [k for k in ov if not k.startswith(allowed)]
+    if bad:
+        raise DDRLError(f"{context} may only change {', '.join(allowed) or 'nothing'}; got {bad}")
+    apply(cfg, ov)
     cfg.check()
     return cfg
 

@@ -6,10 +6,9 @@ import copy
 import json
 from pathlib import Path
 
-from ..backbones import load_backbone
 from ..checkpoint import latest_checkpoint, load_checkpoint
 from ..components import build_components, device_of
-from ..config import apply, build_config, load_config, parse_overrides
+from ..config import build_config, load_config
 from ..errors import DDRLError
 from .evaluate import evaluate_components, save_prompt_grid
 
@@ -31,17 +30,13 @@ def evaluate_run(
     """Evaluate RUN (a run folder: its latest or ``step`` checkpoint, EMA weights if kept;
     or a model folder with backbone.json). Overrides may set eval.* and reward.* keys."""
     run = Path(run)
-    ov = parse_overrides(list(overrides))
     if (run / "config.json").is_file():
-        cfg = load_config(run / "config.json")
-        bad = [k for k in ov if not k.startswith(("eval.", "reward.", "sampler.eval_steps"))]
-        if bad:
-            raise DDRLError(
-                f"ddrl eval of a run may only override eval.*, reward.* and "
-                f"sampler.eval_steps; got {bad}"
-            )
-        apply(cfg, ov)
-        cfg.check()
+        cfg = load_config(
+            run / "config.json",
+            list(overrides),
+            ("eval.", "reward.", "sampler.eval_steps"),
+            "ddrl eval of a run",
+        )
         c = build_components(cfg)
         ckpt = _checkpoint(run, step)
         model, ema = copy.deepcopy(c.base), copy.deepcopy(c.base)
@@ -52,9 +47,10 @@ def evaluate_run(
     elif (run / "backbone.json").is_file():
         if step is not None:
             raise DDRLError(f"{run} is a model folder, not a run; --step does not apply")
-        cfg = build_config(overrides=list(overrides))
+        # The model folder is the base: nothing else is loaded or pretrained.
+        cfg = build_config(overrides=[*overrides, f"model.base={run}"])
         c = build_components(cfg)
-        model = load_backbone(run)
+        model = c.base
         source = {"model": str(run)}
     else:
         raise DDRLError(f"{run} is neither a run folder (config.json) nor a model (backbone.json)")

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from ..checkpoint import save_file_atomic
 from ..data.digits import classifier_halves
 from .base import RewardContext, flat_numpy
 
@@ -67,9 +68,7 @@ class ClassifierReward:
         else:
             self.net = train_digit_cnn(ctx.seed)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, tmp)
-            tmp.rename(path)
+            save_file_atomic({k: v.contiguous() for k, v in self.net.state_dict().items()}, path)
         self.net.eval().requires_grad_(False)
 
     def __call__(self, images: Tensor, prompts: list[str]) -> Tensor:
