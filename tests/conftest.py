@@ -1,25 +1,26 @@
-"""Shared fixtures: tiny, deterministic backbones for the unit tests (no pretraining)."""
+"""Shared fixtures: tiny, deterministic generators for the unit tests (no pretraining)."""
 
 import pytest
 import torch
 
-from ddrl.backbones.digits import DigitsArch, DigitsBackbone
-from ddrl.backbones.toy2d import Toy2DBackbone
+from ddrl.models.digits import DigitsArch, DigitsGenerator
+from ddrl.models.toy2d import Toy2DGenerator
 
 
 @pytest.fixture
 def tiny_model():
-    """A small MLP velocity model on 2-D points, initialised from seed 0."""
+    """A small MLP velocity model on 2-D points (Toy2DGenerator), initialised from seed 0."""
     torch.manual_seed(0)
-    return Toy2DBackbone(hidden=16)
+    gen = Toy2DGenerator(hidden=16)
+    return gen
 
 
 @pytest.fixture
 def tiny_digits():
-    """A one-block SD3 transformer on 8×8 digits, initialised from seed 0."""
+    """A one-block SD3 transformer on 8×8 digits (DigitsGenerator), initialised from seed 0."""
     torch.manual_seed(0)
     arch = DigitsArch(num_layers=1, attention_head_dim=8, num_attention_heads=2, cond_tokens=1)
-    return DigitsBackbone(arch)
+    return DigitsGenerator(arch)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -1,51 +1,75 @@
-"""Group-relative advantages (GRPO): A = (r − mean_group) / (std_group + eps)."""
+"""Group-relative advantages (GRPO): A = (r − mean_group) / (std + eps), optional λ transform.
+
+Which std the peers divide by differs (docs/CONFORMANCE.md), so it is a setting:
+"unbiased" — the group's sample std (DDRL release, DanceGRPO); "population" — the group's
+population std (flow_grpo's per-prompt tracker); "global" — the population std of every reward
+in the iteration, with the per-group mean (flow_grpo's shipped configs, ``global_std=True``).
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .errors import check_range
+from .errors import check_choice, check_range
+
+STDS = ("unbiased", "population", "global")
 
 
 @dataclass
 class AdvantageConfig:
     """How rewards become advantages."""
 
-    eps: float = 1e-4  # added to the group std (a group of equal rewards gets A = 0)
-    exp_transform: bool = False  # DDRL's λ(x) = −exp(−x) applied to A/β (release: off)
-    beta: float = 1.0  # temperature β in λ((r − Z)/β); only used with exp_transform
-    clamp: float = 5.0  # |A| ≤ clamp
+    std: str = "unbiased"  # "unbiased" (release, DanceGRPO) | "population" | "global" (flow_grpo)
+    eps: float = 1e-4  # added to the std, > 0 (a group of equal rewards gets A = 0)
+    exp_transform: bool = False  # DDRL's λ(A/β) = −exp(−A/β) (release `exp_reward`: off, β = 1)
+    beta: float = 1.0  # temperature β of λ(A/β); β = 1 is the release; needs exp_transform
+    clamp: float = 5.0  # |A| ≤ clamp (release adv_clip_max/min ±5); see group_advantages
 
     def check(self) -> None:
-        check_range("advantage.eps", self.eps, 0.0)
-        check_range("advantage.beta", self.beta, 1e-8)
-        check_range("advantage.clamp", self.clamp, 0.0)
+        check_choice("advantage.std", self.std, STDS)
+        check_range("advantage.eps", self.eps, 1e-12)  # 0 ⇒ NaN for a group of equal rewards
+        check_range("advantage.beta", self.beta, 1e-3)
+        check_range("advantage.clamp", self.clamp, 1.0 + 1e-6)
 
 
 def group_advantages(
     rewards: Tensor, group_ids: Tensor, cfg: AdvantageConfig
 ) -> tuple[Tensor, Tensor]:
-    """Normalise within each group of trajectories that share a prompt.
+    """Normalise within each group of trajectories that share a prompt draw.
 
     rewards [B], group_ids [B] → (advantages [B], valid [B] bool). A group with any non-finite
     reward is skipped whole (valid False, A = 0): one bad sample would poison its group's mean.
-    Uses the population std (unbiased=False) like flow_grpo's per-prompt stat tracker.
+
+    Without the transform A is clamped to [−clamp, clamp] (flow_grpo, the release). With
+    ``exp_transform`` A is clamped from below to −ln(clamp) and then A ← −exp(−A/β). At β = 1
+    this is exactly the release's −exp(−A) followed by a clamp to [−clamp, clamp]
+    (−exp(−A) ≥ −clamp ⟺ A ≥ −ln clamp; the upper bound never binds since −exp(−A) < 0), and
+    for β ≠ 1 every A above −ln(clamp) keeps its own weight exp(−A/β): β is a real
+    temperature rather than being swallowed by the output clamp (docs/DECISIONS.md).
     """
     adv = torch.zeros_like(rewards)
     valid = torch.zeros_like(rewards, dtype=torch.bool)
-    for g in group_ids.unique():
+    finite_groups = [g for g in group_ids.unique() if torch.isfinite(rewards[group_ids == g]).all()]
+    if cfg.std == "global" and finite_groups:
+        keep = torch.isin(group_ids, torch.stack(finite_groups))
+        global_std = rewards[keep].std(unbiased=False)
+    for g in finite_groups:
         m = group_ids == g
         r = rewards[m]
-        if not torch.isfinite(r).all():
-            continue
-        a = (r - r.mean()) / (r.std(unbiased=False) + cfg.eps)
+        if cfg.std == "global":
+            std = global_std
+        else:
+            std = r.std(unbiased=cfg.std == "unbiased") if len(r) > 1 else torch.zeros(())
+        a = (r - r.mean()) / (std + cfg.eps)
         if cfg.exp_transform:
-            # As in DDRL's release (`exp_reward`): not re-centred; λ is monotone, so the order
-            # of samples is kept; large negative advantages are amplified, positive ones saturate.
-            a = -torch.exp(-a / cfg.beta)
-        adv[m] = a.clamp(-cfg.clamp, cfg.clamp)
+            # Not re-centred, as in the release; λ is monotone, so the order is kept.
+            a = -torch.exp(-a.clamp(min=-math.log(cfg.clamp)) / cfg.beta)
+        else:
+            a = a.clamp(-cfg.clamp, cfg.clamp)
+        adv[m] = a
         valid[m] = True
     return adv, valid

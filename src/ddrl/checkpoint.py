@@ -1,12 +1,17 @@
-"""Atomic checkpoints: everything needed to resume a run, as safetensors plus JSON.
+"""Atomic checkpoints of stateful objects keyed by parameter name (safetensors + JSON only).
 
 Layout: ``<run>/checkpoints/step-000040/{model,ema,optimizer,rng}.safetensors + state.json``
-and ``<run>/checkpoints/latest`` naming the newest. A checkpoint is written under a temporary
-name and renamed into place, so a crash mid-write never leaves a checkpoint that looks whole.
+and ``<run>/checkpoints/latest`` naming the newest. Every tensor is keyed by its parameter's
+fully qualified name (the optimizer's state through torch.distributed.checkpoint's
+``get_optimizer_state_dict``), which is the layout DCP shards when runs go multi-GPU. A
+checkpoint is written under a temporary name and renamed into place, so a crash mid-write
+never leaves a checkpoint that looks whole; state.json holds each file's SHA-256 and the base
+model's fingerprint, both verified on load.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -20,62 +25,78 @@ from safetensors.torch import load_file, save_file
 from .errors import DDRLError
 
 
-def _state_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-
-
-def _optimizer_split(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
-    tensors, scalars = {}, {}
-    for pid, st in sd["state"].items():
-        for name, val in st.items():
-            if isinstance(val, torch.Tensor):
-                tensors[f"{pid}.{name}"] = val.detach().contiguous().cpu()
-            else:
-                scalars[f"{pid}.{name}"] = val
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def _optimizer_join(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict[str, Any]] = {}
-    for key, val in list(tensors.items()) + list(meta["scalars"].items()):
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = val
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def save_file_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def save_file_atomic(
+    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
+) -> None:
     """safetensors ``save_file`` under a temporary name, then rename into place."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, tmp)
+    save_file(tensors, tmp, metadata=metadata)
     tmp.replace(path)
 
 
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(module: torch.nn.Module) -> str:
+    """SHA-256 over every parameter's name, shape, dtype and bytes: the identity of a model."""
+    h = hashlib.sha256()
+    for name, p in sorted(module.state_dict().items()):
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def split_tensors(state: dict[str, Any], prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
+    """A nested state dict → (flat tensors keyed by dotted path, the rest as JSON-able data)."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(x: Any, key: str) -> Any:
+        if isinstance(x, torch.Tensor):
+            tensors[key] = x.detach().contiguous().cpu()
+            return {"__tensor__": key}
+        if isinstance(x, dict):
+            return {str(k): walk(v, f"{key}/{k}") for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [walk(v, f"{key}/{i}") for i, v in enumerate(x)]
+        return x
+
+    return tensors, walk(state, prefix)
+
+
+def join_tensors(tensors: dict[str, torch.Tensor], skeleton: Any) -> Any:
+    """Inverse of ``split_tensors``."""
+    if isinstance(skeleton, dict):
+        if set(skeleton) == {"__tensor__"}:
+            return tensors[skeleton["__tensor__"]]
+        return {k: join_tensors(tensors, v) for k, v in skeleton.items()}
+    if isinstance(skeleton, list):
+        return [join_tensors(tensors, v) for v in skeleton]
+    return skeleton
+
+
 def save_checkpoint(
-    run_dir: Path,
-    iteration: int,
-    model: torch.nn.Module,
-    ema: torch.nn.Module | None,
-    opt: torch.optim.Optimizer,
-    extra: dict[str, Any],
-    keep: int = 2,
+    run_dir: Path, iteration: int, parts: dict[str, dict[str, Any]], meta: dict, keep: int = 2
 ) -> Path:
-    """Write checkpoint ``step-<iteration>`` atomically; prune to the newest ``keep``."""
+    """Write ``parts`` (name → state dict) as checkpoint ``step-<iteration>`` atomically and
+    prune to the newest ``keep``. Tensors go to <name>.safetensors, the rest to state.json."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{iteration:06d}"
     tmp = root / f".tmp-step-{iteration:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(_state_tensors(model), tmp / "model.safetensors")
-    if ema is not None:
-        save_file(_state_tensors(ema), tmp / "ema.safetensors")
-    opt_tensors, opt_meta = _optimizer_split(opt)
-    save_file(opt_tensors, tmp / "optimizer.safetensors")
-    save_file({"torch": torch.get_rng_state()}, tmp / "rng.safetensors")
-    (tmp / "state.json").write_text(
-        json.dumps({"iteration": iteration, "optimizer": opt_meta, **extra}, indent=1)
-    )
+    skeletons, digests = {}, {}
+    for name, state in parts.items():
+        tensors, skeletons[name] = split_tensors(state)
+        save_file(tensors, tmp / f"{name}.safetensors")
+        digests[name] = sha256(tmp / f"{name}.safetensors")
+    state_json = {"iteration": iteration, **meta, "skeletons": skeletons, "sha256": digests}
+    (tmp / "state.json").write_text(json.dumps(state_json, indent=1))
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -99,25 +120,37 @@ def latest_checkpoint(run_dir: Path) -> Path:
     return path
 
 
-def load_checkpoint(
-    path: Path,
-    model: torch.nn.Module,
-    ema: torch.nn.Module | None = None,
-    opt: torch.optim.Optimizer | None = None,
-) -> dict[str, Any]:
-    """Restore weights (and EMA, optimizer, RNG) in place; returns state.json's dict."""
+def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(state.json, name → state dict) of a checkpoint, every file's SHA-256 verified."""
     path = Path(path)
     try:
         state = json.loads((path / "state.json").read_text())
-        model.load_state_dict(load_file(path / "model.safetensors"))
-        if ema is not None and (path / "ema.safetensors").is_file():
-            ema.load_state_dict(load_file(path / "ema.safetensors"))
-        if opt is not None:
-            opt.load_state_dict(
-                _optimizer_join(load_file(path / "optimizer.safetensors"), state["optimizer"])
-            )
-        torch.set_rng_state(load_file(path / "rng.safetensors")["torch"])
-    except (OSError, json.JSONDecodeError, SafetensorError, RuntimeError, KeyError) as e:
+        parts = {}
+        for name, skeleton in state["skeletons"].items():
+            file = path / f"{name}.safetensors"
+            if sha256(file) != state["sha256"][name]:
+                raise DDRLError(f"checkpoint file {file} is damaged (SHA-256 mismatch)")
+            parts[name] = join_tensors(load_file(file), skeleton)
+    except (OSError, json.JSONDecodeError, SafetensorError, KeyError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DDRLError(f"corrupt or incompatible checkpoint {path}: {msg}") from e
-    return state
+    return state, parts
+
+
+def load_into(
+    module_params: dict[str, torch.nn.Parameter], state: dict[str, torch.Tensor], what: str
+) -> None:
+    """Copy ``state`` into parameters by name; the names must match exactly."""
+    if set(state) != set(module_params):
+        missing, extra = set(module_params) - set(state), set(state) - set(module_params)
+        raise DDRLError(
+            f"{what} does not match the model: missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(extra)[:3]}"
+        )
+    with torch.no_grad():
+        for k, p in module_params.items():
+            if p.shape != state[k].shape:
+                raise DDRLError(
+                    f"{what}: {k} has shape {tuple(state[k].shape)}, model {tuple(p.shape)}"
+                )
+            p.copy_(state[k])

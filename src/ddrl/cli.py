@@ -19,40 +19,31 @@ from .errors import DDRLError
 def _cfg(args, extra: list[str] = ()):
     from .config import build_config
 
-    return build_config(args.config, list(extra) + list(args.overrides))
+    preset = [f"preset={args.preset}"] if getattr(args, "preset", "") else []
+    return build_config(args.config, preset + list(extra) + list(args.overrides))
 
 
 def cmd_pretrain(args) -> None:
     from .pretrain import ensure_base
 
-    cfg = _cfg(args, [f"task={args.task}"] if args.task else [])
-    _, path = ensure_base(cfg.task, cfg.pretrain, cfg.seed, cfg.model.cache_dir)
+    cfg = _cfg(args)
+    _, path = ensure_base(cfg.model.name, cfg.data.name, cfg.pretrain, cfg.model.cache_dir)
     print(path)
 
 
 def cmd_synth(args) -> None:
-    import torch
-
-    from .components import build_components, save_pool, synthetic_path
-    from .data import PairedPool
-    from .rollout import sample_ode
+    from .components import build_components, synthetic_path
+    from .data.synthetic import generate_pool, save_pool
 
     cfg = _cfg(args)
+    if args.per_prompt < 1:
+        raise DDRLError(f"--per-prompt {args.per_prompt}: must be at least 1")
     c = build_components(cfg)
-    prompts = [p for p in c.data.prompts for _ in range(args.per_prompt)]
-    x = sample_ode(
-        c.base,
-        prompts,
-        cfg.sampler.eval_steps,
-        torch.Generator().manual_seed(cfg.seed + 1),
-        cfg.sampler.shift,
-        cfg.sampler.cfg_scale,
-    )
-    x = x.clamp(cfg.eval.clamp_low, cfg.eval.clamp_high)
+    pool = generate_pool(c.gen, c.data.prompts, args.per_prompt, cfg.sampler, cfg.seed + 1)
     path = Path(args.out) if args.out else synthetic_path(cfg, c.base_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_pool(PairedPool(x, prompts), path)
-    print(f"wrote {len(prompts)} synthetic samples to {path}")
+    save_pool(pool, path)
+    print(f"wrote {len(pool)} synthetic samples to {path}")
 
 
 def cmd_train(args) -> None:
@@ -109,11 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name, fn, help_):
         s = sub.add_parser(name, help=help_)
         s.add_argument("--config", action="append", default=[], help="TOML/JSON config file")
+        s.add_argument("--preset", default="", help="digits (default) or toy2d")
         s.set_defaults(fn=fn)
         return s
 
-    s = add("pretrain", cmd_pretrain, "train (or reuse) the task's base model; prints its path")
-    s.add_argument("--task", default="", help="digits (default) or toy2d")
+    s = add("pretrain", cmd_pretrain, "train (or reuse) the preset's base model; prints its path")
     s = add("synth", cmd_synth, "generate a synthetic data pool from the base model")
     s.add_argument("--per-prompt", type=int, default=150, help="samples per prompt")
     s.add_argument("--out", default="", help="output .safetensors (default: next to the base)")

@@ -1,9 +1,12 @@
 """The run configuration: nested dataclasses, each owned by its component.
 
-Resolution order (later wins): dataclass defaults → task preset (presets/task_<task>.toml) →
-algorithm preset (presets/<algorithm>.toml) → user files (``--config a.toml``) → ``key=value``
-overrides. The resolved config is written to ``<run>/config.json``; ``load_config`` reads it
-back, so a run can always be repeated or resumed from its own folder.
+Resolution order (later wins): dataclass defaults → preset (presets/<preset>.toml: model, data,
+reward, gold and sizes) → algorithm preset (presets/<algorithm>.toml) → user files
+(``--config a.toml``) → ``key=value`` overrides. Two sections are chosen by a key before any
+value is applied: ``loss`` is the chosen algorithm's own config class, and ``sampler.sde`` the
+chosen SDE's (``sampler.sde.kind``), so a knob the choice does not have is an error, never
+silently ignored. The resolved config is written to ``<run>/config.json``; ``load_config``
+reads it back, so a run can always be repeated or resumed from its own folder.
 """
 
 from __future__ import annotations
@@ -17,15 +20,17 @@ from pathlib import Path
 from typing import Any
 
 from .advantages import AdvantageConfig
-from .backbones import resolve as resolve_backbone
 from .data import DataConfig
-from .errors import DDRLError, check_choice, check_range
+from .errors import DDRLError, check_choice, check_range, lookup
 from .eval.evaluate import EvalConfig
-from .losses import LOSSES, LossConfig
+from .losses import loss_class
+from .losses.ddrl import DDRLConfig
+from .models import ModelConfig
 from .pretrain import PretrainConfig
-from .rewards import RewardConfig, reward_factory
+from .rewards import GoldConfig, RewardConfig, reward_factory
 from .rollout import SamplerConfig
-from .train_config import ModelConfig, OptimConfig, TrainConfig
+from .sde import SDES
+from .train_config import OptimConfig, TrainConfig
 
 try:
     import tomllib
@@ -33,40 +38,37 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 PRESETS = Path(__file__).parent / "presets"
-TASKS = ("digits", "toy2d")
+PRESET_NAMES = ("digits", "toy2d")
 
 
 @dataclass
 class RunConfig:
     """Everything a run needs; every leaf has a default and a one-line comment at its owner."""
 
-    seed: int = 0  # all randomness derives from (seed, rank, iteration)
-    task: str = "digits"  # embedded task: "digits" (8×8 SD3 transformer) or "toy2d"
+    seed: int = 0  # the run's randomness: (seed, iteration) shared, (seed, rank, iteration) own
+    preset: str = "digits"  # presets/<name>.toml: model, data, reward and sizes (digits | toy2d)
     algorithm: str = "ddrl"  # ddrl | flow_grpo | dance_grpo | grpo | sft | "module:Loss"
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    gold: GoldConfig = field(default_factory=GoldConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    loss: Any = field(default_factory=DDRLConfig)  # the algorithm's own config (its Config)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def check(self) -> None:
-        check_choice("task", self.task, TASKS)
-        if self.algorithm not in LOSSES and ":" not in self.algorithm:
-            check_choice("algorithm", self.algorithm, LOSSES)
+        check_choice("preset", self.preset, PRESET_NAMES)
+        check_range("seed", self.seed, 0, 2**32 - 1)
         # Names are checked here, before any model is built or pretrained: a typo fails fast.
-        reward_factory(self.task, self.reward.name)
-        if self.model.backbone:
-            resolve_backbone(self.model.backbone)
+        reward_factory(self.data.name, self.reward.name)
         for f in dataclasses.fields(self):
             sub = getattr(self, f.name)
             if hasattr(sub, "check"):
                 sub.check()
-        check_range("seed", self.seed, 0)
 
 
 def _parse(key: str, raw: Any, typ: Any) -> Any:
@@ -112,17 +114,19 @@ def _set(obj: Any, dotted: str, raw: Any, prefix: str = "") -> None:
     hints = typing.get_type_hints(type(obj))
     if head not in hints:
         names = ", ".join(f.name for f in dataclasses.fields(obj))
-        raise DDRLError(f"unknown config key {prefix + head!r}; allowed: {names}")
-    if dataclasses.is_dataclass(hints[head]):
+        owner = f" of {type(obj).__name__}" if prefix else ""
+        raise DDRLError(f"unknown config key {prefix + head!r}{owner}; allowed: {names}")
+    sub = getattr(obj, head)
+    if dataclasses.is_dataclass(sub):  # a section (its runtime class: loss and sde vary)
         if rest:
-            return _set(getattr(obj, head), rest, raw, prefix + head + ".")
+            return _set(sub, rest, raw, prefix + head + ".")
         if not isinstance(raw, dict):
             raise DDRLError(
                 f"{prefix + head!r} is a section; set one of its keys, e.g. "
-                f"{prefix + head}.{dataclasses.fields(hints[head])[0].name}=..."
+                f"{prefix + head}.{dataclasses.fields(sub)[0].name}=..."
             )
         for k, v in raw.items():
-            _set(getattr(obj, head), k, v, prefix + head + ".")
+            _set(sub, k, v, prefix + head + ".")
         return None
     if rest:
         raise DDRLError(f"{prefix + head!r} is not a section (no key {rest!r})")
@@ -133,6 +137,25 @@ def apply(cfg: RunConfig, values: dict[str, Any]) -> None:
     """Apply a nested dict (from TOML/JSON) or flat dotted keys."""
     for k, v in values.items():
         _set(cfg, k, v)
+
+
+def _flatten(layer: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} → {"a.b": 1}, so layers can be searched for selector keys."""
+    out: dict[str, Any] = {}
+    for k, v in layer.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _last(layers: list[dict[str, Any]], key: str, default: Any) -> Any:
+    """The value the last layer that sets ``key`` gives it."""
+    for layer in reversed(layers):
+        if key in layer:
+            return layer[key]
+    return default
 
 
 def read_file(path: str | Path) -> dict[str, Any]:
@@ -157,26 +180,59 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
     return out
 
 
+def resolve(layers: list[dict[str, Any]], presets: bool = True) -> RunConfig:
+    """Defaults, then (if ``presets``) the preset and algorithm preset files chosen by the
+    layers, then the layers, with ``loss`` and ``sampler.sde`` typed by their selectors."""
+    flat = [_flatten(x) for x in layers]
+    files: list[dict[str, Any]] = []
+    if presets:
+        name = str(_last(flat, "preset", RunConfig.preset))
+        check_choice("preset", name, PRESET_NAMES)
+        files.append(_flatten(read_file(PRESETS / f"{name}.toml")))
+        algorithm = str(_last(files + flat, "algorithm", RunConfig.algorithm))
+        alg_file = PRESETS / f"{algorithm}.toml"
+        if alg_file.is_file():
+            files.append(_flatten(read_file(alg_file)))
+    all_layers = files + flat
+    algorithm = str(_last(all_layers, "algorithm", RunConfig.algorithm))
+    sde_kind = str(_last(all_layers, "sampler.sde.kind", "flow"))
+    cfg = RunConfig()
+    cfg.loss = loss_class(algorithm).Config()
+    cfg.sampler.sde = lookup("sampler.sde.kind", sde_kind, SDES)()
+    for layer in all_layers:
+        # A layer written for another SDE kind (an algorithm preset the user overrode) keeps
+        # its other keys; its sampler.sde.* keys do not apply.
+        other_sde = layer.get("sampler.sde.kind", sde_kind) != sde_kind
+        for k, v in layer.items():
+            if other_sde and k.startswith("sampler.sde."):
+                continue
+            if k == "loss" or k.startswith("loss."):
+                _set_loss(cfg, algorithm, k, v)
+            else:
+                _set(cfg, k, v)
+    cfg.check()
+    return cfg
+
+
+def _set_loss(cfg: RunConfig, algorithm: str, key: str, value: Any) -> None:
+    try:
+        _set(cfg, key, value)
+    except DDRLError as e:
+        if "unknown config key" not in str(e):
+            raise
+        names = ", ".join(f.name for f in dataclasses.fields(cfg.loss))
+        raise DDRLError(
+            f"{key!r} is not a setting of algorithm {algorithm!r}; its loss.* keys: {names}"
+        ) from None
+
+
 def build_config(
     files: list[str] = (), overrides: list[str] = (), base: dict[str, Any] | None = None
 ) -> RunConfig:
     """Resolve defaults, presets, files and overrides into a checked RunConfig."""
     layers = ([base] if base else []) + [read_file(f) for f in files]
     layers.append(parse_overrides(list(overrides)))
-    probe = RunConfig()
-    for layer in layers:  # task and algorithm pick the presets, so find them first
-        for k in ("task", "algorithm"):
-            if k in layer:
-                _set(probe, k, layer[k])
-    cfg = RunConfig()
-    for name in (f"task_{probe.task}", probe.algorithm):
-        preset = PRESETS / f"{name}.toml"
-        if preset.is_file():
-            apply(cfg, read_file(preset))
-    for layer in layers:
-        apply(cfg, layer)
-    cfg.check()
-    return cfg
+    return resolve(layers)
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
@@ -188,15 +244,11 @@ def load_config(
 ) -> RunConfig:
     """Read a resolved config.json (no presets re-applied: it is already complete), then apply
     ``key=value`` overrides whose keys start with one of ``allowed`` (others are an error)."""
-    cfg = RunConfig()
-    apply(cfg, read_file(path))
     ov = parse_overrides(list(overrides))
     bad = [k for k in ov if not k.startswith(allowed)]
     if bad:
         raise DDRLError(f"{context} may only change {', '.join(allowed) or 'nothing'}; got {bad}")
-    apply(cfg, ov)
-    cfg.check()
-    return cfg
+    return resolve([read_file(path), ov], presets=False)
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

@@ -37,10 +37,47 @@ def shift_timesteps(t: Tensor, shift: float) -> Tensor:
     return shift * t / (1 + (shift - 1) * t)
 
 
-def timestep_grid(num_steps: int, shift: float = 1.0, t_max: float = 1.0) -> Tensor:
-    """Sampling grid [num_steps + 1] from t_max down to 0, uniform before the shift."""
-    t = torch.linspace(t_max, 0.0, num_steps + 1, dtype=torch.float64)
+GRIDS = ("scheduler", "linear")
+
+
+def linear_grid(num_steps: int, shift: float = 1.0) -> Tensor:
+    """DanceGRPO's grid [N + 1]: shift(linspace(1, 0, N + 1)); every step has the same size
+    before the shift, so the last step lands on 0 from shift(1/N)."""
+    t = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
     return shift_timesteps(t, shift).float()
+
+
+def scheduler_grid(
+    num_steps: int, shift: float = 1.0, mu: float | None = None, scheduler=None
+) -> Tensor:
+    """The grid [N + 1] of diffusers' ``FlowMatchEulerDiscreteScheduler`` (SD3/FLUX pipelines,
+    flow_grpo): its ``sigmas`` after ``set_timesteps(N)``, i.e. shift(linspace(1, σ_min, N))
+    then 0, so the last step is tiny (σ_min = shift(1/1000)). With ``mu`` the scheduler uses
+    FLUX's resolution-dependent exponential shift on sigmas = linspace(1, 1/N, N), as
+    ``FluxPipeline`` passes them. ``scheduler``: a real model's own scheduler (its config is
+    copied; the instance is not modified)."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if scheduler is not None:
+        sched = type(scheduler).from_config(scheduler.config)
+    elif mu is not None:
+        sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    else:
+        sched = FlowMatchEulerDiscreteScheduler(shift=shift)
+    if mu is not None:
+        sched.set_timesteps(sigmas=np.linspace(1.0, 1.0 / num_steps, num_steps), mu=mu)
+    else:
+        sched.set_timesteps(num_steps)
+    return sched.sigmas.float().cpu()
+
+
+def timestep_grid(num_steps: int, shift: float = 1.0, kind: str = "scheduler") -> Tensor:
+    """Sampling grid [num_steps + 1] from 1 down to 0: ``kind`` is "scheduler" (diffusers /
+    flow_grpo) or "linear" (DanceGRPO); see ``scheduler_grid`` and ``linear_grid``."""
+    return (
+        scheduler_grid(num_steps, shift) if kind == "scheduler" else linear_grid(num_steps, shift)
+    )
 
 
 def flow_matching_loss(v_pred: Tensor, x0: Tensor, noise: Tensor) -> Tensor:

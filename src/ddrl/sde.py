@@ -1,16 +1,18 @@
 """One reverse-time step of the sampler, each a Gaussian transition with an exact log-prob.
 
-Every step maps x_t → x_next = μ + std·z with z ~ N(0, I), and returns (x_next, μ, std, log p).
-dt = t_next − t < 0 (integration runs from noise t = 1 to data t = 0).
+Every step maps x_t → x_next = μ + std·z with z ~ N(0, I), and returns (x_next, μ, std, log p,
+σ). dt = t_next − t < 0 (integration runs from noise t = 1 to data t = 0).
 
 Log-prob scale (a deliberate choice): ``log_prob`` is the exact Gaussian log-density of x_next
-*divided by the number of dimensions D* (i.e. the mean over dimensions of the per-element
-log-densities). flow_grpo does the same; it keeps the policy-gradient term's magnitude
-independent of the resolution, so `data_beta` / `beta_kl` transfer between image sizes. The
-ratio exp(logp − logp_old) is then the true likelihood ratio raised to 1/D; with one update per
-rollout batch it is ≡ 1 and the gradient is REINFORCE up to the constant 1/D. ``reduce="sum"``
-gives the exact log-density. (cosmos-rl's DDRL release uses an unnormalised squared error; we
-do not.)
+*divided by the number of dimensions D* (the mean over dimensions of the per-element
+log-densities). flow_grpo and DanceGRPO do the same (docs/CONFORMANCE.md); it keeps the
+policy term's magnitude independent of the resolution. The ratio exp(logp − logp_old) is then
+the true likelihood ratio raised to 1/D; with one update per rollout batch it is ≡ 1 and the
+gradient is REINFORCE up to the constant 1/D. ``reduce="sum"`` gives the exact log-density.
+(cosmos-rl's DDRL release uses an unnormalised squared error; we do not.)
+
+The SDE kinds are small config objects (``FlowSDE(noise_level)``, ``DanceSDE(eta)``) whose
+``step`` calls the pure functions below; ``SDES`` maps config names to them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .errors import check_range
 from .flow import _bcast
 
 
@@ -30,8 +33,9 @@ class Step:
 
     x_next: Tensor
     mean: Tensor
-    std: Tensor  # broadcastable to x_next ([B, 1, ...]); 0 for the ODE step
+    std: Tensor  # transition std, broadcastable to x_next ([B, 1, ...]); 0 for the ODE step
     log_prob: Tensor
+    sigma: Tensor  # diffusion coefficient σ_t ([B, 1, ...]): std = σ_t·sqrt(−dt)
 
 
 def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor, reduce: str = "mean") -> Tensor:
@@ -43,23 +47,25 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor, reduce: str = "mean"
 
 
 def _finish(
-    x: Tensor,
     mean: Tensor,
     std: Tensor,
+    sigma: Tensor,
     noise: Tensor | None,
     prev_sample: Tensor | None,
     reduce: str,
 ) -> Step:
     if prev_sample is None:
         prev_sample = mean + std * noise
-    return Step(prev_sample, mean, std, gaussian_log_prob(prev_sample, mean, std, reduce))
+    lp = gaussian_log_prob(prev_sample.detach(), mean, std, reduce)
+    return Step(prev_sample, mean, std, lp, sigma)
 
 
 def ode_step(x: Tensor, v: Tensor, t: Tensor, t_next: Tensor) -> Step:
     """Euler step x_next = x + v·dt (deterministic; log_prob is 0 by convention)."""
     dt = _bcast(t_next - t, x)
     x_next = x + v * dt
-    return Step(x_next, x_next, torch.zeros_like(dt), torch.zeros(x.shape[0], device=x.device))
+    zero = torch.zeros_like(dt)
+    return Step(x_next, x_next, zero, torch.zeros(x.shape[0], device=x.device), zero)
 
 
 def flow_sde_step(
@@ -72,20 +78,20 @@ def flow_sde_step(
     prev_sample: Tensor | None = None,
     reduce: str = "mean",
 ) -> Step:
-    """Flow-GRPO's SDE step (same marginals as the ODE).
+    """Flow-GRPO's SDE step (same marginals as the ODE), as flow_grpo's sde_step_with_logprob.
 
-    σ_t = a·sqrt(t / (1 − t)) (at t = 1 the first grid point below 1 is used),
-    μ = x + [v + σ_t²/(2t)·(x + (1 − t)·v)]·dt,  std = σ_t·sqrt(−dt).
-    Pass ``noise`` to sample or ``prev_sample`` to score a given transition.
+    σ_t = a·sqrt(t / (1 − t')) with t' = t except at t = 1, where t' is the next grid point
+    (the numerator keeps t = 1), μ = x + [v + σ_t²/(2t)·(x + (1 − t)·v)]·dt,
+    std = σ_t·sqrt(−dt). Pass ``noise`` to sample or ``prev_sample`` to score a transition.
     """
     tb, dt = _bcast(t, x), _bcast(t_next - t, x)
-    # σ_t diverges at t = 1; flow_grpo evaluates it at the next grid point there.
-    t_sig = torch.where(tb >= 1.0, _bcast(t_next, x), tb).clamp(min=1e-6, max=1 - 1e-6)
-    sigma = noise_level * torch.sqrt(t_sig / (1 - t_sig))
+    # σ_t diverges at t = 1; flow_grpo substitutes the next grid point in the denominator only.
+    t_den = torch.where(tb >= 1.0, _bcast(t_next, x), tb).clamp(max=1 - 1e-6)
+    sigma = noise_level * torch.sqrt(tb / (1 - t_den))
     tt = tb.clamp(min=1e-6)
     mean = x + (v + sigma**2 / (2 * tt) * (x + (1 - tb) * v)) * dt
     std = sigma * torch.sqrt(-dt)
-    return _finish(x, mean, std, noise, prev_sample, reduce)
+    return _finish(mean, std, sigma, noise, prev_sample, reduce)
 
 
 def dance_sde_step(
@@ -93,12 +99,12 @@ def dance_sde_step(
     v: Tensor,
     t: Tensor,
     t_next: Tensor,
-    eta: float = 0.25,
+    eta: float = 0.3,
     noise: Tensor | None = None,
     prev_sample: Tensor | None = None,
     reduce: str = "mean",
 ) -> Step:
-    """DanceGRPO's SDE step.
+    """DanceGRPO's SDE step (its ``flux_step`` with sde_solver on).
 
     x̂0 = x − t·v,  score = −(x − (1 − t)·x̂0)/t²,  μ = x + dt·v − ½η²·score·dt,
     std = η·sqrt(−dt).
@@ -108,25 +114,38 @@ def dance_sde_step(
     x0_hat = x - tb * v
     score = -(x - (1 - tb) * x0_hat) / tt**2
     mean = x + dt * v - 0.5 * eta**2 * score * dt
-    std = eta * torch.sqrt(-dt) * torch.ones_like(tb)
-    return _finish(x, mean, std, noise, prev_sample, reduce)
+    sigma = eta * torch.ones_like(tb)
+    return _finish(mean, sigma * torch.sqrt(-dt), sigma, noise, prev_sample, reduce)
 
 
-SDE_STEPS = {"flow": flow_sde_step, "dance": dance_sde_step}
+@dataclass
+class FlowSDE:
+    """Flow-GRPO's SDE: σ_t = a·sqrt(t/(1−t)) (flow_grpo `noise_level` a = 0.7)."""
+
+    kind: str = "flow"  # selects this SDE (sampler.sde.kind)
+    noise_level: float = 0.7  # a in σ_t = a·sqrt(t/(1−t)) (flow_grpo: 0.7)
+
+    def check(self) -> None:
+        check_range("sampler.sde.noise_level", self.noise_level, 1e-4, 10.0)
+
+    def step(self, x, v, t, t_next, noise=None, prev_sample=None) -> Step:
+        """See ``flow_sde_step``."""
+        return flow_sde_step(x, v, t, t_next, self.noise_level, noise, prev_sample)
 
 
-def sde_step(
-    kind: str,
-    x: Tensor,
-    v: Tensor,
-    t: Tensor,
-    t_next: Tensor,
-    noise_level: float,
-    noise: Tensor | None = None,
-    prev_sample: Tensor | None = None,
-    reduce: str = "mean",
-) -> Step:
-    """Dispatch to the named stochastic step; ``noise_level`` is a (flow) or η (dance)."""
-    fn = SDE_STEPS[kind]
-    kw = {"noise_level": noise_level} if kind == "flow" else {"eta": noise_level}
-    return fn(x, v, t, t_next, noise=noise, prev_sample=prev_sample, reduce=reduce, **kw)
+@dataclass
+class DanceSDE:
+    """DanceGRPO's SDE: std = η·sqrt(−dt), drift from the score of the straight path."""
+
+    kind: str = "dance"  # selects this SDE (sampler.sde.kind)
+    eta: float = 0.3  # η (DanceGRPO's FLUX scripts: 0.3; its video scripts: 0.25)
+
+    def check(self) -> None:
+        check_range("sampler.sde.eta", self.eta, 1e-4, 10.0)
+
+    def step(self, x, v, t, t_next, noise=None, prev_sample=None) -> Step:
+        """See ``dance_sde_step``."""
+        return dance_sde_step(x, v, t, t_next, self.eta, noise, prev_sample)
+
+
+SDES = {"flow": FlowSDE, "dance": DanceSDE}

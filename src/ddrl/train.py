@@ -1,39 +1,142 @@
 """The one training loop: rollout → reward → advantage → loss → step.
 
-Algorithms differ only in the loss object and config (sampler kind, shared noise, timestep
-fraction); the loop never asks which algorithm it runs. Simplifications, stated up front:
-single process here (the distributed wrapper comes later); one optimizer step per inner update
-with gradients accumulated over the trained timesteps (and micro-batches); all randomness of
-iteration k comes from a generator seeded by (seed, rank, k), so resume is exact.
+Algorithms differ only in the loss object and its config (plus sampler and loop settings in
+their presets); the loop never asks which algorithm it runs. Simplifications, stated up front:
+- one process here (the distributed wrapper comes later; the randomness and the loss
+  denominators are already split into what every rank shares and what each rank owns);
+- each inner update is one optimizer step, gradients accumulated over every trained timestep
+  and micro-batch, each loss term averaged over the whole iteration (``LossOut``);
+- the denoiser is trained in place; the conditioner and codec are frozen;
+- iteration k's randomness comes from generators keyed by (seed, k) and (seed, k, rank), so a
+  resumed run continues exactly as the uninterrupted one.
 """
 
 from __future__ import annotations
 
-import copy
+import contextlib
+import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from .advantages import group_advantages
-from .backbones import cond_index
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .components import build_components, device_of
 from .config import RunConfig, save_config
+from .ema import EMA
+from .errors import DDRLError
 from .eval.evaluate import evaluate_components, save_prompt_grid
-from .losses import StepBatch, build_loss
-from .pretrain import ema_update
+from .losses import LossContext, StepBatch, build_loss
+from .models import CondCache, decode_images
+from .reference import REFERENCES
 from .rewards import checked_reward
-from .rollout import rollout
+from .rng import current_rank, rank_generator, shared_generator
+from .rollout import Rollout, rollout
 from .runlog import RunLogger
+from .train_state import TrainState
 
 
-def iteration_generator(seed: int, rank: int, iteration: int) -> torch.Generator:
-    """A generator that depends only on (seed, rank, iteration)."""
-    state = np.random.SeedSequence([seed, rank, iteration]).generate_state(1)[0]
-    return torch.Generator().manual_seed(int(state))
+def select_timesteps(
+    num_steps: int, fraction: float, how: str, batch: int, g: torch.Generator, skip_last=False
+) -> torch.Tensor:
+    """Step indices [batch, n] trained this iteration, n = floor(fraction · num_steps) (as
+    flow_grpo and DanceGRPO count them; at least 1), drawn from steps 0..N−1, or 0..N−2 with
+    ``skip_last``. "first": steps 0..n−1; "per_sample": a random subset per trajectory;
+    "per_batch": one random subset for all; "strided": every (N/n)-th step from 0. Each row is
+    sorted, so the j-th trained step runs from noise towards data.
+    """
+    pool = num_steps - 1 if skip_last and num_steps > 1 else num_steps
+    n = min(pool, max(1, math.floor(fraction * num_steps + 1e-9)))
+    if how == "first":
+        row = torch.arange(n)
+    elif how == "strided":
+        row = torch.arange(n) * pool // n
+    elif how == "per_batch":
+        row = torch.randperm(pool, generator=g)[:n].sort().values
+    else:
+        perms = torch.stack([torch.randperm(pool, generator=g) for _ in range(batch)])
+        return perms[:, :n].sort(dim=1).values
+    return row.expand(batch, n).clone()
+
+
+def iter_step_batches(
+    ro: Rollout,
+    adv: torch.Tensor,
+    valid: torch.Tensor,
+    x0_data: torch.Tensor,
+    steps: torch.Tensor,
+    micro: int,
+    g: torch.Generator,
+) -> Iterator[StepBatch]:
+    """One StepBatch per (trained-step position j, micro-batch); steps [B, n] from
+    ``select_timesteps`` (per-sample step indices)."""
+    b_total = adv.shape[0]
+    for j in range(steps.shape[1]):
+        for idx in torch.arange(b_total).split(micro):
+            s = steps[idx, j]
+            dev_idx = idx.to(ro.states.device)
+            yield StepBatch(
+                x_t=ro.states[s, dev_idx],
+                x_next=ro.states[s + 1, dev_idx],
+                t=ro.timesteps[s],
+                t_next=ro.timesteps[s + 1],
+                logp_old=ro.log_probs[s, dev_idx],
+                advantages=adv[dev_idx],
+                valid=valid[dev_idx],
+                cond=ro.cond.index(dev_idx),
+                null=ro.null.index(dev_idx) if ro.null is not None else None,
+                x0_data=x0_data[dev_idx],
+                noise0=ro.states[0, dev_idx],
+                first=j == 0,
+                generator=g,
+            )
+
+
+def optimizer_step(loss_fn, denoiser, batches: list[StepBatch], params, opt, grad_clip: float):
+    """Accumulate every batch's loss with whole-iteration denominators and step once.
+
+    Each term's loss is Σ_batches Σ_b mask·value / (its mask's count over all batches), so the
+    gradient is the same however the iteration is split. Returns (metrics as tensors, finite).
+    """
+    counts: dict[str, torch.Tensor] = {}
+    masks = [loss_fn.masks(b) for b in batches]
+    for m in masks:
+        for k, v in m.items():
+            counts[k] = counts.get(k, 0) + v.sum()
+    opt.zero_grad(set_to_none=True)
+    sums: dict[str, torch.Tensor] = {}
+    smax: dict[str, torch.Tensor] = {}
+    total = torch.zeros(())
+    for b, m in zip(batches, masks, strict=True):
+        out = loss_fn(denoiser, b)
+        loss = 0.0
+        for name, (vals, coef) in out.terms.items():
+            part = torch.where(m[name], vals, torch.zeros_like(vals)).sum() / counts[name].clamp(
+                min=1
+            )
+            loss = loss + coef * part
+            sums[f"loss_{name}"] = sums.get(f"loss_{name}", 0) + part.detach()
+        if torch.is_tensor(loss) and loss.requires_grad:
+            loss.backward()
+            total = total + loss.detach().cpu()
+        pm = m.get("policy", torch.ones_like(b.valid))
+        for k, v in out.stats.items():
+            n = counts.get("policy", torch.tensor(len(batches) * len(b.valid)))
+            sums[f"{k}_mean"] = sums.get(f"{k}_mean", 0) + torch.where(pm, v, 0).sum() / n.clamp(
+                min=1
+            )
+            vmax = torch.where(pm, v, torch.zeros_like(v)).max()
+            smax[f"{k}_max"] = torch.maximum(smax.get(f"{k}_max", vmax), vmax)
+    max_norm = grad_clip if grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(total))
+    if finite:
+        opt.step()
+    else:
+        opt.zero_grad(set_to_none=True)
+    return {"loss": total, "grad_norm": grad_norm.detach().cpu(), **sums, **smax}, finite
 
 
 def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dict:
@@ -41,122 +144,106 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     run_dir = Path(run_dir)
     dev = device_of(cfg)
     c = build_components(cfg, log)
-    base = c.base.to(dev).eval().requires_grad_(False)
-    model = copy.deepcopy(base).train().requires_grad_(True)
-    ema = copy.deepcopy(model).requires_grad_(False) if cfg.optim.ema_decay > 0 else None
-    loss_fn = build_loss(cfg.algorithm, cfg.loss, cfg.sampler, base)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(
-        params, lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
+    gen = c.gen.to(dev)
+    if isinstance(gen.conditioner, torch.nn.Module):
+        gen.conditioner.requires_grad_(False)  # frozen, like a real text encoder
+    denoiser = gen.denoiser.requires_grad_(True)
+    ctx = LossContext(
+        cfg.sampler.sde, cfg.sampler.cfg_scale, lambda: REFERENCES["frozen_copy"](denoiser)
     )
-    start = 0
-    if resume:
-        start = load_checkpoint(latest_checkpoint(run_dir), model, ema, opt)["iteration"]
-    else:
+    loss_fn = build_loss(cfg.algorithm, cfg.loss, ctx)  # before resume: the reference is the base
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    o = cfg.optim
+    opt = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    ema = EMA(denoiser, o.ema_decay) if o.ema_decay > 0 else None
+    state = TrainState(run_dir, denoiser, opt, ema, cfg.algorithm)
+    start = state.restore() if resume else 0
+    if not resume:
         save_config(cfg, run_dir / "config.json")
     logger = RunLogger(run_dir, start, cfg.train.tensorboard)
     tc, P, G = cfg.train, cfg.train.prompts_per_iter, cfg.train.group_size
-    n_train = max(1, round(tc.timestep_fraction * cfg.sampler.num_steps))
-    micro = tc.micro_batch or P * G
-    shipped = ema if ema is not None else model  # what evaluation and final/ see
+    micro, rank, encode = tc.micro_batch or P * G, current_rank(), CondCache(gen.conditioner)
+    shipped = (lambda: ema.applied(denoiser)) if ema else contextlib.nullcontext
 
     def run_eval(it: int, final: bool = False) -> None:
-        m, raw, _ = evaluate_components(shipped, c, cfg, dev)
+        with shipped():
+            m, raw, _ = evaluate_components(gen, c, cfg, dev)
         logger.eval({"iteration": it, **m})
         if final:
-            save_prompt_grid(
-                raw,
-                len(c.data.prompts),
-                run_dir / "samples_final.png",
-                f"{cfg.algorithm} after {it} iterations",
-            )
+            title = f"{cfg.algorithm} after {it} iterations"
+            save_prompt_grid(raw, len(c.data.prompts), run_dir / "samples_final.png", title)
 
     if cfg.eval.every and start == 0:
         run_eval(0)
     row: dict = {}
-    bar = tqdm(
-        range(start, tc.iterations),
-        initial=start,
-        total=tc.iterations,
-        disable=not tc.progress,
-        desc=cfg.algorithm,
-        dynamic_ncols=True,
-    )
+    bad_steps = 0
+    its = range(start, tc.iterations)
+    bar = tqdm(its, initial=start, total=tc.iterations, disable=not tc.progress, desc=cfg.algorithm)
     for it in bar:
         t0 = time.perf_counter()
-        g = iteration_generator(cfg.seed, 0, it)
-        prompts = c.data.sample_prompts(P, g)
-        model.eval()
-        ro = rollout(model, prompts, G, cfg.sampler, g, dev)
-        model.train()
+        g_shared, g_own = shared_generator(cfg.seed, it), rank_generator(cfg.seed, it, rank)
+        prompts = c.data.sample_prompts(P, g_shared)
+        denoiser.eval()
+        ro = rollout(gen, prompts, G, cfg.sampler, g_own, dev, encode)
+        denoiser.train()
         t1 = time.perf_counter()
-        images = ro.final.clamp(cfg.eval.clamp_low, cfg.eval.clamp_high)
+        images = decode_images(gen.codec, ro.final)
         rewards = checked_reward(c.reward, cfg.reward.name, images, ro.prompts) * cfg.reward.scale
-        adv, valid = group_advantages(rewards, ro.group_ids, cfg.advantage)
-        x0_data = c.pool.paired(ro.prompts, g).to(dev)
-        steps = torch.randperm(cfg.sampler.num_steps, generator=g)[:n_train].sort().values
+        adv, valid = group_advantages(rewards.to(dev), ro.group_ids, cfg.advantage)
+        x0_data = c.pool.paired(ro.prompts, g_own).to(dev)
+        steps = select_timesteps(
+            cfg.sampler.num_steps,
+            tc.timestep_fraction,
+            tc.timestep_selection,
+            P * G,
+            g_shared,
+            tc.skip_last_step,
+        ).to(dev)
+        batches = list(iter_step_batches(ro, adv, valid, x0_data, steps, micro, g_own))
         t2 = time.perf_counter()
-        parts: dict[str, list[float]] = {}
+        lr = o.lr * min(1.0, (it + 1) / max(o.warmup, 1))
+        for group in opt.param_groups:
+            group["lr"] = lr
         for _ in range(tc.inner_updates):
-            opt.zero_grad(set_to_none=True)
-            total = 0.0
-            for j, i in enumerate(steps.tolist()):
-                for idx in torch.arange(P * G, device=dev).split(micro):
-                    b = StepBatch(
-                        x_t=ro.states[i, idx],
-                        x_next=ro.states[i + 1, idx],
-                        t=ro.timesteps[i].expand(len(idx)),
-                        t_next=ro.timesteps[i + 1].expand(len(idx)),
-                        logp_old=ro.log_probs[i, idx],
-                        advantages=adv[idx],
-                        valid=valid[idx],
-                        cond=cond_index(ro.cond, idx),
-                        x0_data=x0_data[idx],
-                        noise0=ro.states[0, idx],
-                        first=j == 0,
-                        generator=g,
+            m, finite = optimizer_step(loss_fn, denoiser, batches, params, opt, o.grad_clip)
+            bad_steps = 0 if finite else bad_steps + 1
+            if not finite:
+                log(f"iteration {it + 1}: non-finite loss or gradient; step skipped")
+                if bad_steps >= tc.max_bad_steps:
+                    raise DDRLError(
+                        f"{bad_steps} consecutive non-finite steps (train.max_bad_steps="
+                        f"{tc.max_bad_steps}); last good checkpoint kept. Lower optim.lr or "
+                        "check the reward"
                     )
-                    loss, m = loss_fn(model, b)
-                    w = len(idx) / (P * G) / len(steps)
-                    (loss * w).backward()
-                    total += loss.item() * w
-                    for k, v in m.items():
-                        parts.setdefault(k, []).append(v)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-            lr = cfg.optim.lr * min(1.0, (it + 1) / max(cfg.optim.warmup, 1))
-            for group in opt.param_groups:
-                group["lr"] = lr
-            opt.step()
-            if ema is not None:
-                ema_update(ema, model, cfg.optim.ema_decay)
+            elif ema is not None:
+                ema.update(denoiser)
         t3 = time.perf_counter()
-        fin = rewards[torch.isfinite(rewards)]
-        row = {
-            "iteration": it + 1,
-            "reward_mean": fin.mean().item() if len(fin) else float("nan"),
-            "reward_std": fin.std().item() if len(fin) > 1 else 0.0,
-            "skipped_groups": int((~valid).sum().item() // G),
-            "loss": total,
-            "grad_norm": grad_norm.item(),
-            "lr": lr,
-            **{k: float(np.mean(v)) for k, v in parts.items()},
-            "time_rollout": t1 - t0,
-            "time_reward": t2 - t1,
-            "time_train": t3 - t2,
-            "time_iteration": t3 - t0,
+        fin = torch.isfinite(rewards)
+        scalars = {
+            "reward_mean": rewards[fin].mean() if fin.any() else torch.tensor(float("nan")),
+            "reward_std": rewards[fin].std() if fin.sum() > 1 else torch.tensor(0.0),
+            "skipped_groups": (~valid).sum() // G,
+            **m,
         }
+        values = torch.stack(
+            [torch.as_tensor(v, dtype=torch.float64).cpu() for v in scalars.values()]
+        )
+        row = {"iteration": it + 1, **dict(zip(scalars, values.tolist(), strict=True)), "lr": lr}
+        row["skipped_groups"] = int(row["skipped_groups"])
+        row.update(
+            time_rollout=t1 - t0, time_reward=t2 - t1, time_train=t3 - t2, time_iteration=t3 - t0
+        )
         if row["skipped_groups"]:
             log(f"iteration {it + 1}: skipped {row['skipped_groups']} group(s) with NaN/inf reward")
         logger.metrics(row)
-        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{total:.3f}")
+        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.3f}")
         done = it + 1 == tc.iterations
         if cfg.eval.every and ((it + 1) % cfg.eval.every == 0 or done):
             run_eval(it + 1, final=done)
         if (it + 1) % tc.checkpoint_every == 0 or done:
-            save_checkpoint(
-                run_dir, it + 1, model, ema, opt, {"algorithm": cfg.algorithm}, tc.keep_checkpoints
-            )
+            state.save(it + 1, tc.keep_checkpoints)
     bar.close()
     logger.close()
-    shipped.save_pretrained(run_dir / "final")
+    with shipped():
+        gen.save_pretrained(run_dir / "final")
     return row

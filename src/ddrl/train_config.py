@@ -1,4 +1,4 @@
-"""Configs owned by the training loop (model source, optimiser, loop sizes)."""
+"""Configs owned by the training loop (optimiser, loop sizes)."""
 
 from __future__ import annotations
 
@@ -6,18 +6,7 @@ from dataclasses import dataclass
 
 from .errors import check_choice, check_range
 
-
-@dataclass
-class ModelConfig:
-    """Which network is trained."""
-
-    backbone: str = (
-        ""  # "" = the task's own (digits, toy2d); or "module:Class" with from_pretrained
-    )
-    base: str = ""  # saved base model folder; "" = the task's cached base (pretrained on demand)
-    cache_dir: str = (
-        ""  # where base models and reward models are cached; "" = $DDRL_CACHE or ~/.cache/ddrl
-    )
+SELECTIONS = ("first", "per_sample", "per_batch", "strided")
 
 
 @dataclass
@@ -27,7 +16,7 @@ class OptimConfig:
     lr: float = 1e-4  # peak learning rate (release: 1e-5 for 2B-parameter video models)
     weight_decay: float = 1e-4  # AdamW decoupled weight decay (release value)
     betas: tuple[float, float] = (0.9, 0.99)  # AdamW betas (release value)
-    grad_clip: float = 1.0  # max global grad norm (release value)
+    grad_clip: float = 1.0  # max global grad norm (release value); 0 = no clipping
     warmup: int = 5  # linear warm-up iterations (release: 50 of thousands; runs here are short)
     ema_decay: float = 0.0  # EMA of weights, 0 = off; evaluation uses the EMA when on
 
@@ -49,8 +38,13 @@ class TrainConfig:
     prompts_per_iter: int = 10  # groups per iteration
     group_size: int = 8  # samples per prompt (paper: G = 8)
     inner_updates: int = 1  # optimizer steps per rollout batch (1 ⇒ ratio ≡ 1, REINFORCE)
-    timestep_fraction: float = 1.0  # fraction of sampling steps trained, a random subset each it.
+    timestep_fraction: float = 1.0  # trained steps per iteration: floor(fraction · num_steps)
+    timestep_selection: str = "first"  # "first" (steps 0..n−1 in order, flow_grpo),
+    # "per_sample" (a random subset per trajectory, DanceGRPO), "per_batch" (one random subset),
+    # "strided" (every k-th from 0: the release's even steps 0, 2, ..., 18 of 20)
+    skip_last_step: bool = False  # never train the last step (DanceGRPO permutes steps 0..N−2)
     micro_batch: int = 0  # trajectories per backward pass; 0 = all at once
+    max_bad_steps: int = 3  # consecutive non-finite loss/gradient steps (skipped) before stopping
     checkpoint_every: int = 20  # iterations between checkpoints (and one at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept (older ones are deleted)
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda"
@@ -63,7 +57,9 @@ class TrainConfig:
         check_range("train.group_size", self.group_size, 2)
         check_range("train.inner_updates", self.inner_updates, 1)
         check_range("train.timestep_fraction", self.timestep_fraction, 1e-6, 1.0)
+        check_choice("train.timestep_selection", self.timestep_selection, SELECTIONS)
         check_range("train.micro_batch", self.micro_batch, 0)
+        check_range("train.max_bad_steps", self.max_bad_steps, 1)
         check_range("train.checkpoint_every", self.checkpoint_every, 1)
         check_range("train.keep_checkpoints", self.keep_checkpoints, 1)
         check_choice("train.device", self.device, ("auto", "cpu", "cuda"))

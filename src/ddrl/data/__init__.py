@@ -1,4 +1,4 @@
-"""Task data by name, plus synthetic pools generated once from the reference model."""
+"""Embedded data sets by name, plus synthetic pools generated once from the base model."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from .base import DataConfig, PairedPool, TaskData
 from .digits import digits_data
 from .toy2d import toy2d_data
 
-TASK_DATA = {"digits": digits_data, "toy2d": toy2d_data}
+DATASETS = {"digits": digits_data, "toy2d": toy2d_data}
 
-__all__ = ["DataConfig", "PairedPool", "TASK_DATA", "TaskData", "load_task_data"]
+__all__ = ["DATASETS", "DataConfig", "PairedPool", "TaskData", "load_data"]
 
 
-def load_task_data(task: str) -> TaskData:
-    check_choice("task", task, TASK_DATA)
-    return TASK_DATA[task]()
+def load_data(name: str) -> TaskData:
+    check_choice("data.name", name, DATASETS)
+    return DATASETS[name]()

@@ -12,17 +12,22 @@ from ..errors import DDRLError, check_choice
 
 @dataclass
 class DataConfig:
-    """Where the data term's x0 comes from."""
+    """The prompt set and the data the data term draws x0 from."""
 
+    name: str = "digits"  # embedded data set: digits | toy2d
     source: str = "real"  # "real": the task's training images; "synthetic": `ddrl synth` samples
     synthetic_path: str = ""  # synthetic pool (.safetensors); "" = the cache default for the base
 
     def check(self) -> None:
+        from . import DATASETS
+
+        check_choice("data.name", self.name, DATASETS)
         check_choice("data.source", self.source, ("real", "synthetic"))
 
 
 class PairedPool:
-    """Data items x [N, ...] with their prompts; draws an item for each requested prompt."""
+    """Data items x [N, ...] (model space) with their text prompts; draws an item for each
+    requested prompt."""
 
     def __init__(self, x: Tensor, prompts: list[str]):
         if len(prompts) != x.shape[0]:

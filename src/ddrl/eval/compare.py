@@ -89,7 +89,7 @@ def run_arm(
 def evaluate_base(common: dict, reward: str, overrides: list[str], out: Path, log=print) -> dict:
     cfg = build_config(overrides=[*_ov(common), f"reward.name={reward}", *overrides])
     c = build_components(cfg, log)
-    metrics, raw, _ = evaluate_components(c.base, c, cfg)
+    metrics, raw, _ = evaluate_components(c.gen, c, cfg)
     save_prompt_grid(raw, len(c.data.prompts), out / "samples_base.png", "base")
     return {**metrics, "base_path": str(c.base_path)}
 

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..backbones import Backbone
 from ..data import TaskData
 from ..errors import check_range
+from ..models import Generator, decode_images
 from ..rewards import GoldEvaluator, Reward
-from ..rollout import sample_ode
+from ..rollout import SamplerConfig, sample_ode
 from .metrics import (
     default_t_grid,
     frechet_distance,
@@ -38,8 +38,6 @@ class EvalConfig:
     samples_per_prompt: int = 30  # ODE samples per prompt (digits: 10 prompts → 300 images)
     seed: int = 12345  # noise seed of evaluation samples and the held-out loss (fixed across runs)
     loss_t_points: int = 10  # t grid (midpoints) of the held-out diffusion loss
-    clamp_low: float = -1.0  # valid range of a decoded sample (digits: [-1, 1])
-    clamp_high: float = 1.0
 
     def check(self) -> None:
         check_range("eval.every", self.every, 0)
@@ -49,62 +47,60 @@ class EvalConfig:
 
 @torch.no_grad()
 def evaluate(
-    model: Backbone,
+    gen: Generator,
     data: TaskData,
     reward: Reward,
-    gold: GoldEvaluator,
+    gold: GoldEvaluator | None,
     cfg: EvalConfig,
-    num_steps: int = 20,
-    shift: float = 1.0,
-    cfg_scale: float = 1.0,
+    sampler: SamplerConfig,
     device="cpu",
 ) -> tuple[dict[str, float], Tensor, list[str]]:
-    """Returns (metrics, raw samples [P·n, ...], their prompts)."""
-    was_training = model.training
-    model.eval()
+    """Returns (metrics, raw decoded samples [P·n, ...], their prompts). Rewards and the gold
+    evaluator see decoded images clamped to the codec's range; the held-out diffusion loss is
+    taken in model space. Without a gold evaluator its metrics are left out."""
+    den = gen.denoiser
+    was_training = den.training
+    den.eval()
     prompts = [p for p in data.prompts for _ in range(cfg.samples_per_prompt)]
-    gen = torch.Generator().manual_seed(cfg.seed)
-    raw = sample_ode(model, prompts, num_steps, gen, shift, cfg_scale, device).cpu()
-    images = raw.clamp(cfg.clamp_low, cfg.clamp_high)
+    gen_noise = torch.Generator().manual_seed(cfg.seed)
+    z = sample_ode(gen, prompts, sampler, gen_noise, device)
+    raw = gen.codec.decode(z.to(device)).cpu()
+    images = decode_images(gen.codec, z.to(device)).cpu()
     groups = torch.arange(len(data.prompts)).repeat_interleave(cfg.samples_per_prompt)
     held = data.heldout
-    held_cond = model.encode(held.prompts)
+    held_x = gen.codec.encode(held.x.to(device)).cpu()
+    held_cond = gen.conditioner.encode(held.prompts).to(device)
 
     def velocity(x_t: Tensor, t: Tensor, index: Tensor) -> Tensor:
-        idx = index.to(device)
-        return model.velocity(x_t.to(device), t.to(device).float(), held_cond[idx]).cpu()
+        c = held_cond.index(index.to(device))
+        return den.velocity(x_t.to(device), t.to(device).float(), c).cpu()
 
-    feats = gold.features(images)
+    lo, hi = gen.codec.value_range or (float("-inf"), float("inf"))
     metrics = {
         "proxy_reward": reward(images.to(device), prompts).float().mean().item(),
-        "gold_reward": gold.reward(images, prompts).float().mean().item(),
-        "gold_accuracy": gold.correct(images, prompts).float().mean().item(),
         "diversity": pairwise_diversity(images, groups),
-        "diversity_feature": pairwise_diversity(feats, groups),
         "heldout_diffusion_loss": heldout_diffusion_loss(
-            velocity, held.x, default_t_grid(cfg.loss_t_points).float(), seed=cfg.seed
+            velocity, held_x, default_t_grid(cfg.loss_t_points).float(), seed=cfg.seed
         ),
-        "fd": frechet_distance(feats, gold.features(held.x)),
-        "out_of_range_rate": out_of_range_rate(raw, cfg.clamp_low, cfg.clamp_high),
-        "saturation_rate": saturation_rate(raw, cfg.clamp_high, low=cfg.clamp_low),
+        "out_of_range_rate": out_of_range_rate(raw, lo, hi),
     }
-    model.train(was_training)
+    if gen.codec.value_range is not None:
+        metrics["saturation_rate"] = saturation_rate(raw, hi, low=lo)
+    if gold is not None:
+        feats = gold.features(images)
+        metrics.update(
+            gold_reward=gold.reward(images, prompts).float().mean().item(),
+            gold_accuracy=gold.correct(images, prompts).float().mean().item(),
+            diversity_feature=pairwise_diversity(feats, groups),
+            fd=frechet_distance(feats, gold.features(held.x)),
+        )
+    den.train(was_training)
     return metrics, raw, prompts
 
 
-def evaluate_components(model: Backbone, c, cfg, device="cpu"):
+def evaluate_components(gen: Generator, c, cfg, device="cpu"):
     """``evaluate`` with a run's components (data, reward, gold) and its eval/sampler config."""
-    return evaluate(
-        model,
-        c.data,
-        c.reward,
-        c.gold,
-        cfg.eval,
-        cfg.sampler.eval_steps,
-        cfg.sampler.shift,
-        cfg.sampler.cfg_scale,
-        device,
-    )
+    return evaluate(gen, c.data, c.reward, c.gold, cfg.eval, cfg.sampler, device)
 
 
 def save_prompt_grid(raw: Tensor, n_prompts: int, path, title: str | None = None):

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
-from ..checkpoint import latest_checkpoint, load_checkpoint
+from ..checkpoint import fingerprint, latest_checkpoint, load_checkpoint, load_into
 from ..components import build_components, device_of
 from ..config import build_config, load_config
+from ..ema import trainable
 from ..errors import DDRLError
 from .evaluate import evaluate_components, save_prompt_grid
 
@@ -28,38 +28,40 @@ def evaluate_run(
     run: Path, step: int | None = None, overrides: list[str] = (), out: Path | None = None
 ) -> dict:
     """Evaluate RUN (a run folder: its latest or ``step`` checkpoint, EMA weights if kept;
-    or a model folder with backbone.json). Overrides may set eval.* and reward.* keys."""
+    or a model folder with generator.json). Overrides may set eval.* and reward.* keys."""
     run = Path(run)
     if (run / "config.json").is_file():
         cfg = load_config(
             run / "config.json",
             list(overrides),
-            ("eval.", "reward.", "sampler.eval_steps"),
+            ("eval.", "reward.", "gold.", "sampler.eval_steps"),
             "ddrl eval of a run",
         )
         c = build_components(cfg)
         ckpt = _checkpoint(run, step)
-        model, ema = copy.deepcopy(c.base), copy.deepcopy(c.base)
-        has_ema = (ckpt / "ema.safetensors").is_file()
-        state = load_checkpoint(ckpt, model, ema if has_ema else None)
-        model = ema if has_ema else model
-        source = {"checkpoint": str(ckpt), "iteration": state["iteration"], "ema": has_ema}
-    elif (run / "backbone.json").is_file():
+        meta, parts = load_checkpoint(ckpt)
+        den = c.gen.denoiser.requires_grad_(True)
+        if meta.get("base_fingerprint") != fingerprint(den):
+            raise DDRLError(f"checkpoint {ckpt} was not trained from this run's base model")
+        has_ema = "ema" in parts
+        load_into(trainable(den), parts["ema" if has_ema else "model"], f"checkpoint {ckpt}")
+        source = {"checkpoint": str(ckpt), "iteration": meta["iteration"], "ema": has_ema}
+    elif (run / "generator.json").is_file():
         if step is not None:
             raise DDRLError(f"{run} is a model folder, not a run; --step does not apply")
         # The model folder is the base: nothing else is loaded or pretrained.
         cfg = build_config(overrides=[*overrides, f"model.base={run}"])
         c = build_components(cfg)
-        model = c.base
-        source = {"model": str(run)}
+        source = {"model_dir": str(run)}
     else:
-        raise DDRLError(f"{run} is neither a run folder (config.json) nor a model (backbone.json)")
+        raise DDRLError(f"{run} is neither a run folder (config.json) nor a model (generator.json)")
     dev = device_of(cfg)
-    metrics, raw, _ = evaluate_components(model.to(dev), c, cfg, dev)
+    metrics, raw, _ = evaluate_components(c.gen.to(dev), c, cfg, dev)
     result = {
         **metrics,
         **source,
-        "task": cfg.task,
+        "model": cfg.model.name,
+        "data": cfg.data.name,
         "reward": cfg.reward.name,
         "eval_seed": cfg.eval.seed,
         "samples_per_prompt": cfg.eval.samples_per_prompt,

@@ -1,12 +1,13 @@
-"""Algorithms are loss objects over the one loop; "module:attr" names a user loss class."""
+"""Algorithms are loss objects over the one loop, each with its own typed ``Config``;
+"module:Class" names a user loss class with the same shape."""
 
 from __future__ import annotations
 
-from ..errors import lookup
-from .base import Loss, LossConfig, StepBatch, clipped_policy_loss, policy_step
-from .dance_grpo import PolicyOnlyLoss
+from ..errors import DDRLError, lookup
+from .base import Loss, LossContext, LossOut, StepBatch, clipped_policy_loss, policy_transition
 from .ddrl import DDRLLoss
 from .flow_grpo import FlowGRPOLoss
+from .grpo import PolicyOnlyLoss
 from .sft import SFTLoss
 
 LOSSES = {
@@ -20,15 +21,26 @@ LOSSES = {
 __all__ = [
     "LOSSES",
     "Loss",
-    "LossConfig",
+    "LossContext",
+    "LossOut",
     "StepBatch",
     "build_loss",
     "clipped_policy_loss",
-    "policy_step",
+    "loss_class",
+    "policy_transition",
 ]
 
 
-def build_loss(algorithm: str, cfg: LossConfig, sampler, base_model=None) -> Loss:
-    """Instantiate the algorithm's loss: cls(loss_cfg, sampler_cfg, base_model)."""
+def loss_class(algorithm: str):
+    """The loss class of a registered algorithm or a "module:Class" plugin (with ``Config``)."""
     cls = lookup("algorithm", algorithm, LOSSES)
-    return cls(cfg, sampler, base_model)
+    if not isinstance(cls, type) or not hasattr(cls, "Config") or not callable(cls):
+        raise DDRLError(
+            f"algorithm {algorithm!r} is not a loss class with a Config dataclass attribute"
+        )
+    return cls
+
+
+def build_loss(algorithm: str, cfg, ctx: LossContext) -> Loss:
+    """Instantiate the algorithm's loss: cls(its config, context)."""
+    return loss_class(algorithm)(cfg, ctx)

@@ -1,75 +1,73 @@
-"""Loss terms shared by the algorithms, and the per-step batch they all receive.
+"""What every algorithm's loss receives and returns, and the terms they share.
 
-Every algorithm is ``loss(model, batch) -> (scalar, metrics)`` over one trained timestep of a
-rollout; the loop accumulates gradients over the trained timesteps and steps once.
+A loss sees one trained timestep of a micro-batch (``StepBatch``) and returns per-sample terms
+[B]; the loop reduces each term with a whole-iteration denominator, the number of samples its
+mask covers over all trained timesteps and micro-batches (all ranks, later). So the gradient does
+not depend on how the iteration is split into micro-batches, and a skipped group never changes
+the weight of the others. The masks depend only on the batch, never on the model, so the loop
+counts them before the first forward (``Loss.masks``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from ..backbones import Backbone, Cond, guided_velocity
 from ..errors import check_choice, check_range
 from ..flow import flow_matching_loss, interpolate, sample_training_t
-from ..rollout import SamplerConfig
-from ..sde import Step, sde_step
-
-
-@dataclass
-class LossConfig:
-    """Weights and options of the loss terms (each algorithm reads the ones it uses)."""
-
-    reward_weight: float = 1.0  # weight of the policy-gradient term (SFT: 0)
-    clip_range: float = 1e-4  # PPO ratio clip ε (DDRL release: 1e-4; ratio ≡ 1 on-policy)
-    data_beta: float = 0.1  # DDRL/SFT: weight of the flow-matching loss on data (forward KL)
-    data_t: str = "rollout"  # "rollout": data term at the rollout's t and initial noise; "random"
-    data_on_first_only: bool = False  # data term once per item (first trained step) not per step
-    beta_kl: float = 0.04  # Flow-GRPO: weight of the reverse KL to the frozen reference model
-
-    def check(self) -> None:
-        check_range("loss.reward_weight", self.reward_weight, 0.0)
-        check_range("loss.clip_range", self.clip_range, 0.0, 1.0)
-        check_range("loss.data_beta", self.data_beta, 0.0)
-        check_range("loss.beta_kl", self.beta_kl, 0.0)
-        check_choice("loss.data_t", self.data_t, ("rollout", "random"))
+from ..models import Cond, guided_velocity
+from ..sde import Step
 
 
 @dataclass
 class StepBatch:
-    """One trained timestep i for B trajectories."""
+    """One trained timestep for B trajectories (t may differ per sample)."""
 
-    x_t: Tensor  # [B, ...] state at t_i
-    x_next: Tensor  # [B, ...] sampled state at t_{i+1}
+    x_t: Tensor  # [B, ...] state at t
+    x_next: Tensor  # [B, ...] the state the rollout sampled at t_next
     t: Tensor  # [B]
     t_next: Tensor  # [B]
     logp_old: Tensor  # [B] log-prob recorded at rollout time
     advantages: Tensor  # [B]
     valid: Tensor  # [B] bool: False for groups skipped (non-finite reward)
     cond: Cond  # batch B
-    x0_data: Tensor  # [B, ...] data paired with each trajectory's prompt
+    null: Cond | None  # unconditional condition for CFG (None without CFG)
+    x0_data: Tensor  # [B, ...] data (model space) paired with each trajectory's prompt
     noise0: Tensor  # [B, ...] the trajectory's initial noise (x at t = 1)
-    first: bool  # the first trained timestep of this update (for data_on_first_only)
+    first: bool  # this is the first trained timestep of the iteration
     generator: torch.Generator  # for "random" data timesteps
 
 
+@dataclass
+class LossContext:
+    """What a loss may need besides its own config."""
+
+    sde: Any  # the sampler's SDE object (FlowSDE / DanceSDE): ``step`` recomputes transitions
+    cfg_scale: float  # classifier-free guidance weight used by the rollout
+    make_reference: Callable[[], Any]  # builds the Reference (a frozen copy of the start)
+
+
+@dataclass
+class LossOut:
+    """Per-sample terms [B] with their coefficients, plus per-sample statistics [B]."""
+
+    terms: dict[str, tuple[Tensor, float]]  # name → (values [B], coefficient)
+    stats: dict[str, Tensor]  # name → values [B], logged as masked mean and max
+
+
 class Loss(Protocol):
-    def __call__(self, model: Backbone, batch: StepBatch) -> tuple[Tensor, dict[str, float]]: ...
+    """An algorithm: ``cls(cfg: cls.Config, ctx: LossContext)``."""
 
+    Config: type
 
-def policy_step(model: Backbone, b: StepBatch, sampler: SamplerConfig) -> Step:
-    """Recompute μ_θ, std and log p_θ(x_next | x_t) of the recorded transition."""
-    v = guided_velocity(model, b.x_t, b.t, b.cond, sampler.cfg_scale)
-    return sde_step(sampler.sde, b.x_t, v, b.t, b.t_next, sampler.noise_level, prev_sample=b.x_next)
+    def masks(self, b: StepBatch) -> dict[str, Tensor]:
+        """term name → bool [B]: which samples each term covers in this batch."""
 
-
-def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean of x [B] over mask [B]; 0 (with a graph) if the mask is empty. Masked-out entries
-    may be NaN/inf (a diverged sample of a skipped group): where(), unlike x·0, drops them."""
-    return torch.where(mask.bool(), x, torch.zeros_like(x)).sum() / mask.sum().clamp(min=1)
+    def __call__(self, denoiser: torch.nn.Module, b: StepBatch) -> LossOut: ...
 
 
 def clipped_policy_loss(
@@ -80,31 +78,54 @@ def clipped_policy_loss(
     return torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip)), ratio
 
 
-def policy_term(
-    model: Backbone, b: StepBatch, sampler: SamplerConfig, clip: float
-) -> tuple[Tensor, Step, dict[str, float]]:
-    step = policy_step(model, b, sampler)
+def policy_transition(denoiser, b: StepBatch, ctx: LossContext) -> Step:
+    """Recompute μ_θ, std and log p_θ(x_next | x_t) of the recorded transition."""
+    # As flow_grpo trains with CFG: the unconditional branch carries no gradient.
+    v = guided_velocity(denoiser, b.x_t, b.t, b.cond, b.null, ctx.cfg_scale, detach_uncond=True)
+    return ctx.sde.step(b.x_t, v, b.t, b.t_next, prev_sample=b.x_next)
+
+
+def policy_term(denoiser, b: StepBatch, ctx: LossContext, clip: float) -> tuple[Tensor, Step, dict]:
+    """Clipped surrogate [B], the recomputed step, and ratio statistics [B]."""
+    step = policy_transition(denoiser, b, ctx)
     per, ratio = clipped_policy_loss(step.log_prob, b.logp_old, b.advantages, clip)
-    r = ratio.detach()[b.valid] if b.valid.any() else ratio.detach()
-    stats = {
-        "ratio_mean": r.mean().item(),
-        "ratio_max_dev": (r - 1).abs().max().item(),
-        "clip_frac": ((r - 1).abs() > clip).float().mean().item(),
-    }
-    return masked_mean(per, b.valid.float()), step, stats
+    dev = (ratio.detach() - 1).abs()
+    return per, step, {"ratio_dev": dev, "clipped": (dev > clip).float()}
 
 
-def data_term(model: Backbone, b: StepBatch, cfg: LossConfig) -> Tensor:
-    """Flow-matching loss on paired data: x_t = (1−t)·x0 + t·ε, ‖v_θ(x_t, t, c) − (ε − x0)‖².
+@dataclass
+class DataTermConfig:
+    """The flow-matching loss on data (DDRL's forward KL, SFT)."""
 
-    ``data_t="rollout"`` uses the rollout's own t and initial noise (release:
-    ``use_rl_sigma_and_noise``); ``"random"`` draws t ~ logit-normal and fresh ε.
+    data_beta: float = 0.1  # weight of the flow-matching loss on data (forward KL to p̃_data)
+    data_t: str = "rollout"  # "rollout": the rollout's t and initial noise (release
+    # use_rl_sigma_and_noise); "random": logit-normal t and fresh noise
+    data_on_first_only: bool = False  # computed at the first trained timestep only, still
+    # averaged over items × trained timesteps like the release (so weighted data_beta / n)
+
+    def check(self) -> None:
+        check_range("loss.data_beta", self.data_beta, 0.0)
+        check_choice("loss.data_t", self.data_t, ("rollout", "random"))
+
+
+def data_applies(cfg: DataTermConfig, b: StepBatch) -> bool:
+    """Whether the data term is computed for this batch. Its mask is every sample at every
+    trained step either way: with ``data_on_first_only`` the other steps contribute 0 to the
+    same denominator, which is what the release's per-timestep normalisation does."""
+    return b.first or not cfg.data_on_first_only
+
+
+def data_term(denoiser, b: StepBatch, cfg: DataTermConfig) -> Tensor:
+    """Flow matching on paired data [B]: x_t = (1−t)·x0 + t·ε, ‖v_θ(x_t, t, c) − (ε − x0)‖².
+
+    ``data_t="rollout"`` uses the rollout's own t and initial noise; ``"random"`` draws
+    t ~ logit-normal and fresh ε. The data term is conditional (no CFG), like pretraining.
     """
     if cfg.data_t == "rollout":
         t, noise = b.t, b.noise0
     else:
-        n = b.x0_data.shape[0]
-        t = sample_training_t(n, b.generator).to(b.x0_data.device)
-        noise = torch.randn(b.x0_data.shape, generator=b.generator).to(b.x0_data.device)
-    v = model.velocity(interpolate(b.x0_data, noise, t), t, b.cond)
-    return flow_matching_loss(v, b.x0_data, noise).mean()
+        n, dev = b.x0_data.shape[0], b.x0_data.device
+        t = sample_training_t(n, b.generator).to(dev)
+        noise = torch.randn(b.x0_data.shape, generator=b.generator).to(dev)
+    v = denoiser.velocity(interpolate(b.x0_data, noise, t), t, b.cond)
+    return flow_matching_loss(v, b.x0_data, noise)

@@ -3,17 +3,30 @@ that every algorithm sees the same prompts, noise and budget)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .base import LossConfig, data_term
+from .base import DataTermConfig, LossOut, data_applies, data_term
+
+
+@dataclass
+class SFTConfig(DataTermConfig):
+    """SFT's knobs: the data term's."""
+
+    data_beta: float = 1.0  # weight of the flow-matching loss (only a scale for SFT)
 
 
 class SFTLoss:
-    def __init__(self, cfg: LossConfig, sampler, base_model=None):
-        self.cfg, self.sampler = cfg, sampler
+    Config = SFTConfig
 
-    def __call__(self, model, b):
-        if b.first or not self.cfg.data_on_first_only:
-            d = data_term(model, b, self.cfg)
-            return self.cfg.data_beta * d, {"data_loss": d.item()}
-        return torch.zeros((), device=b.x_t.device), {}
+    def __init__(self, cfg: SFTConfig, ctx):
+        self.cfg = cfg
+
+    def masks(self, b):
+        return {"data": torch.ones_like(b.valid)}
+
+    def __call__(self, denoiser, b):
+        if not data_applies(self.cfg, b):
+            return LossOut({}, {})
+        return LossOut({"data": (data_term(denoiser, b, self.cfg), self.cfg.data_beta)}, {})

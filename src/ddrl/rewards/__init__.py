@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from ..errors import check_choice, lookup
-from .base import GoldEvaluator, Reward, RewardConfig, RewardContext, checked_reward
+from ..errors import DDRLError, check_choice, lookup
+from .base import (
+    GoldConfig,
+    GoldEvaluator,
+    Reward,
+    RewardConfig,
+    RewardContext,
+    checked_reward,
+)
 from .digits import ClassifierReward, DigitsGold, InkReward
 from .toy2d import RightReward, Toy2DGold
 
-# name -> (task it applies to, factory(ctx) -> Reward)
+# name -> (data set it applies to, factory(ctx) -> Reward)
 REWARDS = {
     "ink": ("digits", lambda ctx: InkReward()),
     "classifier": ("digits", ClassifierReward),
@@ -18,6 +25,7 @@ GOLD = {"digits": DigitsGold, "toy2d": lambda seed=0: Toy2DGold()}
 __all__ = [
     "GOLD",
     "REWARDS",
+    "GoldConfig",
     "GoldEvaluator",
     "Reward",
     "RewardConfig",
@@ -29,17 +37,28 @@ __all__ = [
 ]
 
 
-def reward_factory(task: str, name: str):
-    """The factory(ctx) -> Reward for a built-in name of ``task``, or "module:attr"."""
-    table = {n: factory for n, (t, factory) in REWARDS.items() if t == task}
-    return lookup(f"reward for task {task!r}", name, table)
+def reward_factory(data: str, name: str):
+    """The factory(ctx) -> Reward for a built-in name that applies to ``data``, or "module:attr"."""
+    table = {n: factory for n, (d, factory) in REWARDS.items() if d == data}
+    factory = lookup(f"reward for data {data!r}", name, table)
+    if not callable(factory):
+        raise DDRLError(f"reward {name!r} is not callable (a factory(ctx) -> Reward)")
+    return factory
 
 
 def build_reward(name: str, ctx: RewardContext) -> Reward:
-    """A built-in reward for ``ctx.task`` or a user factory given as "module:attr"."""
-    return reward_factory(ctx.task, name)(ctx)
+    """A built-in reward for ``ctx.data`` or a user factory given as "module:attr"."""
+    reward = reward_factory(ctx.data, name)(ctx)
+    if not callable(reward):
+        raise DDRLError(
+            f"reward {name!r}: its factory returned a {type(reward).__name__}, not a callable"
+        )
+    return reward
 
 
-def build_gold(task: str, seed: int = 0) -> GoldEvaluator:
-    check_choice("task", task, GOLD)
-    return GOLD[task](seed=seed)
+def build_gold(cfg: GoldConfig) -> GoldEvaluator | None:
+    """The gold evaluator, or None when ``gold.name`` is empty."""
+    if not cfg.name:
+        return None
+    check_choice("gold.name", cfg.name, GOLD)
+    return GOLD[cfg.name](seed=cfg.seed)

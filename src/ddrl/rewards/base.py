@@ -8,7 +8,7 @@ from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
-from ..errors import DDRLError
+from ..errors import DDRLError, check_range
 
 
 @dataclass
@@ -17,13 +17,29 @@ class RewardConfig:
 
     name: str = "ink"  # built-in name (see `ddrl.rewards.REWARDS`) or "module:attr" factory
     scale: float = 1.0  # multiplies the reward (advantages are normalised, so mostly for logs)
+    seed: int = 0  # seed of a reward model trained on first use (fixed, not the run's seed)
+
+    def check(self) -> None:
+        check_range("reward.scale", self.scale, -1e12, 1e12)
+        check_range("reward.seed", self.seed, 0, 2**32 - 1)
+
+
+@dataclass
+class GoldConfig:
+    """The held-out judge used only by evaluation (never by the training loop)."""
+
+    name: str = "digits"  # digits | toy2d | "" (none: gold metrics are left out)
+    seed: int = 0  # seed of the gold model (fixed across runs so evaluations compare)
+
+    def check(self) -> None:
+        check_range("gold.seed", self.seed, 0, 2**32 - 1)
 
 
 @dataclass
 class RewardContext:
     """What a reward factory may need to build itself."""
 
-    task: str
+    data: str  # the data set's name (a reward may only apply to some)
     cache_dir: Path
     seed: int = 0
     device: str = "cpu"

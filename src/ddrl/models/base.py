@@ -1,0 +1,149 @@
+"""The model protocol in three parts, and the condition that flows between them.
+
+- ``Denoiser``: the trainable velocity model v_θ(x_t, t, c) on the rectified-flow path.
+- ``Conditioner``: frozen; prompts → ``Cond`` (and the null condition for CFG). Cacheable.
+- ``Codec``: images ↔ model space (identity for digits and toy2d, a VAE for latent models).
+  Rewards and evaluation only ever see decoded images.
+
+A ``Generator`` bundles the three with the sample shape (from config) and the save/load path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Cond:
+    """A batch of conditions: ``batched`` tensors are [B, ...]; ``shared`` ones are the same for
+    every sample (e.g. FLUX's position ids) and pass through index/cat/repeat unchanged."""
+
+    batched: dict[str, Tensor]
+    shared: dict[str, Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return next(iter(self.batched.values())).shape[0]
+
+    def index(self, idx: Tensor) -> Cond:
+        """Rows ``idx`` [N] of every batched tensor."""
+        return Cond({k: v[idx] for k, v in self.batched.items()}, self.shared)
+
+    def cat(self, other: Cond) -> Cond:
+        """Concatenate along the batch (for one CFG forward pass over cond and null)."""
+        return Cond(
+            {k: torch.cat([v, other.batched[k]]) for k, v in self.batched.items()}, self.shared
+        )
+
+    def repeat_interleave(self, n: int) -> Cond:
+        """Each row n times in a row: [B] → [B·n] (a group of n samples per prompt)."""
+        return Cond({k: v.repeat_interleave(n, 0) for k, v in self.batched.items()}, self.shared)
+
+    def to(self, device) -> Cond:
+        move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
+        return Cond(move(self.batched), move(self.shared))
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    """An nn.Module: v_θ(x_t, t, c) with x_t [B, *sample_shape], t [B] ∈ [0, 1] → like x_t."""
+
+    def velocity(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor: ...
+
+
+class Conditioner(Protocol):
+    """Frozen prompt encoder."""
+
+    def encode(self, prompts: list[str]) -> Cond:
+        """Prompts [B] → condition with batch B (no gradient)."""
+
+    def null(self, n: int) -> Cond:
+        """The unconditional condition for classifier-free guidance, batch n."""
+
+
+class Codec(Protocol):
+    """Images ↔ model space."""
+
+    value_range: tuple[float, float] | None  # valid range of decoded images; None = unbounded
+
+    def encode(self, images: Tensor) -> Tensor:
+        """Images [B, ...] → model-space samples [B, *sample_shape]."""
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Model-space samples → raw images (not clamped; see ``decode_images``)."""
+
+
+class Generator(Protocol):
+    """A model family instance: the three parts plus how to save and reload them."""
+
+    denoiser: torch.nn.Module
+    conditioner: Conditioner
+    codec: Codec
+    sample_shape: tuple[int, ...]  # one model-space sample, from config (resolution, frames)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write everything ``from_pretrained`` needs (safetensors + JSON) into ``path``."""
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs) -> Generator: ...
+
+
+class IdentityCodec:
+    """Model space = image space (digits, toy2d)."""
+
+    def __init__(self, value_range: tuple[float, float] | None = None):
+        self.value_range = value_range
+
+    def encode(self, images: Tensor) -> Tensor:
+        return images
+
+    def decode(self, z: Tensor) -> Tensor:
+        return z
+
+
+def decode_images(codec: Codec, z: Tensor) -> Tensor:
+    """What rewards and evaluators see: decoded images clamped to the codec's valid range."""
+    x = codec.decode(z)
+    return x if codec.value_range is None else x.clamp(*codec.value_range)
+
+
+class CondCache:
+    """Encodes each distinct prompt once and reuses it (the conditioner is frozen)."""
+
+    def __init__(self, conditioner: Conditioner):
+        self.conditioner, self.rows = conditioner, {}
+
+    def __call__(self, prompts: list[str]) -> Cond:
+        new = sorted({p for p in prompts if p not in self.rows})
+        if new:
+            c = self.conditioner.encode(new)
+            self.shared = c.shared
+            for i, p in enumerate(new):
+                self.rows[p] = {k: v[i : i + 1] for k, v in c.batched.items()}
+        keys = self.rows[prompts[0]].keys()
+        return Cond({k: torch.cat([self.rows[p][k] for p in prompts]) for k in keys}, self.shared)
+
+
+def guided_velocity(
+    denoiser: Denoiser,
+    x_t: Tensor,
+    t: Tensor,
+    cond: Cond,
+    null: Cond | None,
+    scale: float = 1.0,
+    detach_uncond: bool = False,
+) -> Tensor:
+    """v = v_u + w·(v_c − v_u); w = 1 (or no null) is plain conditional: one pass.
+    ``detach_uncond``: no gradient through v_u (flow_grpo's training-time CFG)."""
+    if scale == 1.0 or null is None:
+        return denoiser.velocity(x_t, t, cond)
+    n = x_t.shape[0]
+    v = denoiser.velocity(torch.cat([x_t, x_t]), torch.cat([t, t]), cond.cat(null))
+    v_c, v_u = v[:n], v[n:]
+    if detach_uncond:
+        v_u = v_u.detach()
+    return v_u + scale * (v_c - v_u)

@@ -1,0 +1,514 @@
+"""Conformance with the peers' published code (docs/CONFORMANCE.md has the citations).
+
+Every test re-derives the published formula by hand, here, with plain numpy/torch arithmetic
+(never through ddrl helpers), and compares ddrl's function with it. Step formulas are checked at
+the first step (t = 1), an interior step and the last step of the actual grid (the scheduler
+grid with 10 steps and shift 3, whose last step is the tiny 0.0089 → 0), on float64 tensors.
+
+Tolerances: float64 formulas rtol 1e-10, atol 1e-12 (only rounding differs between two
+arrangements of the same expression); grids rtol 0, atol 1e-6 (diffusers returns float32, the
+hand derivation is float64).
+
+Commits read: flow_grpo ac4c86e8cae0, DanceGRPO 15cc71d53cc2, cosmos-rl 89f2e5b5c817,
+diffusers v0.33.1 and the installed 0.42.1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+F64 = dict(rtol=1e-10, atol=1e-12)
+GRID_TOL = dict(rtol=0.0, atol=1e-6)
+N_STEPS, SHIFT = 10, 3.0
+
+
+# --------------------------------------------------------------------------------------------
+# Hand derivations of the published grids (numpy, float64).
+# --------------------------------------------------------------------------------------------
+
+
+def _shift(t, s):
+    """SD3 shift s·t/(1 + (s − 1)·t) (diffusers scheduler L133/L357; DanceGRPO L127–128)."""
+    return s * t / (1.0 + (s - 1.0) * t)
+
+
+def _diffusers_grid_by_hand(n: int, s: float) -> np.ndarray:
+    """FlowMatchEulerDiscreteScheduler(shift=s).set_timesteps(n).sigmas, from the formula:
+    __init__ shifts the training sigmas k/1000 (so sigma_max = shift(1) = 1 and
+    sigma_min = shift(1/1000)); set_timesteps takes linspace(sigma_max, sigma_min, n), shifts it
+    again and appends 0 (0.42.1 L127–144, L340–357, L386)."""
+    sigma_max, sigma_min = _shift(1.0, s), _shift(1.0 / 1000.0, s)
+    sig = _shift(np.linspace(sigma_max, sigma_min, n), s)
+    return np.concatenate([sig, [0.0]])
+
+
+def _flux_dynamic_grid_by_hand(n: int, mu: float) -> np.ndarray:
+    """FluxPipeline: sigmas = linspace(1, 1/n, n) (pipeline_flux.py L823), exponential time
+    shift e^μ / (e^μ + (1/σ − 1)) (scheduler L655–656), then 0 (L386)."""
+    sig = np.linspace(1.0, 1.0 / n, n)
+    sig = math.exp(mu) / (math.exp(mu) + (1.0 / sig - 1.0) ** 1.0)
+    return np.concatenate([sig, [0.0]])
+
+
+def _dance_grid_by_hand(n: int, s: float) -> np.ndarray:
+    """DanceGRPO train_grpo_flux.py L311–313: shift(linspace(1, 0, n + 1))."""
+    return _shift(np.linspace(1.0, 0.0, n + 1), s)
+
+
+def _calculate_shift(seq_len, base_seq=256, max_seq=4096, base_shift=0.5, max_shift=1.15):
+    """FluxPipeline's μ (pipeline_flux.py L73–83): linear in the packed image sequence length."""
+    m = (max_shift - base_shift) / (max_seq - base_seq)
+    return seq_len * m + (base_shift - m * base_seq)
+
+
+def _grid_points() -> torch.Tensor:
+    """The scheduler grid's actual (float32) points for 10 steps, shift 3, as float64."""
+    return torch.tensor(_diffusers_grid_by_hand(N_STEPS, SHIFT), dtype=torch.float32).double()
+
+
+# The steps checked: first (t = 1), interior, last (tiny, to 0).
+STEPS = [0, 4, N_STEPS - 1]
+
+
+# --------------------------------------------------------------------------------------------
+# Grids
+# --------------------------------------------------------------------------------------------
+
+
+# diffusers 0.42.1 scheduling_flow_match_euler_discrete.py L127–144 (__init__ shift, sigma_min),
+# L340–357 (linspace then shift again), L386 (terminal 0); v0.33.1 L114–131, L297–341.
+# flow_grpo sd3_pipeline_with_logprob.py L119–127 uses this via retrieve_timesteps(sigmas=None).
+@pytest.mark.parametrize("n,s", [(10, 3.0), (40, 3.0), (10, 1.0), (28, 5.0)])
+def test_scheduler_grid_matches_diffusers_formula_and_object(n, s):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from ddrl.flow import scheduler_grid
+
+    ours = scheduler_grid(n, s).double().numpy()
+    assert ours.shape == (n + 1,)
+    # (1) against the published formula, derived by hand
+    np.testing.assert_allclose(ours, _diffusers_grid_by_hand(n, s), **GRID_TOL)
+    # (2) against diffusers' own scheduler object
+    sched = FlowMatchEulerDiscreteScheduler(shift=s)
+    sched.set_timesteps(n)
+    np.testing.assert_allclose(ours, sched.sigmas.double().numpy(), rtol=0, atol=1e-7)
+    assert ours[0] == 1.0 and ours[-1] == 0.0
+
+
+def test_scheduler_grid_last_step_is_tiny():
+    """10 steps, shift 3: the endpoint is shift(shift(1/1000)) ≈ 0.0089286 (shifted twice)."""
+    from ddrl.flow import scheduler_grid
+
+    g = scheduler_grid(N_STEPS, SHIFT).double()
+    twice = _shift(_shift(1e-3, SHIFT), SHIFT)
+    assert abs(g[-2].item() - twice) < 1e-6
+    assert abs(twice - 0.0089286) < 1e-6
+    assert (g[:-1] - g[1:]).min().item() == pytest.approx(twice, abs=1e-6)
+
+
+# diffusers 0.42.1 pipeline_flux.py L73–83 (calculate_shift), L823 (sigmas=linspace(1, 1/N, N)),
+# L826–842 (mu passed to set_timesteps); scheduler L354–355, L655–656 (exponential time shift).
+@pytest.mark.parametrize("n,seq_len", [(10, 4096), (28, 1024), (4, 256)])
+def test_scheduler_grid_dynamic_shift_matches_flux_pipeline(n, seq_len):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from ddrl.flow import scheduler_grid
+
+    mu = _calculate_shift(seq_len)
+    ours = scheduler_grid(n, mu=mu).double().numpy()
+    np.testing.assert_allclose(ours, _flux_dynamic_grid_by_hand(n, mu), **GRID_TOL)
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1.0 / n, n), mu=mu)
+    np.testing.assert_allclose(ours, sched.sigmas.double().numpy(), rtol=0, atol=1e-7)
+
+
+def test_calculate_shift_values():
+    """μ = 1.15 at 1024² (4096 packed tokens) and 0.63 at 512² (1024 tokens)."""
+    assert _calculate_shift(4096) == pytest.approx(1.15)
+    assert _calculate_shift(1024) == pytest.approx(0.63)
+
+
+# DanceGRPO fastvideo/train_grpo_flux.py L127–128 (sd3_time_shift), L311–313 (the schedule).
+@pytest.mark.parametrize("n,s", [(16, 3.0), (16, 5.0), (10, 1.0)])
+def test_linear_grid_matches_dancegrpo(n, s):
+    from ddrl.flow import linear_grid
+
+    ours = linear_grid(n, s).double().numpy()
+    np.testing.assert_allclose(ours, _dance_grid_by_hand(n, s), **GRID_TOL)
+
+
+def test_timestep_grid_kinds():
+    from ddrl.flow import timestep_grid
+
+    np.testing.assert_allclose(
+        timestep_grid(N_STEPS, SHIFT, kind="scheduler").double().numpy(),
+        _diffusers_grid_by_hand(N_STEPS, SHIFT),
+        **GRID_TOL,
+    )
+    np.testing.assert_allclose(
+        timestep_grid(N_STEPS, SHIFT, kind="linear").double().numpy(),
+        _dance_grid_by_hand(N_STEPS, SHIFT),
+        **GRID_TOL,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# flow_grpo's SDE step
+# --------------------------------------------------------------------------------------------
+
+
+def _flow_grpo_step_by_hand(x, v, t, t_next, sigma_1, a, noise=None, prev_sample=None):
+    """flow_grpo sd3_sde_with_logprob.py L40–68, written out per sample.
+
+    t, t_next: [B]; sigma_1: the grid's second point (flow_grpo's `sigma_max = sigmas[1]`).
+    Returns (x_next, log_prob [B], mean, std_dev_t [B,1,..])."""
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    t, t_next = t.reshape(shape), t_next.reshape(shape)
+    dt = t_next - t
+    # L47: t == 1 → the next grid point in the denominator only
+    den = 1 - torch.where(t == 1, torch.full_like(t, sigma_1), t)
+    std_dev_t = torch.sqrt(t / den) * a
+    # L50: flow_grpo's own arrangement of the mean
+    mean = x * (1 + std_dev_t**2 / (2 * t) * dt) + v * (1 + std_dev_t**2 * (1 - t) / (2 * t)) * dt
+    if prev_sample is None:
+        prev_sample = mean + std_dev_t * torch.sqrt(-dt) * noise  # L59
+    sd = std_dev_t * torch.sqrt(-dt)
+    lp = -((prev_sample.detach() - mean) ** 2) / (2 * sd**2) - torch.log(sd)
+    lp = lp - torch.log(torch.sqrt(2 * torch.as_tensor(math.pi, dtype=x.dtype)))  # L61–65
+    return prev_sample, lp.mean(dim=tuple(range(1, lp.dim()))), mean, std_dev_t  # L67–68
+
+
+def _rand(*shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+
+B, SHAPE = 4, (3, 4, 4)
+
+
+# flow_grpo flow_grpo/diffusers_patch/sd3_sde_with_logprob.py L40–47 (σ_t and the t = 1 rule),
+# L50 (mean), L59 (x_next), L61–68 (log-prob, detached sample, mean over dims).
+@pytest.mark.parametrize("i", STEPS)
+def test_flow_sde_step_matches_flow_grpo(i):
+    from ddrl.sde import flow_sde_step
+
+    g = _grid_points()
+    x, v, z = _rand(B, *SHAPE, seed=1), _rand(B, *SHAPE, seed=2), _rand(B, *SHAPE, seed=3)
+    t, tn = g[i].repeat(B), g[i + 1].repeat(B)
+    ref_x, ref_lp, ref_mean, ref_sig = _flow_grpo_step_by_hand(x, v, t, tn, g[1].item(), 0.7, z)
+
+    st = flow_sde_step(x, v, t, tn, noise_level=0.7, noise=z)
+    torch.testing.assert_close(st.mean, ref_mean, **F64)
+    torch.testing.assert_close(st.x_next, ref_x, **F64)
+    torch.testing.assert_close(st.log_prob, ref_lp, **F64)
+    assert st.log_prob.shape == (B,)
+    sig = st.sigma.expand(B, 1, 1, 1).reshape(B)
+    torch.testing.assert_close(sig, ref_sig.reshape(B), **F64)
+    std = torch.broadcast_to(st.std, x.shape)
+    torch.testing.assert_close(
+        std,
+        torch.broadcast_to(ref_sig * torch.sqrt(-(tn - t)).reshape(-1, 1, 1, 1), x.shape),
+        **F64,
+    )
+
+
+def test_flow_sde_step_sigma_at_t1_uses_next_point_in_denominator_only():
+    """σ_0 = a·sqrt(1/(1 − t_1)) (numerator keeps t = 1), sd3_sde_with_logprob.py L44, L47."""
+    from ddrl.sde import flow_sde_step
+
+    g = _grid_points()
+    x, v = _rand(2, *SHAPE, seed=4), _rand(2, *SHAPE, seed=5)
+    st = flow_sde_step(x, v, g[0].repeat(2), g[1].repeat(2), 0.7, noise=torch.zeros_like(x))
+    expect = 0.7 * math.sqrt(1.0 / (1.0 - g[1].item()))
+    assert st.sigma.flatten()[0].item() == pytest.approx(expect, rel=1e-12)
+
+
+def test_flow_sde_step_per_sample_times():
+    """Each sample at its own grid step (first, interior, last, another): row by row equal to
+    the hand derivation at that step."""
+    from ddrl.sde import flow_sde_step
+
+    g = _grid_points()
+    idx = torch.tensor([0, 4, N_STEPS - 1, 2])
+    t, tn = g[idx], g[idx + 1]
+    x, v, z = _rand(4, *SHAPE, seed=6), _rand(4, *SHAPE, seed=7), _rand(4, *SHAPE, seed=8)
+    ref_x, ref_lp, ref_mean, _ = _flow_grpo_step_by_hand(x, v, t, tn, g[1].item(), 0.7, z)
+    st = flow_sde_step(x, v, t, tn, noise_level=0.7, noise=z)
+    torch.testing.assert_close(st.mean, ref_mean, **F64)
+    torch.testing.assert_close(st.x_next, ref_x, **F64)
+    torch.testing.assert_close(st.log_prob, ref_lp, **F64)
+
+
+@pytest.mark.parametrize("i", STEPS)
+def test_flow_sde_step_scores_given_sample_detached(i):
+    """prev_sample given: x_next is it, log_prob as flow_grpo (L62 detaches the sample), and the
+    gradient reaches v but not prev_sample. reduce="sum" is the exact log-density (D × mean)."""
+    from ddrl.sde import flow_sde_step
+
+    g = _grid_points()
+    x = _rand(B, *SHAPE, seed=9)
+    v = _rand(B, *SHAPE, seed=10).requires_grad_(True)
+    prev = _rand(B, *SHAPE, seed=11).requires_grad_(True)
+    t, tn = g[i].repeat(B), g[i + 1].repeat(B)
+    _, ref_lp, _, _ = _flow_grpo_step_by_hand(x, v.detach(), t, tn, g[1].item(), 0.7, None, prev)
+
+    st = flow_sde_step(x, v, t, tn, noise_level=0.7, prev_sample=prev)
+    assert torch.equal(st.x_next.detach(), prev.detach())
+    torch.testing.assert_close(st.log_prob.detach(), ref_lp.detach(), **F64)
+    st.log_prob.sum().backward()
+    assert prev.grad is None or torch.count_nonzero(prev.grad) == 0
+    assert v.grad is not None and torch.count_nonzero(v.grad) > 0
+
+    d = math.prod(SHAPE)
+    st_sum = flow_sde_step(x, v.detach(), t, tn, 0.7, prev_sample=prev.detach(), reduce="sum")
+    torch.testing.assert_close(st_sum.log_prob, ref_lp.detach() * d, **F64)
+
+
+@pytest.mark.parametrize("i", STEPS)
+def test_flow_sde_class_equals_function(i):
+    from ddrl.sde import FlowSDE, flow_sde_step
+
+    g = _grid_points()
+    x, v, z = _rand(B, *SHAPE, seed=12), _rand(B, *SHAPE, seed=13), _rand(B, *SHAPE, seed=14)
+    t, tn = g[i].repeat(B), g[i + 1].repeat(B)
+    a = flow_sde_step(x, v, t, tn, noise_level=0.5, noise=z)
+    b = FlowSDE(noise_level=0.5).step(x, v, t, tn, noise=z)
+    for f in ("x_next", "mean", "std", "log_prob", "sigma"):
+        torch.testing.assert_close(getattr(b, f), getattr(a, f), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# DanceGRPO's SDE step
+# --------------------------------------------------------------------------------------------
+
+
+def _dance_step_by_hand(x, v, t, t_next, eta, noise=None, prev_sample=None):
+    """DanceGRPO train_grpo_flux.py flux_step L141–167 (sde_solver=True, grpo=True)."""
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    t, t_next = t.reshape(shape), t_next.reshape(shape)
+    dsigma = t_next - t  # L142
+    mean = x + dsigma * v  # L143
+    x0 = x - t * v  # L145
+    std = eta * torch.sqrt(t - t_next)  # L147–148
+    score = -(x - x0 * (1 - t)) / t**2  # L151
+    mean = mean + (-0.5 * eta**2 * score) * dsigma  # L152–153
+    if prev_sample is None:
+        prev_sample = mean + noise * std  # L156
+    lp = -((prev_sample.detach() - mean) ** 2) / (2 * std**2) - torch.log(std)
+    lp = lp - torch.log(torch.sqrt(2 * torch.as_tensor(math.pi, dtype=x.dtype)))  # L161–164
+    return prev_sample, lp.mean(dim=tuple(range(1, lp.dim()))), mean, std  # L167
+
+
+# DanceGRPO fastvideo/train_grpo_flux.py L131–170 (flux_step); its grid is L311–313, and the
+# same step is in train_grpo_hunyuan.py L57–79. Checked on the scheduler grid (first, interior,
+# tiny last step) and on DanceGRPO's own linear grid (16 steps, shift 3).
+@pytest.mark.parametrize("grid", ["scheduler", "linear"])
+@pytest.mark.parametrize("where", ["first", "interior", "last"])
+def test_dance_sde_step_matches_dancegrpo(grid, where):
+    from ddrl.sde import dance_sde_step
+
+    if grid == "scheduler":
+        g = _grid_points()
+    else:
+        g = torch.tensor(_dance_grid_by_hand(16, 3.0), dtype=torch.float32).double()
+    n = len(g) - 1
+    i = {"first": 0, "interior": n // 2, "last": n - 1}[where]
+    x, v, z = _rand(B, *SHAPE, seed=20), _rand(B, *SHAPE, seed=21), _rand(B, *SHAPE, seed=22)
+    t, tn = g[i].repeat(B), g[i + 1].repeat(B)
+    ref_x, ref_lp, ref_mean, ref_std = _dance_step_by_hand(x, v, t, tn, 0.3, z)
+
+    st = dance_sde_step(x, v, t, tn, eta=0.3, noise=z)
+    torch.testing.assert_close(st.mean, ref_mean, **F64)
+    torch.testing.assert_close(st.x_next, ref_x, **F64)
+    torch.testing.assert_close(st.log_prob, ref_lp, **F64)
+    torch.testing.assert_close(
+        torch.broadcast_to(st.std, x.shape), torch.broadcast_to(ref_std, x.shape), **F64
+    )
+    torch.testing.assert_close(
+        torch.broadcast_to(st.sigma, (B, 1, 1, 1)).reshape(B),
+        torch.full((B,), 0.3, dtype=torch.float64),
+        **F64,
+    )
+
+
+def test_dance_sde_step_per_sample_times_and_scoring():
+    from ddrl.sde import dance_sde_step
+
+    g = _grid_points()
+    idx = torch.tensor([0, 4, N_STEPS - 1, 7])
+    t, tn = g[idx], g[idx + 1]
+    x, v = _rand(4, *SHAPE, seed=23), _rand(4, *SHAPE, seed=24)
+    prev = _rand(4, *SHAPE, seed=25)
+    _, ref_lp, ref_mean, _ = _dance_step_by_hand(x, v, t, tn, 0.25, prev_sample=prev)
+    st = dance_sde_step(x, v, t, tn, eta=0.25, prev_sample=prev)
+    torch.testing.assert_close(st.mean, ref_mean, **F64)
+    torch.testing.assert_close(st.log_prob, ref_lp, **F64)
+
+
+def test_dance_mean_is_flow_grpo_mean_with_constant_sigma():
+    """Algebra check: DanceGRPO's μ equals flow_grpo's μ with σ_t ≡ η (both hand-derived)."""
+    g = _grid_points()
+    x, v = _rand(B, *SHAPE, seed=26), _rand(B, *SHAPE, seed=27)
+    for i in STEPS:
+        t, tn = g[i].repeat(B), g[i + 1].repeat(B)
+        _, _, m_dance, _ = _dance_step_by_hand(x, v, t, tn, 0.3, prev_sample=x)
+        tb, dt = t.reshape(-1, 1, 1, 1), (tn - t).reshape(-1, 1, 1, 1)
+        m_flow = x * (1 + 0.09 / (2 * tb) * dt) + v * (1 + 0.09 * (1 - tb) / (2 * tb)) * dt
+        torch.testing.assert_close(m_dance, m_flow, **F64)
+
+
+@pytest.mark.parametrize("i", STEPS)
+def test_dance_sde_class_equals_function(i):
+    from ddrl.sde import DanceSDE, dance_sde_step
+
+    g = _grid_points()
+    x, v, z = _rand(B, *SHAPE, seed=28), _rand(B, *SHAPE, seed=29), _rand(B, *SHAPE, seed=30)
+    t, tn = g[i].repeat(B), g[i + 1].repeat(B)
+    a = dance_sde_step(x, v, t, tn, eta=0.25, noise=z)
+    b = DanceSDE(eta=0.25).step(x, v, t, tn, noise=z)
+    for f in ("x_next", "mean", "std", "log_prob", "sigma"):
+        torch.testing.assert_close(getattr(b, f), getattr(a, f), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# flow_grpo's KL term
+# --------------------------------------------------------------------------------------------
+
+
+# flow_grpo scripts/train_sd3.py L894–897: mean over (C,H,W) of (μ_θ − μ_ref)², divided by
+# 2·std_dev_t², where std_dev_t is the 4th return of sde_step_with_logprob (L206–215), i.e.
+# a·sqrt(t/(1 − t')) — not the transition std. flow_grpo then averages over the batch.
+@pytest.mark.parametrize("i", STEPS)
+def test_flow_grpo_kl_matches_train_sd3(i):
+    from ddrl.losses.flow_grpo import flow_grpo_kl
+    from ddrl.sde import flow_sde_step
+
+    g = _grid_points()
+    x, v, v_ref = _rand(B, *SHAPE, seed=40), _rand(B, *SHAPE, seed=41), _rand(B, *SHAPE, seed=42)
+    prev = _rand(B, *SHAPE, seed=43)
+    t, tn = g[i].repeat(B), g[i + 1].repeat(B)
+    _, _, mean, std_dev_t = _flow_grpo_step_by_hand(x, v, t, tn, g[1].item(), 0.7, None, prev)
+    _, _, mean_ref, _ = _flow_grpo_step_by_hand(x, v_ref, t, tn, g[1].item(), 0.7, None, prev)
+    ref_kl = ((mean - mean_ref) ** 2).mean(dim=(1, 2, 3), keepdim=True) / (2 * std_dev_t**2)
+    ref_kl = ref_kl.reshape(B)
+
+    st = flow_sde_step(x, v, t, tn, 0.7, prev_sample=prev)
+    st_ref = flow_sde_step(x, v_ref, t, tn, 0.7, prev_sample=prev)
+    kl = flow_grpo_kl(st.mean, st_ref.mean, st.sigma)
+    assert kl.shape == (B,)
+    torch.testing.assert_close(kl, ref_kl, **F64)
+    # flow_grpo's batch reduction (L896) is the plain mean of these per-sample values
+    torch.testing.assert_close(kl.mean(), ref_kl.mean(), **F64)
+    # and it is the exact per-dimension Gaussian KL times |dt|
+    exact = (mean - mean_ref) ** 2 / (
+        2 * (std_dev_t * torch.sqrt(-(tn - t)).reshape(-1, 1, 1, 1)) ** 2
+    )
+    torch.testing.assert_close(kl, exact.mean(dim=(1, 2, 3)) * (t - tn), **F64)
+
+
+# --------------------------------------------------------------------------------------------
+# Advantages
+# --------------------------------------------------------------------------------------------
+
+
+def _groups(sizes, seed):
+    """Interleaved group ids (groups need not be contiguous) and float64 rewards."""
+    ids = torch.cat([torch.full((n,), k) for k, n in enumerate(sizes)])
+    perm = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))
+    ids = ids[perm]
+    r = _rand(len(ids), seed=seed + 1)
+    return r, ids
+
+
+def _z_by_hand(r, ids, eps):
+    """(r − mean_g)/(std_g + eps) with the population std (np.std, ddof 0), as flow_grpo's
+    PerPromptStatTracker (stat_tracking.py L25–31, per-prompt std)."""
+    out = np.zeros(len(r))
+    rn, idn = r.numpy(), ids.numpy()
+    for k in np.unique(idn):
+        m = idn == k
+        out[m] = (rn[m] - rn[m].mean()) / (np.std(rn[m]) + eps)
+    return torch.from_numpy(out)
+
+
+def _release_exp_reward(a, lo=-5.0, hi=5.0):
+    """cosmos-rl wfm_trainer.py L548–555: A ← −exp(−A), then clamp to [adv_clip_min, max]."""
+    return torch.clamp(-torch.exp(-a), min=lo, max=hi)
+
+
+# flow_grpo flow_grpo/stat_tracking.py L25–31 (per-prompt mean, np.std, + 1e-4) and
+# scripts/train_sd3.py L881–885 (clamp to ±adv_clip_max = 5); cosmos-rl wfm_trainer.py L551–555.
+def test_group_advantages_plain_matches_flow_grpo_tracker():
+    from ddrl.advantages import AdvantageConfig, group_advantages
+
+    r, ids = _groups([8, 8, 5], seed=50)
+    adv, valid = group_advantages(r, ids, AdvantageConfig(eps=1e-4))
+    torch.testing.assert_close(adv, _z_by_hand(r, ids, 1e-4).clamp(-5, 5), **F64)
+    assert valid.all()
+
+
+def test_group_advantages_plain_clamps_outliers():
+    """A group of 40 with one high outlier: its z ≈ sqrt(39) ≈ 6.2 is clamped to 5."""
+    from ddrl.advantages import AdvantageConfig, group_advantages
+
+    r = torch.zeros(40, dtype=torch.float64)
+    r[3] = 1.0
+    ids = torch.zeros(40, dtype=torch.long)
+    z = _z_by_hand(r, ids, 1e-4)
+    assert z.max() > 6.0
+    adv, _ = group_advantages(r, ids, AdvantageConfig(eps=1e-4, clamp=5.0))
+    torch.testing.assert_close(adv, z.clamp(-5, 5), **F64)
+
+
+# cosmos-rl cosmos_rl/policy/trainer/wfm_trainer.py L548–555 (exp_reward then clamp ±5,
+# config/wfm/__init__.py L138–139). Same normalisation convention as ddrl on both sides (the
+# release's unbiased std is a separate, documented difference, docs/CONFORMANCE.md §6).
+def test_exp_transform_beta1_matches_release():
+    from ddrl.advantages import AdvantageConfig, group_advantages
+
+    r, ids = _groups([8, 8, 8, 8], seed=60)
+    z = _z_by_hand(r, ids, 1e-4)
+    assert z.min() < -math.log(5) and z.max() < 5  # both the lower clamp and no upper clamp
+    cfg = AdvantageConfig(eps=1e-4, exp_transform=True, beta=1.0, clamp=5.0)
+    adv, _ = group_advantages(r, ids, cfg)
+    torch.testing.assert_close(adv, _release_exp_reward(z), **F64)
+
+
+def test_exp_transform_beta1_matches_release_above_clamp():
+    """A > clamp (needs a group ≥ 27 with an outlier): the release never caps it, since its
+    clamp acts after −exp(−A) < 0; the outlier's advantage is −exp(−6.2), not −exp(−5)."""
+    from ddrl.advantages import AdvantageConfig, group_advantages
+
+    r = torch.zeros(40, dtype=torch.float64)
+    r[3], r[7] = 1.0, -0.2
+    ids = torch.zeros(40, dtype=torch.long)
+    z = _z_by_hand(r, ids, 1e-4)
+    assert z.max() > 5
+    cfg = AdvantageConfig(eps=1e-4, exp_transform=True, beta=1.0, clamp=5.0)
+    adv, _ = group_advantages(r, ids, cfg)
+    torch.testing.assert_close(adv, _release_exp_reward(z), **F64)
+
+
+def test_exp_transform_beta_is_a_temperature():
+    """β = 0.3: A ← −exp(−max(A, −ln 5)/β); distinct A in (−ln 5, 0) stay distinct (the output
+    is not clamped to ±5, only λ's argument is)."""
+    from ddrl.advantages import AdvantageConfig, group_advantages
+
+    r, ids = _groups([8, 8, 8, 8], seed=70)
+    z = _z_by_hand(r, ids, 1e-4)
+    cfg = AdvantageConfig(eps=1e-4, exp_transform=True, beta=0.3, clamp=5.0)
+    adv, _ = group_advantages(r, ids, cfg)
+    expect = -torch.exp(-z.clamp(min=-math.log(5)) / 0.3)
+    torch.testing.assert_close(adv, expect, **F64)
+    inside = (z > -math.log(5)) & (z < 0)
+    assert inside.sum() >= 4
+    a_in = adv[inside]
+    assert len(torch.unique(a_in)) == len(a_in)
+    # monotone: larger A, larger advantage; and below −5 for A < −0.3·ln 5 (not output-clamped)
+    order = torch.argsort(z[inside])
+    assert torch.all(a_in[order][1:] > a_in[order][:-1])
+    assert (adv[z < -0.3 * math.log(5) - 1e-9] < -5).any()
