@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-slow lint format compare bench clean
+.PHONY: install demo test test-slow lint format compare long bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -36,6 +36,9 @@ format: $(STAMP)
 
 compare: $(STAMP)  ## the full reward-hacking comparison (ink + classifier, ~25-50 min on 2 cores)
 	$(VENV)/bin/ddrl compare --out runs/compare --overwrite
+
+long: $(STAMP)  ## slow: DDRL vs Flow-GRPO for 200 iterations, 2 rewards x 2 seeds (~70 min on 2 cores)
+	$(VENV)/bin/ddrl long --out runs/long --overwrite
 
 bench: $(STAMP)  ## speed figures (see docs/BENCHMARKS.md)
 	$(PY) benchmarks/bench.py

@@ -1,6 +1,12 @@
 """User plugins loaded through the "module:attr" escape hatch in the tests."""
 
+import json
+from pathlib import Path
+
 import torch
+from safetensors.torch import load_file, save_file
+
+from ddrl.models.toy2d import Toy2DGenerator
 
 
 def nan_first_group(ctx):
@@ -20,3 +26,23 @@ def wrong_shape(ctx):
 
 def not_a_tensor(ctx):
     return lambda images, prompts: [0.0] * images.shape[0]
+
+
+class PluginToy(Toy2DGenerator):
+    """A user model family ("plugins_for_tests:PluginToy"): the 2-D toy generator saved in its
+    own layout (weights.safetensors + plugin.json, no generator.json), so it can only be loaded
+    through its own ``from_pretrained``."""
+
+    def save_pretrained(self, path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        sd = {k: v.detach().contiguous().cpu() for k, v in self.denoiser.state_dict().items()}
+        save_file(sd, path / "weights.safetensors")
+        (path / "plugin.json").write_text(json.dumps({"hidden": self.denoiser.hidden}))
+
+    @classmethod
+    def from_pretrained(cls, path, resolution: int = 0) -> "PluginToy":
+        path = Path(path)
+        gen = cls(hidden=json.loads((path / "plugin.json").read_text())["hidden"])
+        gen.denoiser.load_state_dict(load_file(path / "weights.safetensors"))
+        return gen

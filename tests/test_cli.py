@@ -2,8 +2,10 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
+import torch
 from helpers_quick import quick
 
 from ddrl.cli import main
@@ -29,7 +31,7 @@ def error_line(capsys, *argv):
 def test_train_eval_resume_cli(tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert run(capsys, "train", "--out", run_dir, *quick())[0] == 0
-    assert (run_dir / "config.json").is_file() and (run_dir / "final" / "backbone.json").is_file()
+    assert (run_dir / "config.json").is_file() and (run_dir / "final" / "generator.json").is_file()
     assert run(capsys, "eval", run_dir)[0] == 0
     first = (run_dir / "eval.json").read_text()
     assert run(capsys, "eval", run_dir)[0] == 0
@@ -44,7 +46,19 @@ def test_train_eval_resume_cli(tmp_path, capsys):
     )
     ev = json.loads(first)
     assert SCHEMA_KEYS <= set(ev) and ev["iteration"] == 2
+    assert ev["ema"] is False and ev["model"] == "digits" and ev["data"] == "digits"
+    assert ev["checkpoint"].endswith("step-000002")
     assert (run_dir / "eval_samples.png").stat().st_size > 0
+    # The shipped model folder evaluates on its own (no run config, no cached base) and, with
+    # the run's evaluation settings, scores exactly what the run's last checkpoint scored.
+    same = ["eval.samples_per_prompt=3", "sampler.eval_steps=4"]
+    assert run(capsys, "eval", run_dir / "final", "--out", tmp_path / "m.json", *same)[0] == 0
+    mf = json.loads((tmp_path / "m.json").read_text())
+    assert mf["model_dir"] == str(run_dir / "final") and "iteration" not in mf
+    assert mf["model"] == "digits" and mf["data"] == "digits" and "task" not in mf
+    for k in SCHEMA_KEYS:
+        assert mf[k] == pytest.approx(ev[k], rel=1e-6), k
+    assert "--step does not apply" in error_line(capsys, "eval", run_dir / "final", "--step", "2")
     assert run(capsys, "train", "--out", run_dir, "--resume", "train.iterations=3")[0] == 0
     rows = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["iteration"] for r in rows] == [1, 2, 3]
@@ -95,10 +109,16 @@ def test_compare_quick_schema(tmp_path, capsys):
     [
         (["train", "--out", "{tmp}/a", "algorithm=nope"], "'nope'"),
         (["train", "--out", "{tmp}/a", "reward.name=nope"], "'nope'"),
-        (["train", "--out", "{tmp}/a", "model.backbone=nope", "model.base={tmp}"], "'nope'"),
+        (["train", "--out", "{tmp}/a", "model.name=nope", "model.base={tmp}"], "'nope'"),
+        (["train", "--out", "{tmp}/a", "model.name=plugins_for_tests:wrong_shape"], "Generator"),
         (["train", "--out", "{tmp}/a", "train.iterations=abc"], "'abc'"),
         (["train", "--out", "{tmp}/a", "train.group_size=1"], "train.group_size=1"),
-        (["train", "--out", "{tmp}/a", "sampler.sde=ode"], "'ode'"),
+        (["train", "--out", "{tmp}/a", "sampler.sde.kind=ode"], "'ode'"),
+        (["train", "--out", "{tmp}/a", "sampler.sde.eta=0.3"], "'sampler.sde.eta'"),
+        (["train", "--out", "{tmp}/a", "sampler.sde=ode"], "sampler.sde.kind"),
+        (["train", "--out", "{tmp}/a", "loss.beta_kl=0.1"], "'loss.beta_kl'"),
+        (["train", "--out", "{tmp}/a", "--preset", "cats"], "'cats'"),
+        (["train", "--out", "{tmp}/a", "task=toy2d"], "'task'"),
         (["train", "--out", "{tmp}/a", "train.bogus=1"], "'train.bogus'"),
         (["train", "--out", "{tmp}/a", "--config", "{tmp}/missing.toml"], "missing.toml"),
         (["train", "--out", "{tmp}/a", "model.base={tmp}/nomodel"], "nomodel"),
@@ -131,7 +151,16 @@ def test_run_folder_never_overwritten_and_checkpoints_checked(tmp_path, capsys):
     assert run(capsys, "train", "--out", run_dir, "--overwrite", *quick())[0] == 0
     assert len(list(tmp_path.glob("run.bak-*"))) == 1
     ckpt = run_dir / "checkpoints" / "step-000002"
-    (ckpt / "model.safetensors").write_bytes(b"garbage")
+    # A damaged file is caught by its SHA-256 before it is parsed; a torn state.json as corrupt.
+    model_file = ckpt / "model.safetensors"
+    intact = model_file.read_bytes()
+    model_file.write_bytes(b"garbage")
+    assert "SHA-256 mismatch" in error_line(capsys, "eval", run_dir)
+    assert "SHA-256 mismatch" in error_line(
+        capsys, "train", "--out", run_dir, "--resume", "train.iterations=3"
+    )
+    model_file.write_bytes(intact)
+    (ckpt / "state.json").write_text("{")
     assert "corrupt" in error_line(capsys, "eval", run_dir)
     assert "no checkpoint for step 7" in error_line(capsys, "eval", run_dir, "--step", "7")
     shutil.rmtree(run_dir / "checkpoints")
@@ -142,13 +171,18 @@ def test_synth_then_train_on_synthetic_data(tmp_path, capsys):
     pool = tmp_path / "synthetic.safetensors"
     code, out, err = run(capsys, "synth", "--per-prompt", 3, "--out", pool, *quick())
     assert code == 0, err
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
+    from ddrl.data.synthetic import load_pool
+
     t = load_file(pool)
-    assert t["x"].shape == (30, 1, 8, 8) and sorted(set(t["prompt_ids"].tolist())) == list(
-        range(10)
-    )
-    assert float(t["x"].abs().max()) <= 1.0  # stored clamped, like a decoded image
+    with safe_open(str(pool), "pt") as f:
+        prompts = json.loads(f.metadata()["prompts"])  # the prompts, as strings
+    assert t["x"].shape == (30, 1, 8, 8) and len(prompts) == 30
+    assert sorted(set(prompts)) == [str(i) for i in range(10)]
+    loaded = load_pool(pool)
+    assert torch.equal(loaded.x, t["x"]) and loaded.prompts == prompts
     run_dir = tmp_path / "syn"
     code, _, err = run(
         capsys,
@@ -169,3 +203,114 @@ def test_synth_then_train_on_synthetic_data(tmp_path, capsys):
         f"data.synthetic_path={tmp_path}/none.safetensors",
         *quick(),
     )
+
+
+def test_preset_flag_selects_the_model_family(tmp_path, capsys):
+    code, out, err = run(capsys, "pretrain", "--preset", "toy2d", "pretrain.steps=20")
+    assert code == 0, err
+    base = Path(out.strip().splitlines()[-1])
+    assert json.loads((base / "generator.json").read_text())["type"] == "toy2d"
+    assert json.loads((base / "pretrain.json").read_text())["data"] == "toy2d"
+
+
+def test_plugin_model_family_trains_and_evaluates(tmp_path, capsys):
+    from plugins_for_tests import PluginToy
+
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    PluginToy(hidden=16).save_pretrained(base)
+    run_dir = tmp_path / "run"
+    plugin = ("--preset", "toy2d", "model.name=plugins_for_tests:PluginToy", f"model.base={base}")
+    code, _, err = run(capsys, "train", "--out", run_dir, *plugin, *quick())
+    assert code == 0, err
+    # Saved by the plugin's own save_pretrained, in its own layout.
+    assert (run_dir / "final" / "plugin.json").is_file()
+    assert not (run_dir / "final" / "generator.json").exists()
+    final = PluginToy.from_pretrained(run_dir / "final")
+    assert not torch.equal(
+        final.denoiser.net[0].weight, PluginToy.from_pretrained(base).denoiser.net[0].weight
+    )
+    code, out, err = run(capsys, "eval", run_dir)
+    assert code == 0, err
+    ev = json.loads((run_dir / "eval.json").read_text())
+    assert ev["model"] == "plugins_for_tests:PluginToy" and ev["data"] == "toy2d"
+    assert "saturation_rate" not in ev  # R² has no valid range
+
+
+def test_plugin_model_without_base_fails_cleanly_or_pretrains(tmp_path, capsys):
+    argv = ["train", "--out", tmp_path / "p", "--preset", "toy2d"]
+    code, _, err = run(capsys, *argv, "model.name=plugins_for_tests:PluginToy", *quick())
+    assert "Traceback" not in err
+    assert code == 0 or (code == 2 and len(err.strip().splitlines()) == 1), err
+
+
+def test_synthetic_pool_roundtrip_keeps_any_prompt_strings(tmp_path):
+    from ddrl.data.base import PairedPool
+    from ddrl.data.synthetic import load_pool, save_pool
+    from ddrl.errors import DDRLError
+
+    prompts = ["a cat, on a mat", 'ünïcødé "quoted"\n', "", "a cat, on a mat"]
+    pool = PairedPool(torch.randn(4, 3), prompts)
+    save_pool(pool, tmp_path / "p.safetensors")
+    back = load_pool(tmp_path / "p.safetensors")
+    assert back.prompts == prompts and torch.equal(back.x, pool.x)
+    assert back.paired(["a cat, on a mat"], torch.Generator().manual_seed(0)).shape == (1, 3)
+    (tmp_path / "bad.safetensors").write_bytes(b"garbage")
+    with pytest.raises(DDRLError, match="corrupt synthetic data"):
+        load_pool(tmp_path / "bad.safetensors")
+
+
+def test_synthetic_pool_is_stored_in_the_codec_range(tiny_digits):
+    from ddrl.data.synthetic import generate_pool
+    from ddrl.rollout import SamplerConfig
+
+    pool = generate_pool(tiny_digits, ["0", "1"], 4, SamplerConfig(eval_steps=2), seed=0)
+    lo, hi = tiny_digits.codec.value_range
+    assert pool.x.shape == (8, 1, 8, 8)
+    assert float(pool.x.min()) >= lo and float(pool.x.max()) <= hi  # like a decoded image
+
+
+def _clean_exit(code: int, err: str) -> bool:
+    """Success, or the one-line user error: never a traceback."""
+    lines = [ln for ln in err.strip().splitlines() if ln]
+    one_line = code == 2 and len(lines) == 1 and lines[0].startswith("ddrl: error:")
+    return "Traceback" not in err and (code == 0 or one_line)
+
+
+@pytest.fixture
+def toy_model_dir(tmp_path):
+    """A saved toy2d model folder (untrained; evaluation only needs it to load)."""
+    from ddrl.models.toy2d import Toy2DGenerator
+
+    torch.manual_seed(0)
+    Toy2DGenerator(hidden=16).save_pretrained(tmp_path / "toy")
+    return tmp_path / "toy"
+
+
+TOY_EVAL = ["eval.samples_per_prompt=3", "sampler.eval_steps=4"]
+
+
+def test_eval_of_a_toy2d_model_folder(tmp_path, capsys, toy_model_dir):
+    out = tmp_path / "e.json"
+    code, _, err = run(capsys, "eval", toy_model_dir, "--out", out, "preset=toy2d", *TOY_EVAL)
+    assert code == 0, err
+    ev = json.loads(out.read_text())
+    assert ev["model_dir"] == str(toy_model_dir) and ev["model"] == ev["data"] == "toy2d"
+    assert "saturation_rate" not in ev and 0.0 <= ev["gold_accuracy"] <= 1.0
+
+
+def test_eval_honours_the_preset_flag(tmp_path, capsys, toy_model_dir):
+    out = tmp_path / "e.json"
+    code, _, err = run(capsys, "eval", toy_model_dir, "--out", out, "--preset", "toy2d", *TOY_EVAL)
+    assert code == 0 and json.loads(out.read_text())["data"] == "toy2d", err
+
+
+def test_eval_of_a_model_folder_of_another_family_fails_cleanly(tmp_path, capsys, toy_model_dir):
+    code, _, err = run(capsys, "eval", toy_model_dir, "--out", tmp_path / "e.json", *TOY_EVAL)
+    assert _clean_exit(code, err), err
+
+
+def test_compare_without_gold_fails_cleanly(tmp_path, capsys):
+    argv = ["compare", "--quick", "--rewards", "ink", "--out", tmp_path / "cmp", "gold.name="]
+    code, _, err = run(capsys, *argv)
+    assert _clean_exit(code, err), err

@@ -446,7 +446,7 @@ def test_group_advantages_plain_matches_flow_grpo_tracker():
     from ddrl.advantages import AdvantageConfig, group_advantages
 
     r, ids = _groups([8, 8, 5], seed=50)
-    adv, valid = group_advantages(r, ids, AdvantageConfig(eps=1e-4))
+    adv, valid = group_advantages(r, ids, AdvantageConfig(std="population", eps=1e-4))
     torch.testing.assert_close(adv, _z_by_hand(r, ids, 1e-4).clamp(-5, 5), **F64)
     assert valid.all()
 
@@ -460,7 +460,7 @@ def test_group_advantages_plain_clamps_outliers():
     ids = torch.zeros(40, dtype=torch.long)
     z = _z_by_hand(r, ids, 1e-4)
     assert z.max() > 6.0
-    adv, _ = group_advantages(r, ids, AdvantageConfig(eps=1e-4, clamp=5.0))
+    adv, _ = group_advantages(r, ids, AdvantageConfig(std="population", eps=1e-4, clamp=5.0))
     torch.testing.assert_close(adv, z.clamp(-5, 5), **F64)
 
 
@@ -473,7 +473,7 @@ def test_exp_transform_beta1_matches_release():
     r, ids = _groups([8, 8, 8, 8], seed=60)
     z = _z_by_hand(r, ids, 1e-4)
     assert z.min() < -math.log(5) and z.max() < 5  # both the lower clamp and no upper clamp
-    cfg = AdvantageConfig(eps=1e-4, exp_transform=True, beta=1.0, clamp=5.0)
+    cfg = AdvantageConfig(std="population", eps=1e-4, exp_transform=True, beta=1.0, clamp=5.0)
     adv, _ = group_advantages(r, ids, cfg)
     torch.testing.assert_close(adv, _release_exp_reward(z), **F64)
 
@@ -488,7 +488,7 @@ def test_exp_transform_beta1_matches_release_above_clamp():
     ids = torch.zeros(40, dtype=torch.long)
     z = _z_by_hand(r, ids, 1e-4)
     assert z.max() > 5
-    cfg = AdvantageConfig(eps=1e-4, exp_transform=True, beta=1.0, clamp=5.0)
+    cfg = AdvantageConfig(std="population", eps=1e-4, exp_transform=True, beta=1.0, clamp=5.0)
     adv, _ = group_advantages(r, ids, cfg)
     torch.testing.assert_close(adv, _release_exp_reward(z), **F64)
 
@@ -500,7 +500,7 @@ def test_exp_transform_beta_is_a_temperature():
 
     r, ids = _groups([8, 8, 8, 8], seed=70)
     z = _z_by_hand(r, ids, 1e-4)
-    cfg = AdvantageConfig(eps=1e-4, exp_transform=True, beta=0.3, clamp=5.0)
+    cfg = AdvantageConfig(std="population", eps=1e-4, exp_transform=True, beta=0.3, clamp=5.0)
     adv, _ = group_advantages(r, ids, cfg)
     expect = -torch.exp(-z.clamp(min=-math.log(5)) / 0.3)
     torch.testing.assert_close(adv, expect, **F64)

@@ -148,3 +148,68 @@ def test_heldout_loss_t_vector_shape_and_value():
     heldout_diffusion_loss(fn, x0, torch.tensor([0.25]), batch_size=2)
     assert got == [((2,), 0.25), ((2,), 0.25), ((1,), 0.25)]
     assert np.isfinite(heldout_diffusion_loss(fn, x0, [0.5]))
+
+
+# ------------------------------------------------------------------ evaluate()
+EXTRA_GOLD = {"gold_reward", "gold_accuracy", "diversity_feature", "fd"}
+
+
+def _evaluate(gen, data_name, reward, gold, n=8):
+    from ddrl.data import load_data
+    from ddrl.eval.evaluate import EvalConfig, evaluate
+    from ddrl.rollout import SamplerConfig
+
+    cfg = EvalConfig(samples_per_prompt=n, loss_t_points=2)
+    return evaluate(gen, load_data(data_name), reward, gold, cfg, SamplerConfig(eval_steps=3))
+
+
+def test_evaluate_unbounded_codec_has_no_saturation_and_no_gold_without_evaluator(tiny_model):
+    from ddrl.rewards.toy2d import RightReward
+
+    m, raw, prompts = _evaluate(tiny_model, "toy2d", RightReward(), None, n=16)
+    assert set(m) == {"proxy_reward", "diversity", "heldout_diffusion_loss", "out_of_range_rate"}
+    assert raw.shape == (16, 2) and prompts == [""] * 16
+    assert m["out_of_range_rate"] == 0.0  # no valid range: nothing is out of it
+    # Without a range the reward sees the raw samples: r = mean x coordinate.
+    assert m["proxy_reward"] == pytest.approx(raw[:, 0].mean().item(), rel=1e-6)
+
+
+def test_evaluate_gold_metrics_only_with_a_gold_evaluator(tiny_model):
+    from ddrl.rewards.toy2d import RightReward, Toy2DGold
+
+    plain, raw, _ = _evaluate(tiny_model, "toy2d", RightReward(), None)
+    judged, raw_g, _ = _evaluate(tiny_model, "toy2d", RightReward(), Toy2DGold())
+    assert set(judged) == set(plain) | EXTRA_GOLD
+    assert torch.equal(raw, raw_g)  # the judge changes no sample and no other number
+    assert {k: judged[k] for k in plain} == plain
+    assert 0.0 <= judged["gold_accuracy"] <= 1.0 and judged["fd"] >= 0.0
+
+
+def test_evaluate_bounded_codec_clamps_for_rewards_and_reports_saturation(tiny_digits):
+    seen = []
+
+    def reward(images, prompts):
+        seen.append(images.clone())
+        return images.flatten(1).mean(1)
+
+    den = tiny_digits.denoiser.train()
+    m, raw, prompts = _evaluate(tiny_digits, "digits", reward, None, n=2)
+    assert den.training  # evaluate restores the mode it found
+    assert raw.shape == (20, 1, 8, 8) and prompts == [str(i) for i in range(10) for _ in "ab"]
+    assert set(m) == {
+        "proxy_reward",
+        "diversity",
+        "heldout_diffusion_loss",
+        "out_of_range_rate",
+        "saturation_rate",
+    }
+    lo, hi = tiny_digits.codec.value_range
+    # An untrained model leaves the range, so the clamp is visible: rewards see clamped
+    # images, the range metrics are taken on the raw (unclamped) samples.
+    assert float(raw.abs().max()) > hi
+    assert torch.equal(seen[0], raw.clamp(lo, hi))
+    assert m["proxy_reward"] == pytest.approx(seen[0].mean().item(), rel=1e-6)
+    assert m["out_of_range_rate"] == out_of_range_rate(raw, lo, hi) > 0
+    assert m["saturation_rate"] == saturation_rate(raw, hi, low=lo)
+    # Fixed evaluation seed: the same model gives the same numbers.
+    assert _evaluate(tiny_digits, "digits", reward, None, n=2)[0] == m

@@ -97,7 +97,7 @@ def test_hacking_analysis_values(metrics):
     assert steady["hacked"] is False
     assert steady["early_warning"] is None
     assert steady["sentence"] == (
-        "ddrl(data_beta=0.3) did not hack: gold accuracy stayed \u2265 0.90 (final 0.97) "
+        "ddrl(data_beta=0.3) did not hack: gold accuracy stayed \u2265 0.85 (final 0.97) "
         "and the held-out diffusion loss stayed within 10% of the base."
     )
 
@@ -159,3 +159,46 @@ def test_save_image_grid_digits(tmp_path):
     assert out.exists() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rgb = save_image_grid(torch.rand(3, 3, 16, 16), tmp_path / "rgb.png", nrow=2)
     assert rgb.stat().st_size > 0
+
+
+def _without_gold(metrics):
+    """The same metrics as a run without a gold evaluator writes them (no gold keys at all)."""
+    m = copy.deepcopy(metrics)
+    gold = ("gold_accuracy", "fd")
+    m["base"] = {k: v for k, v in m["base"].items() if k not in gold}
+    for arm in m["arms"]:
+        arm["final"] = {k: v for k, v in arm["final"].items() if k not in gold}
+        arm["curve"] = [{k: v for k, v in p.items() if k not in gold} for p in arm["curve"]]
+    return m
+
+
+# The gold panels have nothing to draw; matplotlib says so.
+@pytest.mark.filterwarnings("ignore:No artists with labels:UserWarning")
+def test_write_report_without_gold_metrics(metrics, tmp_path):
+    m = _without_gold(metrics)
+    page = write_report(m, tmp_path).read_text(encoding="utf-8")
+    for name in ("reward_curves.png", "pareto.png", "heldout_loss.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "<th>gold_accuracy</th>" not in page and "<th>proxy_reward</th>" in page
+    assert page.count("<tr>") == 1 + 1 + 3
+    # The loss-based warning needs no judge.
+    assert [a["first_loss_rise_iteration"] for a in hacking_analysis(m)] == [1, None, 3]
+
+
+def test_hacking_analysis_without_gold_makes_no_gold_claim(metrics):
+    for a in hacking_analysis(_without_gold(metrics)):
+        assert a["hacked"] is None and a["first_gold_drop_iteration"] is None
+        assert "gold accuracy stayed" not in a["sentence"], a["sentence"]
+
+
+def test_hacked_is_judged_against_the_base_own_gold_accuracy(metrics):
+    """A weak base (a quick smoke test scores 0.13) is not declared hacked from iteration 0:
+    the floor is 90% of the base's own gold accuracy, here 0.9 · 0.2 = 0.18."""
+    weak = {**metrics, "base": {**metrics["base"], "gold_accuracy": 0.2}}
+    for arm in weak["arms"]:
+        arm["curve"] = [{**r, "gold_accuracy": 0.19} for r in arm["curve"]]
+        arm["final"] = {**arm["final"], "gold_accuracy": 0.19}
+    assert [a["hacked"] for a in hacking_analysis(weak)] == [False, False, False]
+    for arm in weak["arms"]:
+        arm["curve"][-1]["gold_accuracy"] = 0.1
+    assert all(a["first_gold_drop_iteration"] == 4 for a in hacking_analysis(weak))

@@ -1,4 +1,6 @@
-"""Integration tests of the one training loop on the embedded digits task (tiny budgets)."""
+"""Integration tests of the one training loop on the embedded digits task (tiny budgets), and
+of the checkpoint format it resumes from (parts keyed by parameter name, SHA-256, base
+fingerprint)."""
 
 import json
 
@@ -7,25 +9,61 @@ import torch
 from helpers_quick import quick
 from safetensors.torch import load_file
 
+from ddrl.checkpoint import latest_checkpoint, load_checkpoint
 from ddrl.components import load_base
 from ddrl.config import build_config
+from ddrl.ema import EMA
+from ddrl.errors import DDRLError
+from ddrl.eval.run_eval import evaluate_run
+from ddrl.models import load_generator
 from ddrl.runlog import prepare_run_dir, read_jsonl
 from ddrl.train import train
+from ddrl.train_state import TrainState
+
+QUIET = {"log": lambda *a: None}
 
 
 def _run(tmp_path, name, *ov):
     cfg = build_config(overrides=quick(*ov))
     out = prepare_run_dir(tmp_path / name, resume=False, overwrite=False)
-    return cfg, out, train(cfg, out, log=lambda *a: None)
+    return cfg, out, train(cfg, out, **QUIET)
 
 
-def _params_with_gradient(model) -> set[str]:
-    """Parameters that receive a non-zero gradient from the flow-matching loss."""
+def _params_with_gradient(gen) -> set[str]:
+    """Denoiser parameters that receive a non-zero gradient from the flow-matching loss."""
+    den = gen.denoiser
     x, t = torch.randn(8, 1, 8, 8), torch.rand(8)
-    model.velocity(x, t, torch.arange(8) % 10).pow(2).mean().backward()
-    got = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-    model.zero_grad(set_to_none=True)
+    cond = gen.conditioner.encode([str(i % 10) for i in range(8)])
+    den.velocity(x, t, cond).pow(2).mean().backward()
+    got = {n for n, p in den.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    den.zero_grad(set_to_none=True)
     return got
+
+
+def _assert_same(a, b, where: str) -> None:
+    """Nested state dicts (tensors, dicts, sequences, scalars) equal bit for bit."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype, where
+        assert torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):  # JSON keeps no tuples (AdamW's betas)
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+# The loss terms (metrics ``loss_<term>``) each algorithm reduces.
+LOSS_TERMS = {
+    "ddrl": {"loss_policy", "loss_data"},
+    "flow_grpo": {"loss_policy", "loss_kl"},
+    "dance_grpo": {"loss_policy"},
+    "sft": {"loss_data"},
+}
 
 
 @pytest.mark.parametrize("algorithm", ["ddrl", "flow_grpo", "dance_grpo", "sft"])
@@ -33,8 +71,8 @@ def test_every_parameter_changes(tmp_path, algorithm):
     cfg, out, row = _run(
         tmp_path, algorithm, f"algorithm={algorithm}", "optim.weight_decay=0", "optim.lr=1e-3"
     )
-    base, _ = load_base(cfg, log=lambda *a: None)
-    params = dict(base.named_parameters())
+    base, _ = load_base(cfg, **QUIET)
+    params = dict(base.denoiser.named_parameters())
     # SD3's last joint block is context_pre_only: its context-stream query never reaches the
     # output, so diffusers' model has two parameters no loss can train (true of real SD3 too).
     last = base.arch.num_layers - 1
@@ -42,35 +80,158 @@ def test_every_parameter_changes(tmp_path, algorithm):
         f"transformer.transformer_blocks.{last}.attn.add_q_proj.{w}" for w in ("weight", "bias")
     }
     assert set(params) - _params_with_gradient(base) == dead
-    after = load_file(out / "checkpoints" / "step-000002" / "model.safetensors")
+    meta, parts = load_checkpoint(out / "checkpoints" / "step-000002")
+    after = parts["model"]
+    assert meta["iteration"] == 2 and meta["algorithm"] == algorithm
+    assert set(after) == set(params)  # every denoiser parameter, keyed by its name
     unchanged = [k for k in params if k not in dead and torch.equal(params[k].detach(), after[k])]
     assert unchanged == [], f"{algorithm}: parameters not trained: {unchanged}"
     assert row["iteration"] == 2 and torch.isfinite(torch.tensor(row["loss"]))
+    assert torch.isfinite(torch.tensor(row["grad_norm"]))
+    assert {k for k in row if k.startswith("loss_")} == LOSS_TERMS[algorithm]
+    has_policy = "loss_policy" in LOSS_TERMS[algorithm]
+    assert ("ratio_dev_mean" in row) == has_policy and ("clipped_mean" in row) == has_policy
+    # The shipped model: the trained denoiser (no EMA here), the conditioner frozen at the base.
+    final = load_generator(out / "final")
+    for k, p in final.denoiser.named_parameters():
+        assert torch.equal(p.detach(), after[k]), k
+    for k, v in final.conditioner.state_dict().items():
+        assert torch.equal(v, base.conditioner.state_dict()[k]), f"conditioner {k} changed"
 
 
 def test_on_policy_ratio_is_exactly_one(tmp_path):
     _, out, _ = _run(tmp_path, "r", "algorithm=ddrl")
     for r in read_jsonl(out / "metrics.jsonl"):
-        assert r["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
-        assert r["ratio_max_dev"] < 1e-5 and r["clip_frac"] == 0.0
+        # ratio_dev = |ρ − 1|: one update per rollout batch ⇒ ρ ≡ 1, nothing clipped.
+        assert r["ratio_dev_mean"] == pytest.approx(0.0, abs=1e-6)
+        assert r["ratio_dev_max"] < 1e-5 and r["clipped_mean"] == 0.0
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path):
-    ov = ("algorithm=ddrl", "train.iterations=4", "train.checkpoint_every=2", "optim.ema_decay=0.9")
+    ov = (
+        "algorithm=ddrl",
+        "train.iterations=4",
+        "train.checkpoint_every=2",
+        "optim.ema_decay=0.9",
+        "eval.every=2",
+    )
     cfg, full, _ = _run(tmp_path, "full", *ov)
     cfg_half = build_config(overrides=quick(*ov, "train.iterations=2"))
     half = prepare_run_dir(tmp_path / "half", resume=False, overwrite=False)
-    train(cfg_half, half, log=lambda *a: None)
+    train(cfg_half, half, **QUIET)
     cfg_half.train.iterations = 4
-    train(cfg_half, half, resume=True, log=lambda *a: None)
+    train(cfg_half, half, resume=True, **QUIET)
+    meta_a, a = load_checkpoint(full / "checkpoints" / "step-000004")
+    meta_b, b = load_checkpoint(half / "checkpoints" / "step-000004")
+    assert set(a) == {"model", "ema", "optimizer", "rng"}
+    # "rng" is the process-global torch RNG, which the loop never draws from (its randomness
+    # is keyed by (seed, iteration)); it depends on what the process did before, so it is not
+    # compared. Everything the run's future depends on is, bit for bit.
     for name in ("model", "ema", "optimizer"):
-        a = load_file(full / "checkpoints" / "step-000004" / f"{name}.safetensors")
-        b = load_file(half / "checkpoints" / "step-000004" / f"{name}.safetensors")
-        assert a.keys() == b.keys()
-        for k in a:
-            assert torch.equal(a[k], b[k]), f"{name}.{k} differs after resume"
+        _assert_same(a[name], b[name], name)
+        # The files themselves are identical too, so their recorded SHA-256 agree.
+        assert meta_a["sha256"][name] == meta_b["sha256"][name], name
+    assert meta_a["base_fingerprint"] == meta_b["base_fingerprint"]
+    assert meta_a["iteration"] == meta_b["iteration"] == 4
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time")} for r in rows]  # noqa: E731
     assert strip(read_jsonl(full / "metrics.jsonl")) == strip(read_jsonl(half / "metrics.jsonl"))
+    evals = read_jsonl(full / "eval.jsonl")
+    assert [r["iteration"] for r in evals] == [0, 2, 4]
+    assert evals == read_jsonl(half / "eval.jsonl")
+    # The shipped model is the EMA of the weights, the same after a resume.
+    fa, fb = load_generator(full / "final"), load_generator(half / "final")
+    for k, p in fa.denoiser.named_parameters():
+        assert torch.equal(p.detach(), a["ema"][k]), k
+        assert torch.equal(p.detach(), dict(fb.denoiser.named_parameters())[k].detach()), k
+    assert any(not torch.equal(a["ema"][k], a["model"][k]) for k in a["model"])
+    # `ddrl eval` of the run scores the EMA weights, as the loop's own last evaluation did.
+    ev = evaluate_run(full)
+    assert ev["ema"] is True and ev["iteration"] == 4
+    for k in ("proxy_reward", "heldout_diffusion_loss", "gold_accuracy", "fd"):
+        assert ev[k] == pytest.approx(evals[-1][k], rel=1e-6), k
+
+
+def _tiny_state(tmp_path, gen, ema_decay=0.9):
+    """A TrainState over the tiny toy denoiser after one AdamW step (so the optimizer and the
+    EMA have state)."""
+    den = gen.denoiser
+    opt = torch.optim.AdamW(den.parameters(), lr=1e-2)
+    ema = EMA(den, ema_decay)
+    state = TrainState(tmp_path / "run", den, opt, ema, "ddrl")
+    den.velocity(torch.randn(4, 2), torch.rand(4), None).pow(2).mean().backward()
+    opt.step()
+    ema.update(den)
+    return state
+
+
+def test_checkpoint_roundtrip_is_exact(tmp_path, tiny_model):
+    from ddrl.models.toy2d import Toy2DGenerator
+
+    state = _tiny_state(tmp_path, tiny_model)
+    path = state.save(7, keep=2)
+    assert latest_checkpoint(tmp_path / "run") == path
+    saved = {k: v.detach().clone() for k, v in tiny_model.denoiser.state_dict().items()}
+    saved_ema = {k: v.clone() for k, v in state.ema.shadow.items()}
+    saved_rng = torch.get_rng_state()
+    torch.rand(3)  # move the global RNG on: restore must bring it back
+    # A fresh state over the same base (same fingerprint), trained elsewhere: restore wins.
+    torch.manual_seed(0)
+    other = Toy2DGenerator(hidden=16)
+    fresh = TrainState(tmp_path / "run", other.denoiser, None, None, "ddrl")
+    assert fresh.base_fingerprint == state.base_fingerprint
+    opt = torch.optim.AdamW(other.denoiser.parameters(), lr=1e-2)
+    fresh = TrainState(tmp_path / "run", other.denoiser, opt, EMA(other.denoiser, 0.9), "ddrl")
+    assert fresh.restore() == 7
+    for k, v in other.denoiser.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+    _assert_same(fresh.ema.shadow, saved_ema, "ema")
+    assert torch.equal(torch.get_rng_state(), saved_rng)
+    _assert_same(opt.state_dict(), state.opt.state_dict(), "optimizer")
+
+
+def test_resume_refuses_a_different_base(tmp_path, tiny_model):
+    from ddrl.models.toy2d import Toy2DGenerator
+
+    state = _tiny_state(tmp_path, tiny_model)
+    path = state.save(3, keep=2)
+    torch.manual_seed(1)  # another base model: same architecture, other weights
+    other = Toy2DGenerator(hidden=16).denoiser
+    opt = torch.optim.AdamW(other.parameters(), lr=1e-2)
+    wrong = TrainState(tmp_path / "run", other, opt, None, "ddrl")
+    assert wrong.base_fingerprint != state.base_fingerprint
+    with pytest.raises(DDRLError, match="trained from base"):
+        wrong.restore(path)
+
+
+def test_corrupted_checkpoint_file_is_detected_by_its_checksum(tmp_path, tiny_model):
+    state = _tiny_state(tmp_path, tiny_model)
+    path = state.save(1, keep=2)
+    load_checkpoint(path)  # intact: loads
+    model_file = path / "model.safetensors"
+    before = {k: v.clone() for k, v in load_file(model_file).items()}
+    raw = bytearray(model_file.read_bytes())
+    raw[-1] ^= 0x01  # one bit of the last tensor's data: still a well-formed safetensors file
+    model_file.write_bytes(bytes(raw))
+    after = load_file(model_file)
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # only the hash can tell
+    with pytest.raises(DDRLError, match="SHA-256"):
+        load_checkpoint(path)
+    with pytest.raises(DDRLError, match="SHA-256"):
+        state.restore()
+    # A torn state.json is reported as a corrupt checkpoint, not a traceback.
+    (path / "state.json").write_text('{"iteration": 1, "skel')
+    with pytest.raises(DDRLError, match="corrupt"):
+        load_checkpoint(path)
+
+
+def test_run_seed_changes_the_rollouts_not_the_base(tmp_path):
+    rows, fingerprints = [], []
+    for seed in (0, 1):
+        _, out, row = _run(tmp_path, f"s{seed}", f"seed={seed}", "train.iterations=1")
+        rows.append(row)
+        fingerprints.append(load_checkpoint(latest_checkpoint(out))[0]["base_fingerprint"])
+    assert fingerprints[0] == fingerprints[1]
+    assert rows[0]["reward_mean"] != rows[1]["reward_mean"]
 
 
 def test_toy_reward_rises(tmp_path):
@@ -78,7 +239,7 @@ def test_toy_reward_rises(tmp_path):
     cfg, out, _ = _run(
         tmp_path,
         "toy",
-        "task=toy2d",
+        "preset=toy2d",
         "algorithm=grpo",
         "pretrain.steps=400",
         "pretrain.batch_size=256",
@@ -109,21 +270,23 @@ def test_nan_reward_group_is_skipped_and_logged(tmp_path):
 
 def test_heldout_loss_of_trained_base_beats_random_init(tmp_path):
     """The held-out diffusion loss must rank a (briefly) trained base above a random model."""
-    from ddrl.backbones.digits import DigitsBackbone
-    from ddrl.data import load_task_data
+    from ddrl.data import load_data
     from ddrl.eval.metrics import default_t_grid, heldout_diffusion_loss
+    from ddrl.models.digits import DigitsGenerator
 
     cfg = build_config(overrides=quick())
-    base, _ = load_base(cfg, log=lambda *a: None)
+    base, _ = load_base(cfg, **QUIET)
     torch.manual_seed(0)
-    random_model = DigitsBackbone(base.arch).eval()
-    held = load_task_data("digits").heldout
+    random_model = DigitsGenerator(base.arch).eval()
+    held = load_data("digits").heldout
 
-    def loss(model):
-        cond = model.encode(held.prompts)
+    def loss(gen):
+        cond = gen.conditioner.encode(held.prompts)
         with torch.no_grad():
             return heldout_diffusion_loss(
-                lambda x, t, i: model.velocity(x, t.float(), cond[i]), held.x, default_t_grid(5)
+                lambda x, t, i: gen.denoiser.velocity(x, t.float(), cond.index(i)),
+                gen.codec.encode(held.x),
+                default_t_grid(5),
             )
 
     trained, rand = loss(base), loss(random_model)
@@ -134,7 +297,7 @@ def test_toy2d_eval_writes_scatter(tmp_path):
     cfg, out, _ = _run(
         tmp_path,
         "toy_eval",
-        "task=toy2d",
+        "preset=toy2d",
         "algorithm=ddrl",
         "pretrain.steps=50",
         "eval.every=1",
@@ -144,6 +307,8 @@ def test_toy2d_eval_writes_scatter(tmp_path):
     rows = read_jsonl(out / "eval.jsonl")
     assert [r["iteration"] for r in rows] == [0, 1, 2]
     assert 0.0 <= rows[-1]["gold_accuracy"] <= 1.0
+    # R² has no valid range: no saturation to measure, nothing is out of range.
+    assert "saturation_rate" not in rows[-1] and rows[-1]["out_of_range_rate"] == 0.0
 
 
 def test_tensorboard_scalars(tmp_path):
@@ -154,5 +319,5 @@ def test_tensorboard_scalars(tmp_path):
     acc = EventAccumulator(str(out / "tb"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"reward_mean", "grad_norm", "eval/gold_accuracy"} <= tags
+    assert {"reward_mean", "grad_norm", "loss_policy", "eval/gold_accuracy"} <= tags
     assert [e.step for e in acc.Scalars("reward_mean")] == [1, 2]

@@ -53,6 +53,15 @@ def cmd_train(args) -> None:
 
     out = Path(args.out)
     if args.resume:
+        if args.overwrite:
+            raise DDRLError(
+                "--resume continues the run in --out and --overwrite moves it aside; pick one"
+            )
+        if args.config or args.preset:
+            raise DDRLError(
+                "--resume uses the run's own config.json; --config and --preset do not apply "
+                "(train.iterations=N may be changed)"
+            )
         prepare_run_dir(out, resume=True, overwrite=False)
         # Only the length of a run may change on resume.
         cfg = load_config(out / "config.json", args.overrides, ("train.iterations",), "--resume")
@@ -71,6 +80,8 @@ def cmd_eval(args) -> None:
         step=args.step,
         overrides=args.overrides,
         out=Path(args.out) if args.out else None,
+        preset=args.preset,
+        files=args.config,
     )
     print(json.dumps(result, indent=1))
 
@@ -87,21 +98,44 @@ def cmd_compare(args) -> None:
     run_compare(
         Path(args.out),
         quick=args.quick,
-        rewards=args.rewards.split(","),
+        rewards=_csv(args.rewards, "--rewards"),
         overwrite=args.overwrite,
         overrides=args.overrides,
     )
+
+
+def cmd_long(args) -> None:
+    from .eval.long_run import run_long
+
+    run_long(
+        Path(args.out),
+        iterations=args.iterations,
+        seeds=tuple(int(x) for x in _csv(args.seeds, "--seeds")),
+        rewards=tuple(_csv(args.rewards, "--rewards")),
+        eval_every=args.eval_every,
+        quick=args.quick,
+        overwrite=args.overwrite,
+        overrides=args.overrides,
+    )
+
+
+def _csv(text: str, flag: str) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise DDRLError(f"{flag} {text!r}: give a comma-separated list")
+    return items
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ddrl", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    def add(name, fn, help_):
+    def add(name, fn, help_, config: bool = True):
         s = sub.add_parser(name, help=help_)
-        s.add_argument("--config", action="append", default=[], help="TOML/JSON config file")
-        s.add_argument("--preset", default="", help="digits (default) or toy2d")
-        s.set_defaults(fn=fn)
+        if config:  # only commands that build a config from presets take these
+            s.add_argument("--config", action="append", default=[], help="TOML/JSON config file")
+            s.add_argument("--preset", default="", help="digits (default) or toy2d")
+        s.set_defaults(fn=fn, config=[], preset="")
         return s
 
     s = add("pretrain", cmd_pretrain, "train (or reuse) the preset's base model; prints its path")
@@ -120,12 +154,22 @@ def build_parser() -> argparse.ArgumentParser:
         ("demo", cmd_demo, "pretrain, train DDRL and baselines, evaluate"),
         ("compare", cmd_compare, "the reward-hacking comparison and report"),
     ):
-        s = add(name, fn, h)
+        s = add(name, fn, h, config=False)
         s.add_argument("--out", default=f"runs/{name}", help="output folder")
         s.add_argument("--quick", action="store_true", help="a small, fast version")
         s.add_argument("--overwrite", action="store_true", help="move an existing --out aside")
         if name == "compare":
-            s.add_argument("--rewards", default="ink,classifier", help="reward regimes")
+            s.add_argument(
+                "--rewards", default="ink,classifier,toy2d", help="regimes: ink, classifier, toy2d"
+            )
+    s = add("long", cmd_long, "DDRL vs Flow-GRPO for many iterations, several seeds (slow)", False)
+    s.add_argument("--out", default="runs/long", help="output folder")
+    s.add_argument("--iterations", type=int, default=200, help="iterations per run")
+    s.add_argument("--seeds", default="0,1", help="run seeds (the base model is shared)")
+    s.add_argument("--rewards", default="ink,classifier", help="reward regimes")
+    s.add_argument("--eval-every", type=int, default=10, help="evaluation interval")
+    s.add_argument("--quick", action="store_true", help="tiny batches (a smoke test)")
+    s.add_argument("--overwrite", action="store_true", help="move an existing --out aside")
     # Last, so a command's own positionals (eval's RUN) come before the overrides.
     for s in sub.choices.values():
         s.add_argument("overrides", nargs="*", help="key=value, e.g. train.iterations=50")

@@ -121,9 +121,11 @@ def _set(obj: Any, dotted: str, raw: Any, prefix: str = "") -> None:
         if rest:
             return _set(sub, rest, raw, prefix + head + ".")
         if not isinstance(raw, dict):
+            names = [f.name for f in dataclasses.fields(sub)]
+            example = "kind" if "kind" in names else names[0]  # a chosen section: its selector
             raise DDRLError(
                 f"{prefix + head!r} is a section; set one of its keys, e.g. "
-                f"{prefix + head}.{dataclasses.fields(sub)[0].name}=..."
+                f"{prefix + head}.{example}=..."
             )
         for k, v in raw.items():
             _set(sub, k, v, prefix + head + ".")

@@ -52,7 +52,8 @@ def scheduler_grid(
 ) -> Tensor:
     """The grid [N + 1] of diffusers' ``FlowMatchEulerDiscreteScheduler`` (SD3/FLUX pipelines,
     flow_grpo): its ``sigmas`` after ``set_timesteps(N)``, i.e. shift(linspace(1, σ_min, N))
-    then 0, so the last step is tiny (σ_min = shift(1/1000)). With ``mu`` the scheduler uses
+    then 0 with σ_min = shift(1/1000) (so the last point is shifted twice: 0.0089 at shift 3,
+    N = 10); the last step is tiny. With ``mu`` the scheduler uses
     FLUX's resolution-dependent exponential shift on sigmas = linspace(1, 1/N, N), as
     ``FluxPipeline`` passes them. ``scheduler``: a real model's own scheduler (its config is
     copied; the instance is not modified)."""

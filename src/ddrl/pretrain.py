@@ -1,7 +1,7 @@
 """Train a base generator from scratch with the flow-matching loss, and cache it.
 
 Deterministic given (model, data, config incl. its seed): the same cache key always names the
-same weights, so every later command (train, synth, eval, compare) reuses one base instead of retraining.
+same weights, so every later command (train, synth, eval, compare) reuses one base.
 """
 
 from __future__ import annotations

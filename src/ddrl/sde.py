@@ -122,8 +122,8 @@ def dance_sde_step(
 class FlowSDE:
     """Flow-GRPO's SDE: σ_t = a·sqrt(t/(1−t)) (flow_grpo `noise_level` a = 0.7)."""
 
-    kind: str = "flow"  # selects this SDE (sampler.sde.kind)
     noise_level: float = 0.7  # a in σ_t = a·sqrt(t/(1−t)) (flow_grpo: 0.7)
+    kind: str = "flow"  # selects this SDE (sampler.sde.kind)
 
     def check(self) -> None:
         check_range("sampler.sde.noise_level", self.noise_level, 1e-4, 10.0)
@@ -137,8 +137,8 @@ class FlowSDE:
 class DanceSDE:
     """DanceGRPO's SDE: std = η·sqrt(−dt), drift from the score of the straight path."""
 
-    kind: str = "dance"  # selects this SDE (sampler.sde.kind)
     eta: float = 0.3  # η (DanceGRPO's FLUX scripts: 0.3; its video scripts: 0.25)
+    kind: str = "dance"  # selects this SDE (sampler.sde.kind)
 
     def check(self) -> None:
         check_range("sampler.sde.eta", self.eta, 1e-4, 10.0)

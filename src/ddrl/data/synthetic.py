@@ -20,12 +20,16 @@ from .base import PairedPool
 
 
 def generate_pool(gen, prompts: list[str], per_prompt: int, sampler_cfg, seed: int, device="cpu"):
-    """``per_prompt`` ODE samples of the base for every prompt: PairedPool [P·n, ...]."""
+    """``per_prompt`` ODE samples of the base for every prompt: PairedPool [P·n, ...] in model
+    space. Samples are decoded, clamped to the codec's valid range and re-encoded, so the pool
+    holds what a real image would encode to (for digits: pixels in [-1, 1])."""
+    from ..models import decode_images
     from ..rollout import sample_ode
 
     rep = [p for p in prompts for _ in range(per_prompt)]
     g = torch.Generator().manual_seed(seed)
-    return PairedPool(sample_ode(gen, rep, sampler_cfg, g, device), rep)
+    z = sample_ode(gen, rep, sampler_cfg, g, device)
+    return PairedPool(gen.codec.encode(decode_images(gen.codec, z)).cpu(), rep)
 
 
 def save_pool(pool: PairedPool, path: Path) -> None:

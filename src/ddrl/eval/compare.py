@@ -15,16 +15,18 @@ from typing import Any
 
 from ..components import build_components
 from ..config import build_config
+from ..errors import DDRLError
 from ..runlog import prepare_run_dir, read_jsonl
 from ..train import train
 from .evaluate import evaluate_components, save_prompt_grid
 from .report import arm_label, write_report
+from .toy2d_compare import TOY_COMMON, TOY_QUICK, run_toy2d, toy2d_html
 
 # Arms of the full comparison: (algorithm, setting). DanceGRPO and plain GRPO have no
 # regulariser; DDRL sweeps data_beta, Flow-GRPO sweeps beta_kl over comparable ranges.
 FULL_ARMS: list[tuple[str, dict[str, Any]]] = [
     *[("ddrl", {"loss.data_beta": b}) for b in (0.03, 0.1, 0.3)],
-    *[("flow_grpo", {"loss.beta_kl": b}) for b in (0.04, 0.4, 4.0)],
+    *[("flow_grpo", {"loss.beta_kl": b}) for b in (0.04, 0.4, 4.0, 40.0)],  # flow_grpo units
     ("dance_grpo", {}),
     ("grpo", {}),
 ]
@@ -88,6 +90,8 @@ def run_arm(
 
 def evaluate_base(common: dict, reward: str, overrides: list[str], out: Path, log=print) -> dict:
     cfg = build_config(overrides=[*_ov(common), f"reward.name={reward}", *overrides])
+    if not cfg.gold.name:
+        raise DDRLError("comparisons judge hacking with a gold evaluator; gold.name is empty")
     c = build_components(cfg, log)
     metrics, raw, _ = evaluate_components(c.gen, c, cfg)
     save_prompt_grid(raw, len(c.data.prompts), out / "samples_base.png", "base")
@@ -97,16 +101,20 @@ def evaluate_base(common: dict, reward: str, overrides: list[str], out: Path, lo
 def run_compare(
     out: Path,
     quick: bool = False,
-    rewards: list[str] = ("ink", "classifier"),
+    rewards: list[str] = ("ink", "classifier", "toy2d"),
     overwrite: bool = False,
     overrides: list[str] = (),
     log=print,
 ) -> dict:
-    """Run every arm for every reward regime; write metrics.json, report.html and figures."""
+    """Run every arm for every reward regime (digits rewards, and "toy2d" for the 2-D tilt
+    picture); write metrics.json, report.html and figures."""
     out = prepare_run_dir(out, resume=False, overwrite=overwrite)
     arms_spec, common = (QUICK_ARMS, QUICK_COMMON) if quick else (FULL_ARMS, FULL_COMMON)
-    regimes, grids = {}, {}
-    for reward in rewards:
+    regimes, grids, toy = {}, {}, None
+    if "toy2d" in rewards:
+        log("[compare] toy2d: the reward-tilted mixture in two dimensions")
+        toy = run_toy2d(out / "toy2d", common=TOY_QUICK if quick else TOY_COMMON, log=log)
+    for reward in [r for r in rewards if r != "toy2d"]:
         rdir = out / reward
         rdir.mkdir()
         log(f"[compare] {reward}: evaluating the base model")
@@ -134,13 +142,14 @@ def run_compare(
             if grid.is_file():
                 grids[f"{reward}: {arm['label']}"] = grid
         regimes[reward] = {"reward": reward, "base": base, "arms": arms}
-    first = regimes[rewards[0]]
+    first = next(iter(regimes.values()), {"base": {}})
     metrics = {
         "base": first["base"],
         "arms": [a for r in regimes.values() for a in r["arms"]],
         "regimes": regimes,
         "budget": common,
         "quick": quick,
+        "toy2d": toy,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     notes = (
@@ -150,8 +159,16 @@ def run_compare(
         "that the proxy reward never saw; the held-out diffusion loss uses 297 held-out "
         "images that no model trained on."
     )
+    if quick:
+        notes = "QUICK MODE: a smoke test of the pipeline (tiny base, 2 iterations); its numbers "
+        notes += "mean nothing about the algorithms. " + notes
     write_report(
-        {"regimes": regimes}, out, grids=grids, title="ddrl: reward hacking comparison", notes=notes
+        {"regimes": regimes},
+        out,
+        grids=grids,
+        title="ddrl: reward hacking comparison",
+        notes=notes,
+        extra_html=toy2d_html(toy, out) if toy else "",
     )
     log(f"[compare] wrote {out / 'report.html'}")
     return metrics

@@ -105,22 +105,45 @@ def _hacking_sentence(
     return f"{head}{loss_part} and {gold_part} ({tail})."
 
 
-def hacking_analysis(metrics: dict, loss_rise: float = 0.10, gold_floor: float = 0.9) -> list[dict]:
+def hacking_analysis(metrics: dict, loss_rise: float = 0.10, gold_drop: float = 0.10) -> list[dict]:
     """Per arm: when (if ever) held-out loss rose and gold accuracy fell, plus a sentence.
 
     Loss rise: first curve iteration with heldout_diffusion_loss > (1 + loss_rise)·base.
-    Gold drop: first curve iteration with gold_accuracy < gold_floor. An arm is "hacked" if gold
-    dropped on the curve or its final gold_accuracy is below the floor; ``early_warning`` is
-    rise ≤ drop when both happened, else None.
+    Gold drop: first curve iteration with gold_accuracy < (1 − gold_drop)·(the base's own gold
+    accuracy), so a weak base (a quick smoke test) is not declared hacked from the start. An arm
+    is "hacked" if gold dropped on the curve or its final gold accuracy is below that floor;
+    ``early_warning`` is rise ≤ drop when both happened, else None. Without gold metrics no
+    gold claim is made: ``hacked`` is None and the sentence speaks of the loss only.
     """
     threshold = (1 + loss_rise) * float(metrics["base"]["heldout_diffusion_loss"])
+    base_gold = metrics["base"].get("gold_accuracy")
     out = []
     for arm in metrics["arms"]:
         label = arm_label(arm)
         rise = _first(*_series(arm, "heldout_diffusion_loss"), lambda v: v > threshold)
-        drop = _first(*_series(arm, "gold_accuracy"), lambda v: v < gold_floor)
+        if not _is_num(base_gold):
+            rise_s = f"{loss_rise:.0%}"
+            loss = (
+                f"its held-out diffusion loss rose >{rise_s} over the base at iteration {rise}"
+                if rise is not None
+                else f"its held-out diffusion loss stayed within {rise_s} of the base"
+            )
+            sentence = f"{label}: no gold evaluator, so hacking is not judged; {loss}."
+            out.append(
+                {
+                    "label": label,
+                    "first_loss_rise_iteration": rise,
+                    "first_gold_drop_iteration": None,
+                    "hacked": None,
+                    "early_warning": None,
+                    "sentence": sentence,
+                }
+            )
+            continue
+        floor = (1 - gold_drop) * float(base_gold)
+        drop = _first(*_series(arm, "gold_accuracy"), lambda v: v < floor)
         final_gold = (arm.get("final") or {}).get("gold_accuracy")
-        hacked = drop is not None or (_is_num(final_gold) and final_gold < gold_floor)
+        hacked = drop is not None or (_is_num(final_gold) and final_gold < floor)
         both = rise is not None and drop is not None
         out.append(
             {
@@ -130,7 +153,7 @@ def hacking_analysis(metrics: dict, loss_rise: float = 0.10, gold_floor: float =
                 "hacked": hacked,
                 "early_warning": (rise <= drop) if both else None,
                 "sentence": _hacking_sentence(
-                    label, rise, drop, final_gold, hacked, loss_rise, gold_floor
+                    label, rise, drop, final_gold, hacked, loss_rise, floor
                 ),
             }
         )
@@ -275,7 +298,7 @@ def _img(out_dir: Path, path, caption: str) -> str:
 
 
 def _regime_section(
-    metrics: dict, out_dir: Path, suffix: str, loss_rise: float, gold_floor: float
+    metrics: dict, out_dir: Path, suffix: str, loss_rise: float, gold_drop: float
 ) -> str:
     """Figures + HTML for one single-regime metrics dict; file names get ``suffix``."""
     figs = [
@@ -286,7 +309,7 @@ def _regime_section(
             "held-out diffusion loss",
         ),
     ]
-    analysis = hacking_analysis(metrics, loss_rise=loss_rise, gold_floor=gold_floor)
+    analysis = hacking_analysis(metrics, loss_rise=loss_rise, gold_drop=gold_drop)
     items = "".join(f"<li>{html.escape(a['sentence'])}</li>\n" for a in analysis)
     parts = ["<h3>Reward hacking</h3>\n", f"<ul>\n{items}</ul>\n"]
     parts += ["<h3>Final metrics</h3>\n", _metrics_table(metrics), "<h3>Figures</h3>\n"]
@@ -309,7 +332,8 @@ def write_report(
     title: str = "ddrl comparison",
     notes: str = "",
     loss_rise: float = 0.10,
-    gold_floor: float = 0.9,
+    gold_drop: float = 0.10,
+    extra_html: str = "",
 ) -> Path:
     """Write ``out_dir/report.html`` (plus its PNG figures) for one- or multi-regime metrics.
 
@@ -324,11 +348,12 @@ def write_report(
         for name, regime in metrics["regimes"].items():
             suffix = "_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name))
             parts.append(f"<h2>Regime: {html.escape(str(name))}</h2>\n")
-            parts.append(_regime_section(regime, out_dir, suffix, loss_rise, gold_floor))
+            parts.append(_regime_section(regime, out_dir, suffix, loss_rise, gold_drop))
     else:
         if metrics.get("reward"):
             parts.append(f"<p>Training reward: {html.escape(str(metrics['reward']))}</p>\n")
-        parts.append(_regime_section(metrics, out_dir, "", loss_rise, gold_floor))
+        parts.append(_regime_section(metrics, out_dir, "", loss_rise, gold_drop))
+    parts.append(extra_html)
     if grids:
         parts.append("<h2>Samples</h2>\n")
         parts += [_img(out_dir, p, str(cap)) for cap, p in grids.items()]

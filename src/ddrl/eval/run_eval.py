@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..checkpoint import fingerprint, latest_checkpoint, load_checkpoint, load_into
 from ..components import build_components, device_of
-from ..config import build_config, load_config
+from ..config import PRESET_NAMES, build_config, load_config
 from ..ema import trainable
 from ..errors import DDRLError
 from .evaluate import evaluate_components, save_prompt_grid
@@ -25,12 +25,22 @@ def _checkpoint(run: Path, step: int | None) -> Path:
 
 
 def evaluate_run(
-    run: Path, step: int | None = None, overrides: list[str] = (), out: Path | None = None
+    run: Path,
+    step: int | None = None,
+    overrides: list[str] = (),
+    out: Path | None = None,
+    preset: str = "",
+    files: list[str] = (),
 ) -> dict:
     """Evaluate RUN (a run folder: its latest or ``step`` checkpoint, EMA weights if kept;
     or a model folder with generator.json). Overrides may set eval.* and reward.* keys."""
     run = Path(run)
     if (run / "config.json").is_file():
+        if preset or files:
+            raise DDRLError(
+                f"{run} is a run: it is evaluated with its own config.json; --preset and "
+                "--config apply to model folders only (override eval.*, reward.*, gold.* instead)"
+            )
         cfg = load_config(
             run / "config.json",
             list(overrides),
@@ -49,8 +59,17 @@ def evaluate_run(
     elif (run / "generator.json").is_file():
         if step is not None:
             raise DDRLError(f"{run} is a model folder, not a run; --step does not apply")
-        # The model folder is the base: nothing else is loaded or pretrained.
-        cfg = build_config(overrides=[*overrides, f"model.base={run}"])
+        # The model folder is the base: nothing else is loaded or pretrained. A built-in
+        # family's folder brings its own preset (data, reward, gold) unless one is given.
+        family = json.loads((run / "generator.json").read_text()).get("type", "")
+        own = [f"preset={family}"] if family in PRESET_NAMES and not preset else []
+        chosen = [f"preset={preset}"] if preset else []
+        cfg = build_config(files, [*own, *chosen, *overrides, f"model.base={run}"])
+        if family and cfg.model.name != family:
+            raise DDRLError(
+                f"{run} holds a {family!r} model but the preset's model is {cfg.model.name!r}; "
+                f"pass --preset {family} or model.name={family}"
+            )
         c = build_components(cfg)
         source = {"model_dir": str(run)}
     else:

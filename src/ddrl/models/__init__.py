@@ -52,6 +52,11 @@ class ModelConfig:
     def check(self) -> None:
         resolve(self.name)
         check_range("model.resolution", self.resolution, 0)
+        if self.name not in MODELS and not self.base:
+            raise DDRLError(
+                f"model.name={self.name!r} is a plugin: set model.base to its weights folder "
+                f"(only {', '.join(MODELS)} are pretrained here)"
+            )
 
 
 def resolve(name: str):

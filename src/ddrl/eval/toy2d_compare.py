@@ -1,0 +1,106 @@
+"""The reward-hacking story in two dimensions, for the comparison report.
+
+Four Gaussian modes, r = x. DDRL should keep all four modes and move weight toward the right
+pair, as Theorem 3.1's tilted mixture p* ∝ p_data·exp(r/β) predicts; Flow-GRPO at a moderate
+β tends to empty the left modes; GRPO leaves the data. Each arm trains for a few seconds, then
+``TILT_SAMPLES`` ODE samples are scored against the data's modes (``toy2d_tilt``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import latest_checkpoint, load_checkpoint
+from ..components import build_components
+from ..config import build_config
+from ..ema import trainable
+from ..rollout import sample_ode
+from ..runlog import prepare_run_dir
+from ..train import train
+from .toy2d_tilt import plot_toy2d_arms, predicted_mode_weights, tilt_table
+
+TOY_ARMS: list[tuple[str, str, dict[str, Any]]] = [
+    ("DDRL (data_beta 0.1)", "ddrl", {"loss.data_beta": 0.1}),
+    ("DDRL (data_beta 0.03)", "ddrl", {"loss.data_beta": 0.03}),
+    ("Flow-GRPO (beta_kl 4)", "flow_grpo", {"loss.beta_kl": 4.0}),
+    ("Flow-GRPO (beta_kl 0.4)", "flow_grpo", {"loss.beta_kl": 0.4}),
+    ("GRPO (no regulariser)", "grpo", {}),
+]
+# 200 iterations at lr 1e-3: about 3 s per arm on one CPU core, long enough for every arm to
+# reach its regime (docs/LOG.md 2026-11-24).
+TOY_COMMON = {"train.iterations": 200, "optim.lr": 1e-3, "train.progress": "false"}
+TOY_QUICK = {"train.iterations": 2, "pretrain.steps": 20, "train.progress": "false"}
+TILT_SAMPLES = 4000
+
+
+def _samples(cfg, out: Path | None, seed: int = 7) -> torch.Tensor:
+    """ODE samples [TILT_SAMPLES, 2] of the run's final weights (the base if ``out`` is None)."""
+    c = build_components(cfg, log=lambda *a: None)
+    if out is not None:
+        _, parts = load_checkpoint(latest_checkpoint(out))
+        den = c.gen.denoiser.requires_grad_(True)
+        with torch.no_grad():
+            for k, p in trainable(den).items():
+                p.copy_(parts["model"][k])
+    g = torch.Generator().manual_seed(seed)
+    return sample_ode(c.gen, [""] * TILT_SAMPLES, cfg.sampler, g)
+
+
+def run_toy2d(
+    out: Path, arms=TOY_ARMS, common: dict = TOY_COMMON, overrides: list[str] = (), log=print
+) -> dict:
+    """Train every arm on the toy, write toy2d_tilt.png; returns {"table", "figure", "seconds"}."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    ov = ["preset=toy2d", *[f"{k}={v}" for k, v in common.items()], *overrides]
+    samples = {"base": _samples(build_config(overrides=ov), None)}
+    for label, algorithm, setting in arms:
+        cfg = build_config(
+            overrides=[*ov, f"algorithm={algorithm}"] + [f"{k}={v}" for k, v in setting.items()]
+        )
+        slug = "_".join([algorithm] + [f"{k.split('.')[-1]}{v}" for k, v in setting.items()])
+        run = prepare_run_dir(out / slug, resume=False, overwrite=False)
+        train(cfg, run, log=lambda *a: None)
+        samples[label] = _samples(cfg, run)
+        log(f"[toy2d] {label} done ({time.time() - t0:.0f}s)")
+    table = tilt_table(samples)
+    predicted = {
+        row["arm"]: torch.tensor(row["predicted_at_beta"])
+        for row in table
+        if row["arm"] != "base" and row["predicted_at_beta"] is not None
+    }
+    title = "toy2d, r = x: measured mode weights vs the tilted mixture"
+    fig = plot_toy2d_arms(samples, out / "toy2d_tilt.png", predicted=predicted, title=title)
+    prior = predicted_mode_weights(float("inf")).tolist()
+    return {"table": table, "figure": str(fig), "seconds": time.time() - t0, "prior": prior}
+
+
+def toy2d_html(toy: dict, out_dir: Path) -> str:
+    """The report section: the figure and a table of measured vs predicted mode weights."""
+    import html
+    import os
+
+    fmt = lambda w: " / ".join(f"{x:.3f}" for x in w)  # noqa: E731
+    rows = "".join(
+        f"<tr><td>{html.escape(r['arm'])}</td><td>{fmt(r['weights'])}</td>"
+        f"<td>{r['off_support']:.3f}</td><td>{r['implied_beta']:.3g}</td>"
+        f"<td>{fmt(r['predicted_at_beta'])}</td><td>{r['kl']:.4f}</td></tr>\n"
+        for r in toy["table"]
+    )
+    rel = os.path.relpath(Path(toy["figure"]).resolve(), Path(out_dir).resolve())
+    return (
+        "<h2>Two dimensions: the reward-tilted mixture</h2>\n<p>Data: four Gaussian modes "
+        "(left-bottom, left-top, right-bottom, right-top), reward r = x. Theorem 3.1: the "
+        "optimum is p* ∝ p_data·exp(r/β), whose mode weights are ∝ exp(c_x/β) and whose "
+        "components stay on the data's modes. β̂ is the temperature whose tilted weights are "
+        "closest to the measured ones (KL at β̂ in the last column: how well the tilt family "
+        "fits). Off-support: fraction of samples farther than 3 std from every mode.</p>\n"
+        "<table><tr><th>arm</th><th>measured weights</th><th>off-support</th><th>β̂</th>"
+        f"<th>tilt weights at β̂</th><th>KL</th></tr>\n{rows}</table>\n"
+        f'<figure><img src="{html.escape(rel)}" alt="toy2d arms"></figure>\n'
+    )
