@@ -141,7 +141,7 @@ def hacking_analysis(metrics: dict, loss_rise: float = 0.10, gold_drop: float = 
             )
             continue
         floor = (1 - gold_drop) * float(base_gold)
-        drop = _first(*_series(arm, "gold_accuracy"), lambda v: v < floor)
+        drop = _first(*_series(arm, "gold_accuracy"), lambda v, f=floor: v < f)
         final_gold = (arm.get("final") or {}).get("gold_accuracy")
         hacked = drop is not None or (_is_num(final_gold) and final_gold < floor)
         both = rise is not None and drop is not None
