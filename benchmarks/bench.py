@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ddrl.backbones.digits import DigitsBackbone
 from ddrl.config import build_config
+from ddrl.models.digits import DigitsGenerator
 from ddrl.runlog import read_jsonl
 from ddrl.train import train
 
@@ -30,7 +30,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     try:
         torch.manual_seed(0)
-        DigitsBackbone().save_pretrained(tmp / "base")
+        DigitsGenerator().save_pretrained(tmp / "base")
         print(f"threads={args.threads} torch={torch.__version__} device=cpu")
         print(f"{'algorithm':12}{'rollout s':>12}{'reward s':>12}{'update s':>12}{'iter s':>12}")
         for algo in ("ddrl", "flow_grpo", "dance_grpo", "grpo", "sft"):
@@ -55,13 +55,14 @@ def main() -> None:
                 f"{algo:12}{mean('time_rollout'):>12.3f}{mean('time_reward'):>12.4f}"
                 f"{mean('time_train'):>12.3f}{mean('time_iteration'):>12.3f}"
             )
-        model = DigitsBackbone()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        x, c, t = torch.randn(128, 1, 8, 8), torch.randint(10, (128,)), torch.rand(128)
+        gen = DigitsGenerator()
+        opt = torch.optim.AdamW(gen.parameters(), lr=1e-3)
+        x, t = torch.randn(128, 1, 8, 8), torch.rand(128)
+        prompts = [str(i % 10) for i in range(128)]
         for i in range(6):
             if i == 1:
                 t0 = time.perf_counter()
-            loss = model.velocity(x, t, c).pow(2).mean()
+            loss = gen.denoiser.velocity(x, t, gen.conditioner.encode(prompts)).pow(2).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()

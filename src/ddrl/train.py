@@ -94,49 +94,50 @@ def iter_step_batches(
             )
 
 
+def _masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ values over mask; where(), unlike values·mask, drops NaN/inf of masked-out samples."""
+    return torch.where(mask, values, torch.zeros_like(values)).sum()
+
+
 def optimizer_step(loss_fn, denoiser, batches: list[StepBatch], params, opt, grad_clip: float):
     """Accumulate every batch's loss with whole-iteration denominators and step once.
 
     Each term's loss is Σ_batches Σ_b mask·value / (its mask's count over all batches), so the
-    gradient is the same however the iteration is split. Returns (metrics as tensors, finite).
+    gradient is the same however the iteration is split. Statistics (ratio deviation, clipped
+    fraction) are averaged over the policy term's samples and maxed. Returns (metrics as
+    tensors, whether the step was finite and taken).
     """
-    counts: dict[str, torch.Tensor] = {}
     masks = [loss_fn.masks(b) for b in batches]
+    counts: dict[str, torch.Tensor] = {}
     for m in masks:
         for k, v in m.items():
             counts[k] = counts.get(k, 0) + v.sum()
     opt.zero_grad(set_to_none=True)
     sums: dict[str, torch.Tensor] = {}
-    smax: dict[str, torch.Tensor] = {}
     total = torch.zeros(())
     for b, m in zip(batches, masks, strict=True):
         out = loss_fn(denoiser, b)
         loss = 0.0
         for name, (vals, coef) in out.terms.items():
-            part = torch.where(m[name], vals, torch.zeros_like(vals)).sum() / counts[name].clamp(
-                min=1
-            )
+            part = _masked_sum(vals, m[name]) / counts[name].clamp(min=1)
             loss = loss + coef * part
             sums[f"loss_{name}"] = sums.get(f"loss_{name}", 0) + part.detach()
         if torch.is_tensor(loss) and loss.requires_grad:
             loss.backward()
-            total = total + loss.detach().cpu()
-        pm = m.get("policy", torch.ones_like(b.valid))
-        for k, v in out.stats.items():
-            n = counts.get("policy", torch.tensor(len(batches) * len(b.valid)))
-            sums[f"{k}_mean"] = sums.get(f"{k}_mean", 0) + torch.where(pm, v, 0).sum() / n.clamp(
-                min=1
-            )
+            total = total.to(loss.device) + loss.detach()
+        for k, v in out.stats.items():  # stats describe the policy term's samples
+            pm, n = m["policy"], counts["policy"].clamp(min=1)
+            sums[f"{k}_mean"] = sums.get(f"{k}_mean", 0) + _masked_sum(v, pm) / n
             vmax = torch.where(pm, v, torch.zeros_like(v)).max()
-            smax[f"{k}_max"] = torch.maximum(smax.get(f"{k}_max", vmax), vmax)
+            sums[f"{k}_max"] = torch.maximum(sums.get(f"{k}_max", vmax), vmax)
     max_norm = grad_clip if grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(total))
+    finite = bool(torch.isfinite(grad_norm) & torch.isfinite(total))  # one sync per step
     if finite:
         opt.step()
     else:
         opt.zero_grad(set_to_none=True)
-    return {"loss": total, "grad_norm": grad_norm.detach().cpu(), **sums, **smax}, finite
+    return {"loss": total, "grad_norm": grad_norm.detach(), **sums}, finite
 
 
 def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dict:
@@ -225,8 +226,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
             "skipped_groups": (~valid).sum() // G,
             **m,
         }
-        values = torch.stack(
-            [torch.as_tensor(v, dtype=torch.float64).cpu() for v in scalars.values()]
+        values = torch.stack(  # one device → host copy per iteration
+            [torch.as_tensor(v, dtype=torch.float64, device=dev) for v in scalars.values()]
         )
         row = {"iteration": it + 1, **dict(zip(scalars, values.tolist(), strict=True)), "lr": lr}
         row["skipped_groups"] = int(row["skipped_groups"])
