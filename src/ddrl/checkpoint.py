@@ -120,6 +120,40 @@ def latest_checkpoint(run_dir: Path) -> Path:
     return path
 
 
+def load_newest_valid(run_dir: Path, log=print) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """(path, state.json, parts) of the newest kept checkpoint that loads intact. A damaged
+    newer one (checksum, truncation, missing files) is passed over with a warning naming both,
+    so one bad write costs checkpoint_every iterations, not the run; DDRLError if none is valid."""
+    root = Path(run_dir) / "checkpoints"
+    found = sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True)
+    if not found:
+        raise DDRLError(f"no checkpoint in {run_dir} (no {root}/step-*)")
+    errors = []
+    for path in found:
+        try:
+            state, parts = load_checkpoint(path)
+        except DDRLError as e:
+            errors.append(str(e))
+            continue
+        if errors:
+            log(f"warning: checkpoint {found[0]} is damaged ({errors[0]}); resuming from {path}")
+        return path, state, parts
+    raise DDRLError(f"no valid checkpoint in {root}: {'; '.join(errors)}")
+
+
+def remove_orphans(run_dir: Path) -> list[Path]:
+    """Delete what a write killed midway left behind (.tmp-step-* folders, .latest-* files);
+    only one process writes a run's checkpoints, so none of them is in use. Returns them."""
+    root = Path(run_dir) / "checkpoints"
+    orphans = sorted([*root.glob(".tmp-step-*"), *root.glob(".latest-*")])
+    for p in orphans:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return orphans
+
+
 def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(state.json, name → state dict) of a checkpoint, every file's SHA-256 verified."""
     path = Path(path)

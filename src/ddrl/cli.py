@@ -1,4 +1,4 @@
-"""The `ddrl` command: pretrain, synth, train, eval, demo, compare.
+"""The `ddrl` command: pretrain, synth, train, eval, demo, compare, long, config.
 
 Every subcommand takes config files (``--config``) and ``key=value`` overrides; user errors
 print one line (``ddrl: error: ...``) and exit with status 2.
@@ -7,13 +7,16 @@ print one line (``ddrl: error: ...``) and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
-from .errors import DDRLError
+from .errors import DDRLError, Terminated
 
 
 def _cfg(args, extra: list[str] = ()):
@@ -46,7 +49,49 @@ def cmd_synth(args) -> None:
     print(f"wrote {len(pool)} synthetic samples to {path}")
 
 
+@contextlib.contextmanager
+def sigterm_requested():
+    """While inside, SIGTERM (what schedulers send before preemption) only sets the yielded
+    event, so training can finish and checkpoint the iteration in progress."""
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():  # signals: main thread only
+        yield event
+        return
+    old = signal.signal(signal.SIGTERM, lambda signum, frame: event.set())
+    try:
+        yield event
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _num(v) -> str:
+    return "nan" if v is None else f"{v:.4g}"  # None: a non-finite value logged as null
+
+
+def train_summary(run: Path, row: dict) -> str:
+    """A few lines for a person: final reward, last gold accuracy, where the outputs are."""
+    from .runlog import read_jsonl
+
+    lines = [f"trained {run} to iteration {row.get('iteration', 0)}"]
+    if row:
+        lines.append(
+            f"reward mean (last iteration): {_num(row['reward_mean'])} "
+            f"(std {_num(row['reward_std'])})"
+        )
+    evals = [r for r in read_jsonl(run / "eval.jsonl") if "gold_accuracy" in r]
+    if evals:
+        lines.append(
+            f"gold accuracy (last evaluation, iteration {evals[-1]['iteration']}): "
+            f"{_num(evals[-1]['gold_accuracy'])}"
+        )
+    lines += [f"model:   {run / 'final'}", f"metrics: {run / 'metrics.jsonl'}"]
+    if (run / "samples_final.png").is_file():
+        lines.append(f"samples: {run / 'samples_final.png'}")
+    return "\n".join(lines)
+
+
 def cmd_train(args) -> None:
+    from .components import device_of
     from .config import load_config
     from .runlog import prepare_run_dir
     from .train import train
@@ -62,14 +107,24 @@ def cmd_train(args) -> None:
                 "--resume uses the run's own config.json; --config and --preset do not apply "
                 "(train.iterations=N may be changed)"
             )
-        prepare_run_dir(out, resume=True, overwrite=False)
+        prepare_run_dir(out, resume=True, overwrite=False)  # only checks the folder
         # Only the length of a run may change on resume.
         cfg = load_config(out / "config.json", args.overrides, ("train.iterations",), "--resume")
+        device_of(cfg)
     else:
         cfg = _cfg(args)
+        device_of(cfg)  # e.g. no CUDA: fail before an old run is moved aside
         prepare_run_dir(out, resume=False, overwrite=args.overwrite)
-    row = train(cfg, out, resume=args.resume)
-    print(json.dumps(row))
+    with sigterm_requested() as stop:
+        row = train(cfg, out, resume=args.resume, stop=stop)
+    if row or not args.resume:  # a resume with nothing to do has said so
+        print(train_summary(out, row))
+
+
+def cmd_config(args) -> None:
+    from .config import describe
+
+    print(describe(_cfg(args)))
 
 
 def cmd_eval(args) -> None:
@@ -83,7 +138,9 @@ def cmd_eval(args) -> None:
         preset=args.preset,
         files=args.config,
     )
-    print(json.dumps(result, indent=1))
+    from .runlog import finite_or_null
+
+    print(json.dumps(finite_or_null(result), indent=1))
 
 
 def cmd_demo(args) -> None:
@@ -126,18 +183,56 @@ def _csv(text: str, flag: str) -> list[str]:
     return items
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ddrl")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+def _names() -> str:
+    """The registered names, for --help (importing the registries loads torch: only then)."""
+    from .config import PRESET_NAMES
+    from .losses import LOSSES
+    from .models import MODELS
+    from .rewards import REWARDS
+
+    rewards = ", ".join(f"{n} ({data})" for n, (data, _) in REWARDS.items())
+    return (
+        f"algorithms: {', '.join(LOSSES)} or 'module:Class'\n"
+        f"rewards:    {rewards} or 'module:factory'\n"
+        f"models:     {', '.join(MODELS)} or 'module:Class'\n"
+        f"presets:    {', '.join(PRESET_NAMES)}\n"
+        "every key, its type, value and meaning: ddrl config [--preset P] [algorithm=...]"
+    )
+
+
+class _Parser(argparse.ArgumentParser):
+    def format_help(self) -> str:
+        self.epilog = _names()  # computed when help is shown, not on every command
+        return super().format_help()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ddrl", description=__doc__.splitlines()[0])
+    p = _Parser(
+        prog="ddrl",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"ddrl {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name, fn, help_, config: bool = True):
-        s = sub.add_parser(name, help=help_)
+        s = sub.add_parser(name, help=help_, formatter_class=argparse.RawDescriptionHelpFormatter)
         if config:  # only commands that build a config from presets take these
             s.add_argument("--config", action="append", default=[], help="TOML/JSON config file")
             s.add_argument("--preset", default="", help="digits (default) or toy2d")
         s.set_defaults(fn=fn, config=[], preset="")
         return s
 
+    add("config", cmd_config, "print every config key: type, value (and default), meaning")
     s = add("pretrain", cmd_pretrain, "train (or reuse) the preset's base model; prints its path")
     s = add("synth", cmd_synth, "generate a synthetic data pool from the base model")
     s.add_argument("--per-prompt", type=int, default=150, help="samples per prompt")
@@ -185,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     args.overrides = [*args.overrides, *extra]
+    if args.command in ("train", "demo", "compare", "long") and not args.out.strip():
+        # Path("") is the current folder: --overwrite would move it aside.
+        print(f"ddrl: error: --out {args.out!r} is empty; allowed: a folder path", file=sys.stderr)
+        return 2
     import torch
 
     torch.set_num_threads(int(os.environ.get("DDRL_THREADS", torch.get_num_threads())))
@@ -194,6 +293,12 @@ def main(argv: list[str] | None = None) -> int:
     except DDRLError as e:
         print(f"ddrl: error: {e}", file=sys.stderr)
         return 2
+    except Terminated as e:
+        print(
+            f"ddrl: terminated (SIGTERM) after checkpoint {e.checkpoint}; continue with --resume",
+            file=sys.stderr,
+        )
+        return 143  # 128 + SIGTERM, what a killed process reports
     except KeyboardInterrupt:
         print(
             "ddrl: interrupted; the last checkpoint is intact (resume with --resume)",

@@ -11,8 +11,14 @@ reads it back, so a run can always be repeated or resumed from its own folder.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
+import io
 import json
+import textwrap
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
@@ -63,6 +69,7 @@ class RunConfig:
     def check(self) -> None:
         check_choice("preset", self.preset, PRESET_NAMES)
         check_range("seed", self.seed, 0, 2**32 - 1)
+        check_range("eval.seed", self.eval.seed, 0, 2**32 - 1)  # EvalConfig seeds torch with it
         # Names are checked here, before any model is built or pretrained: a typo fails fast.
         reward_factory(self.data.name, self.reward.name)
         for f in dataclasses.fields(self):
@@ -254,4 +261,69 @@ def load_config(
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(to_dict(cfg), indent=2))
+    """Write config.json atomically (a resume rewrites it: a kill must not leave half a file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(to_dict(cfg), indent=2))
+    tmp.replace(path)
+
+
+@functools.cache
+def field_comments(cls: type) -> dict[str, str]:
+    """Field name → its one-line ``# comment`` in ``cls``'s source (with the comment-only lines
+    that continue it). ast finds the fields and tokenize the comments, so a '#' inside a
+    string is never taken for one. {} when the source is not available."""
+    try:
+        src = textwrap.dedent(inspect.getsource(cls))
+        body = ast.parse(src).body[0].body
+        tokens = list(tokenize.generate_tokens(io.StringIO(src).readline))
+    except (OSError, TypeError, SyntaxError, tokenize.TokenError, IndexError, AttributeError):
+        return {}
+    comments = {
+        t.start[0]: t.string.lstrip("#").strip() for t in tokens if t.type == tokenize.COMMENT
+    }
+    lines = src.splitlines()
+    out = {}
+    for node in body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        parts = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
+        n = node.end_lineno + 1
+        while parts and n in comments and lines[n - 1].lstrip().startswith("#"):
+            parts.append(comments[n])
+            n += 1
+        out[node.target.id] = " ".join(parts)
+    return out
+
+
+def _type_name(t: Any) -> str:
+    return t.__name__ if isinstance(t, type) else str(t).replace("typing.", "")
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def describe(cfg: Any, prefix: str = "") -> str:
+    """Every key of a resolved config, one per line: ``key: type = value (default d)  # what``
+    (the default shown only where the preset, algorithm or overrides changed it)."""
+    lines = []
+    hints = typing.get_type_hints(type(cfg))
+    comments = field_comments(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):  # a section: its runtime class (loss, sde vary)
+            lines.append(describe(value, f"{prefix}{f.name}."))
+            continue
+        line = f"{prefix}{f.name}: {_type_name(hints[f.name])} = {json.dumps(value)}"
+        default = _default(f)
+        if default != value and not (isinstance(default, tuple) and list(default) == value):
+            line += f" (default {json.dumps(default)})"
+        if comments.get(f.name):
+            line += f"  # {comments[f.name]}"
+        lines.append(line)
+    return "\n".join(lines)

@@ -27,6 +27,12 @@ def lookup(kind: str, name: str, table: dict, allowed: list[str] | None = None):
         import importlib
 
         mod, attr = name.split(":", 1)
+        # importlib rejects "", ".rel" and "a..b" with ValueError/TypeError: say so plainly.
+        if not all(p.isidentifier() for p in mod.split(".")) or not attr.isidentifier():
+            raise DDRLError(
+                f"{kind} {name!r} is not 'package.module:attr' (an absolute module path and an "
+                f"attribute name); allowed: {', '.join(allowed)} or 'module:attr'"
+            )
         try:
             return getattr(importlib.import_module(mod), attr)
         except (ImportError, AttributeError) as e:
@@ -40,3 +46,14 @@ def check_range(what: str, value: float, lo: float | None = None, hi: float | No
         lo_s = "-inf" if lo is None else repr(lo)
         hi_s = "inf" if hi is None else repr(hi)
         raise DDRLError(f"{what}={value!r} is out of range; allowed: [{lo_s}, {hi_s}]")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived and the loop stopped after checkpointing the iteration in progress.
+
+    A KeyboardInterrupt, so whatever handles Ctrl-C handles it too; the CLI exits 143 (128 +
+    SIGTERM) naming ``checkpoint``."""
+
+    def __init__(self, checkpoint):
+        super().__init__(str(checkpoint))
+        self.checkpoint = checkpoint

@@ -16,6 +16,12 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path:
     """Create the run folder. An existing non-empty folder is an error unless resuming; with
     ``overwrite`` it is moved aside to ``<name>.bak-<time>`` (never deleted)."""
     run_dir = Path(run_dir)
+    # A file where the folder (or one of its parents) should be: mkdir/iterdir would traceback.
+    blocker = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise DDRLError(
+            f"run folder {run_dir}: {blocker} is an existing file; allowed: a new folder or a run"
+        )
     if resume:
         if not (run_dir / "config.json").is_file():
             raise DDRLError(f"cannot resume: {run_dir} has no config.json (not a ddrl run)")
@@ -34,6 +40,11 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path:
 
 def _clean(v: Any) -> Any:
     return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def finite_or_null(row: dict) -> dict:
+    """Non-finite floats as None, so JSON holds null, never the non-standard bare NaN."""
+    return {k: _clean(v) for k, v in row.items()}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -65,7 +76,7 @@ class RunLogger:
 
     def _write(self, name: str, row: dict) -> None:
         with open(self.run_dir / name, "a") as f:
-            f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+            f.write(json.dumps(finite_or_null(row)) + "\n")
         if self.tb is not None:
             prefix = "eval/" if name == "eval.jsonl" else ""
             for k, v in row.items():

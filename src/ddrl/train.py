@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +27,7 @@ from .advantages import group_advantages
 from .components import build_components, device_of
 from .config import RunConfig, save_config
 from .ema import EMA
-from .errors import DDRLError
+from .errors import DDRLError, Terminated
 from .eval.evaluate import evaluate_components, save_prompt_grid
 from .losses import LossContext, StepBatch, build_loss
 from .models import CondCache, decode_images
@@ -140,8 +141,16 @@ def optimizer_step(loss_fn, denoiser, batches: list[StepBatch], params, opt, gra
     return {"loss": total, "grad_norm": grad_norm.detach(), **sums}, finite
 
 
-def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dict:
-    """Run (or resume) training into ``run_dir``; returns the last metrics row."""
+def train(
+    cfg: RunConfig,
+    run_dir: Path,
+    resume: bool = False,
+    log=print,
+    stop: threading.Event | None = None,
+) -> dict:
+    """Run (or resume) training into ``run_dir``; returns the last metrics row ({} when a
+    resumed run is already at train.iterations). Once ``stop`` is set (the CLI sets it on
+    SIGTERM) the iteration in progress is finished and checkpointed, then Terminated."""
     run_dir = Path(run_dir)
     dev = device_of(cfg)
     c = build_components(cfg, log)
@@ -157,10 +166,18 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     o = cfg.optim
     opt = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
     ema = EMA(denoiser, o.ema_decay) if o.ema_decay > 0 else None
-    state = TrainState(run_dir, denoiser, opt, ema, cfg.algorithm)
+    state = TrainState(run_dir, denoiser, opt, ema, cfg.algorithm, log)
     start = state.restore() if resume else 0
-    if not resume:
-        save_config(cfg, run_dir / "config.json")
+    if resume and start >= cfg.train.iterations:
+        n = cfg.train.iterations
+        log(
+            f"nothing to do: run is at iteration {start} of {n}"
+            if start == n
+            else f"nothing to do: run is at iteration {start}, beyond train.iterations={n}"
+        )
+        return {}
+    # Also on resume: a changed train.iterations is the run's length from now on.
+    save_config(cfg, run_dir / "config.json")
     logger = RunLogger(run_dir, start, cfg.train.tensorboard)
     tc, P, G = cfg.train, cfg.train.prompts_per_iter, cfg.train.group_size
     micro, rank, encode = tc.micro_batch or P * G, current_rank(), CondCache(gen.conditioner)
@@ -177,7 +194,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
     if cfg.eval.every and start == 0:
         run_eval(0)
     row: dict = {}
-    bad_steps = 0
+    bad_steps = all_skipped = 0
     its = range(start, tc.iterations)
     bar = tqdm(its, initial=start, total=tc.iterations, disable=not tc.progress, desc=cfg.algorithm)
     for it in bar:
@@ -237,12 +254,24 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, log=print) -> dic
         if row["skipped_groups"]:
             log(f"iteration {it + 1}: skipped {row['skipped_groups']} group(s) with NaN/inf reward")
         logger.metrics(row)
+        all_skipped = all_skipped + 1 if row["skipped_groups"] == P else 0
+        if all_skipped >= tc.max_skipped_iterations:  # nothing is learned from the reward
+            raise DDRLError(
+                f"every group had a NaN/inf reward in {all_skipped} consecutive iterations "
+                f"(train.max_skipped_iterations={tc.max_skipped_iterations}); last good "
+                f"checkpoint kept. Check reward {cfg.reward.name!r} and reward.scale"
+            )
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.3f}")
         done = it + 1 == tc.iterations
         if cfg.eval.every and ((it + 1) % cfg.eval.every == 0 or done):
             run_eval(it + 1, final=done)
-        if (it + 1) % tc.checkpoint_every == 0 or done:
-            state.save(it + 1, tc.keep_checkpoints)
+        stopping = stop is not None and stop.is_set() and not done
+        if (it + 1) % tc.checkpoint_every == 0 or done or stopping:
+            path = state.save(it + 1, tc.keep_checkpoints)
+        if stopping:
+            bar.close()
+            logger.close()
+            raise Terminated(path)
     bar.close()
     logger.close()
     with shipped():

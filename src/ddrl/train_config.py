@@ -45,6 +45,7 @@ class TrainConfig:
     skip_last_step: bool = False  # never train the last step (DanceGRPO permutes steps 0..N−2)
     micro_batch: int = 0  # trajectories per backward pass; 0 = all at once
     max_bad_steps: int = 3  # consecutive non-finite loss/gradient steps (skipped) before stopping
+    max_skipped_iterations: int = 3  # consecutive iterations with every group skipped (NaN reward)
     checkpoint_every: int = 20  # iterations between checkpoints (and one at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept (older ones are deleted)
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda"
@@ -60,6 +61,7 @@ class TrainConfig:
         check_choice("train.timestep_selection", self.timestep_selection, SELECTIONS)
         check_range("train.micro_batch", self.micro_batch, 0)
         check_range("train.max_bad_steps", self.max_bad_steps, 1)
+        check_range("train.max_skipped_iterations", self.max_skipped_iterations, 1)
         check_range("train.checkpoint_every", self.checkpoint_every, 1)
         check_range("train.keep_checkpoints", self.keep_checkpoints, 1)
         check_choice("train.device", self.device, ("auto", "cpu", "cuda"))

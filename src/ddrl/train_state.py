@@ -16,18 +16,30 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from .checkpoint import fingerprint, latest_checkpoint, load_checkpoint, load_into, save_checkpoint
+from .checkpoint import (
+    fingerprint,
+    load_checkpoint,
+    load_into,
+    load_newest_valid,
+    remove_orphans,
+    save_checkpoint,
+)
 from .ema import EMA, trainable
 from .errors import DDRLError
 
 
 class TrainState:
-    def __init__(self, run_dir: Path, denoiser, opt, ema: EMA | None, algorithm: str):
+    def __init__(self, run_dir: Path, denoiser, opt, ema: EMA | None, algorithm: str, log=print):
         self.run_dir, self.denoiser, self.opt, self.ema = Path(run_dir), denoiser, opt, ema
-        self.algorithm = algorithm
+        self.algorithm, self.log = algorithm, log
         self.base_fingerprint = fingerprint(denoiser)  # taken before any update
 
+    def _remove_orphans(self) -> None:
+        for p in remove_orphans(self.run_dir):
+            self.log(f"removed {p}, left by a checkpoint write that was killed")
+
     def save(self, iteration: int, keep: int) -> Path:
+        self._remove_orphans()
         parts = {
             "model": {k: p.detach() for k, p in trainable(self.denoiser).items()},
             "optimizer": get_optimizer_state_dict(self.denoiser, self.opt),
@@ -39,9 +51,12 @@ class TrainState:
         return save_checkpoint(self.run_dir, iteration, parts, meta, keep)
 
     def restore(self, path: Path | None = None) -> int:
-        """Load the latest (or given) checkpoint in place; returns its iteration."""
-        path = path or latest_checkpoint(self.run_dir)
-        meta, parts = load_checkpoint(path)
+        """Load the newest valid (or the given) checkpoint in place; returns its iteration."""
+        self._remove_orphans()
+        if path is None:
+            path, meta, parts = load_newest_valid(self.run_dir, self.log)
+        else:
+            meta, parts = load_checkpoint(path)
         if meta.get("base_fingerprint") != self.base_fingerprint:
             raise DDRLError(
                 f"checkpoint {path} was trained from base {meta.get('base_fingerprint')}, but the "

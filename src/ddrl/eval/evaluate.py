@@ -9,13 +9,15 @@ Identical model + config ⇒ identical numbers: all noise comes from ``EvalConfi
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..data import TaskData
-from ..errors import check_range
+from ..errors import check_choice, check_range
+from ..flow import GRIDS
 from ..models import Generator, decode_images
 from ..rewards import GoldEvaluator, Reward
 from ..rollout import SamplerConfig, sample_ode
@@ -38,11 +40,14 @@ class EvalConfig:
     samples_per_prompt: int = 30  # ODE samples per prompt (digits: 10 prompts → 300 images)
     seed: int = 12345  # noise seed of evaluation samples and the held-out loss (fixed across runs)
     loss_t_points: int = 10  # t grid (midpoints) of the held-out diffusion loss
+    grid: str = "scheduler"  # ODE grid of evaluation samples, the same for every algorithm
+    # (a preset's training grid, e.g. DanceGRPO's "linear", does not change how it is judged)
 
     def check(self) -> None:
         check_range("eval.every", self.every, 0)
         check_range("eval.samples_per_prompt", self.samples_per_prompt, 2)
         check_range("eval.loss_t_points", self.loss_t_points, 1)
+        check_choice("eval.grid", self.grid, GRIDS)
 
 
 @torch.no_grad()
@@ -63,7 +68,7 @@ def evaluate(
     den.eval()
     prompts = [p for p in data.prompts for _ in range(cfg.samples_per_prompt)]
     gen_noise = torch.Generator().manual_seed(cfg.seed)
-    z = sample_ode(gen, prompts, sampler, gen_noise, device)
+    z = sample_ode(gen, prompts, dataclasses.replace(sampler, grid=cfg.grid), gen_noise, device)
     raw = gen.codec.decode(z.to(device)).cpu()
     images = decode_images(gen.codec, z.to(device)).cpu()
     groups = torch.arange(len(data.prompts)).repeat_interleave(cfg.samples_per_prompt)

@@ -10,6 +10,7 @@ from ..components import build_components, device_of
 from ..config import PRESET_NAMES, build_config, load_config
 from ..ema import trainable
 from ..errors import DDRLError
+from ..runlog import finite_or_null
 from .evaluate import evaluate_components, save_prompt_grid
 
 
@@ -35,6 +36,9 @@ def evaluate_run(
     """Evaluate RUN (a run folder: its latest or ``step`` checkpoint, EMA weights if kept;
     or a model folder with generator.json). Overrides may set eval.* and reward.* keys."""
     run = Path(run)
+    if out is not None and (out.is_dir() or not out.parent.is_dir()):  # before minutes of work
+        why = "is a folder" if out.is_dir() else f"is in a missing folder ({out.parent})"
+        raise DDRLError(f"--out {out} {why}; allowed: a file path in an existing folder")
     if (run / "config.json").is_file():
         if preset or files:
             raise DDRLError(
@@ -86,6 +90,6 @@ def evaluate_run(
         "samples_per_prompt": cfg.eval.samples_per_prompt,
     }
     out = out or run / "eval.json"
-    out.write_text(json.dumps(result, indent=1, sort_keys=True))
+    out.write_text(json.dumps(finite_or_null(result), indent=1, sort_keys=True))
     save_prompt_grid(raw, len(c.data.prompts), out.with_name(out.stem + "_samples.png"))
     return result

@@ -36,7 +36,8 @@ def loss_class(algorithm: str):
     cls = lookup("algorithm", algorithm, LOSSES)
     if not isinstance(cls, type) or not hasattr(cls, "Config") or not callable(cls):
         raise DDRLError(
-            f"algorithm {algorithm!r} is not a loss class with a Config dataclass attribute"
+            f"algorithm {algorithm!r} is not a loss class with a Config dataclass attribute; "
+            f"allowed: {', '.join(LOSSES)} or 'module:Class' naming one"
         )
     return cls
 

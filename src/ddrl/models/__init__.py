@@ -63,7 +63,10 @@ def resolve(name: str):
     """A registered family name, or "package.module:Attr" for a user plugin."""
     cls = lookup("model", name, MODELS)
     if not hasattr(cls, "from_pretrained"):
-        raise DDRLError(f"model {name!r} is not a Generator class (no from_pretrained)")
+        raise DDRLError(
+            f"model {name!r} is not a Generator class (no from_pretrained); "
+            f"allowed: {', '.join(MODELS)} or 'module:Class' naming one"
+        )
     return cls
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 from ..errors import DDRLError, check_choice, lookup
 from .base import (
     GoldConfig,
@@ -41,8 +43,18 @@ def reward_factory(data: str, name: str):
     """The factory(ctx) -> Reward for a built-in name that applies to ``data``, or "module:attr"."""
     table = {n: factory for n, (d, factory) in REWARDS.items() if d == data}
     factory = lookup(f"reward for data {data!r}", name, table)
+    kind = f"allowed: {', '.join(table)} or 'module:attr' naming a factory(ctx) -> Reward"
     if not callable(factory):
-        raise DDRLError(f"reward {name!r} is not callable (a factory(ctx) -> Reward)")
+        raise DDRLError(f"reward {name!r} is a {type(factory).__name__}, not callable; {kind}")
+    try:  # checked here, before any work: a factory must accept the one RewardContext
+        inspect.signature(factory).bind(None)
+    except TypeError:
+        raise DDRLError(
+            f"reward {name!r} cannot take one argument (signature "
+            f"{inspect.signature(factory)}); {kind}"
+        ) from None
+    except ValueError:  # a builtin without a signature: it is checked when built
+        pass
     return factory
 
 
