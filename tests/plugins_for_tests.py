@@ -51,3 +51,8 @@ class PluginToy(Toy2DGenerator):
 def all_nan(ctx):
     """A reward that is NaN for every sample (every group is skipped, every iteration)."""
     return lambda images, prompts: torch.full((images.shape[0],), float("nan"))
+
+
+def returns_a_number(ctx):
+    """A "factory" whose product is not a reward (not callable)."""
+    return 3

@@ -104,6 +104,8 @@ def test_eval_out_is_checked_before_the_evaluation(tmp_path, capsys, toy_model_d
     toy = ("--preset", "toy2d", "eval.samples_per_prompt=3", "sampler.eval_steps=4")
     line = refused(capsys, tmp_path, "eval", toy_model_dir, "--out", tmp_path / "adir", *toy)
     assert "adir is a folder" in line
+    line = refused(capsys, tmp_path, "synth", "--per-prompt", 3, "--out", tmp_path / "adir")
+    assert "adir is a folder" in line
     missing = tmp_path / "missing" / "e.json"
     line = refused(capsys, tmp_path, "eval", toy_model_dir, "--out", missing, *toy)
     assert f"missing folder ({tmp_path / 'missing'})" in line
@@ -118,6 +120,19 @@ def test_overwrite_with_an_unavailable_device_moves_nothing(tmp_path, capsys, mo
     (tmp_path / "run" / "config.json").write_text("{}")
     argv = ("train", "--out", tmp_path / "run", "--overwrite", "train.device=cuda", *quick())
     assert "train.device='cuda'" in refused(capsys, tmp_path, *argv)
+
+
+def test_failures_while_building_leave_an_old_run_in_place(tmp_path, capsys):
+    """A plugin reward of the wrong kind, or missing synthetic data, fails after the base is
+    built but before an old run folder is moved aside (or a new one created)."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    train = ("train", "--out", tmp_path / "run", "--overwrite", *quick())
+    line = refused(capsys, tmp_path, *train, "reward.name=plugins_for_tests:returns_a_number")
+    assert "its factory returned a int, not a callable" in line
+    missing = f"data.synthetic_path={tmp_path / 'none.safetensors'}"
+    line = refused(capsys, tmp_path, *train, "data.source=synthetic", missing, allowed=False)
+    assert "no synthetic data" in line
 
 
 # -- 3. a reward that is NaN everywhere stops the run ------------------------------------------
@@ -214,6 +229,10 @@ def test_resume_with_nothing_to_do_says_so(tmp_path, capsys, two_checkpoints):
         code, out, err = run(capsys, "train", "--out", run_dir, "--resume", *extra)
         assert code == 0 and out.strip() == said and "{}" not in out, (out, err)
     assert tree(tmp_path) == before
+    # Killed after its last checkpoint but before the final model was saved: saved now.
+    shutil.rmtree(run_dir / "final")
+    assert run(capsys, "train", "--out", run_dir, "--resume")[0] == 0
+    assert tree(run_dir / "final") == tree(two_checkpoints / "final")
 
 
 def test_resume_records_the_new_length(tmp_path, capsys, two_checkpoints):

@@ -1,7 +1,8 @@
 """The `ddrl` command: pretrain, synth, train, eval, demo, compare, long, config.
 
 Every subcommand takes config files (``--config``) and ``key=value`` overrides; user errors
-print one line (``ddrl: error: ...``) and exit with status 2.
+print one line (``ddrl: error: ...``) and exit with status 2. On SIGTERM, ``train`` finishes and
+checkpoints the iteration in progress and exits with status 143.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ def cmd_synth(args) -> None:
     cfg = _cfg(args)
     if args.per_prompt < 1:
         raise DDRLError(f"--per-prompt {args.per_prompt}: must be at least 1")
+    if args.out and Path(args.out).is_dir():  # checked before the base is sampled
+        raise DDRLError(f"--out {args.out} is a folder; allowed: a .safetensors file path")
     c = build_components(cfg)
     pool = generate_pool(c.gen, c.data.prompts, args.per_prompt, cfg.sampler, cfg.seed + 1)
     path = Path(args.out) if args.out else synthetic_path(cfg, c.base_path)
@@ -91,7 +94,7 @@ def train_summary(run: Path, row: dict) -> str:
 
 
 def cmd_train(args) -> None:
-    from .components import device_of
+    from .components import build_components, device_of
     from .config import load_config
     from .runlog import prepare_run_dir
     from .train import train
@@ -110,13 +113,17 @@ def cmd_train(args) -> None:
         prepare_run_dir(out, resume=True, overwrite=False)  # only checks the folder
         # Only the length of a run may change on resume.
         cfg = load_config(out / "config.json", args.overrides, ("train.iterations",), "--resume")
-        device_of(cfg)
     else:
         cfg = _cfg(args)
-        device_of(cfg)  # e.g. no CUDA: fail before an old run is moved aside
+        prepare_run_dir(out, resume=False, overwrite=args.overwrite, check_only=True)
+    device_of(cfg)  # e.g. no CUDA: fail before an old run is moved aside
+    # Base, data and reward (a plugin's kind of output) are built, or fail, before the run
+    # folder is created or an old one is moved aside.
+    c = build_components(cfg)
+    if not args.resume:
         prepare_run_dir(out, resume=False, overwrite=args.overwrite)
     with sigterm_requested() as stop:
-        row = train(cfg, out, resume=args.resume, stop=stop)
+        row = train(cfg, out, resume=args.resume, stop=stop, components=c)
     if row or not args.resume:  # a resume with nothing to do has said so
         print(train_summary(out, row))
 

@@ -12,9 +12,10 @@ from typing import Any
 from .errors import DDRLError
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path:
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, check_only: bool = False) -> Path:
     """Create the run folder. An existing non-empty folder is an error unless resuming; with
-    ``overwrite`` it is moved aside to ``<name>.bak-<time>`` (never deleted)."""
+    ``overwrite`` it is moved aside to ``<name>.bak-<time>`` (never deleted). ``check_only``:
+    raise what it would raise, change nothing (callers check before expensive work)."""
     run_dir = Path(run_dir)
     # A file where the folder (or one of its parents) should be: mkdir/iterdir would traceback.
     blocker = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
@@ -32,9 +33,12 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path:
                 f"run folder {run_dir} already exists; pass --resume to continue it "
                 "or --overwrite to start over (the old folder is kept as a backup)"
             )
+        if check_only:
+            return run_dir
         backup = run_dir.with_name(f"{run_dir.name}.bak-{time.strftime('%Y%m%d-%H%M%S')}")
         shutil.move(str(run_dir), backup)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if not check_only:
+        run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from .advantages import group_advantages
-from .components import build_components, device_of
+from .components import Components, build_components, device_of
 from .config import RunConfig, save_config
 from .ema import EMA
 from .errors import DDRLError, Terminated
@@ -147,13 +147,15 @@ def train(
     resume: bool = False,
     log=print,
     stop: threading.Event | None = None,
+    components: Components | None = None,
 ) -> dict:
     """Run (or resume) training into ``run_dir``; returns the last metrics row ({} when a
     resumed run is already at train.iterations). Once ``stop`` is set (the CLI sets it on
-    SIGTERM) the iteration in progress is finished and checkpointed, then Terminated."""
+    SIGTERM) the iteration in progress is finished and checkpointed, then Terminated.
+    ``components``: already built from ``cfg`` (the CLI builds them before touching the disk)."""
     run_dir = Path(run_dir)
     dev = device_of(cfg)
-    c = build_components(cfg, log)
+    c = components or build_components(cfg, log)
     gen = c.gen.to(dev)
     if isinstance(gen.conditioner, torch.nn.Module):
         gen.conditioner.requires_grad_(False)  # frozen, like a real text encoder
@@ -168,6 +170,7 @@ def train(
     ema = EMA(denoiser, o.ema_decay) if o.ema_decay > 0 else None
     state = TrainState(run_dir, denoiser, opt, ema, cfg.algorithm, log)
     start = state.restore() if resume else 0
+    shipped = (lambda: ema.applied(denoiser)) if ema else contextlib.nullcontext
     if resume and start >= cfg.train.iterations:
         n = cfg.train.iterations
         log(
@@ -175,13 +178,15 @@ def train(
             if start == n
             else f"nothing to do: run is at iteration {start}, beyond train.iterations={n}"
         )
+        if not (run_dir / "final").is_dir():  # killed between the last checkpoint and the save
+            with shipped():
+                gen.save_pretrained(run_dir / "final")
         return {}
     # Also on resume: a changed train.iterations is the run's length from now on.
     save_config(cfg, run_dir / "config.json")
     logger = RunLogger(run_dir, start, cfg.train.tensorboard)
     tc, P, G = cfg.train, cfg.train.prompts_per_iter, cfg.train.group_size
     micro, rank, encode = tc.micro_batch or P * G, current_rank(), CondCache(gen.conditioner)
-    shipped = (lambda: ema.applied(denoiser)) if ema else contextlib.nullcontext
 
     def run_eval(it: int, final: bool = False) -> None:
         with shipped():

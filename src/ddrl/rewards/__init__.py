@@ -63,7 +63,8 @@ def build_reward(name: str, ctx: RewardContext) -> Reward:
     reward = reward_factory(ctx.data, name)(ctx)
     if not callable(reward):
         raise DDRLError(
-            f"reward {name!r}: its factory returned a {type(reward).__name__}, not a callable"
+            f"reward {name!r}: its factory returned a {type(reward).__name__}, not a callable; "
+            "allowed: a factory(ctx) returning reward(images, prompts) -> Tensor [B]"
         )
     return reward
 
