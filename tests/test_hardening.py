@@ -364,3 +364,19 @@ def test_train_ends_with_a_summary(tmp_path, capsys):
 def test_json_output_never_holds_bare_nan():
     row = finite_or_null({"a": float("nan"), "b": float("inf"), "c": 1.5, "d": "x"})
     assert json.dumps(row, allow_nan=False) == '{"a": null, "b": null, "c": 1.5, "d": "x"}'
+
+
+@pytest.mark.parametrize("command", ["demo", "compare", "long"])
+def test_overwrite_of_a_report_folder_checks_the_device_first(tmp_path, capsys, command):
+    """demo/compare/long --overwrite with an unavailable device: the old folder stays put."""
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    old = tmp_path / "out"
+    old.mkdir()
+    (old / "keep.txt").write_text("user's file")
+    argv = [command, "--quick", "--out", str(old), "--overwrite", "train.device=cuda"]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and "cuda" in err and "Traceback" not in err
+    assert (old / "keep.txt").read_text() == "user's file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

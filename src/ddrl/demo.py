@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from .eval.compare import QUICK_COMMON, evaluate_base, run_arm
+from .eval.compare import QUICK_COMMON, check_overrides, evaluate_base, run_arm
 from .eval.report import write_report
 from .runlog import prepare_run_dir
 
@@ -32,6 +32,7 @@ def run_demo(
 ) -> dict:
     """Writes ``out/summary.json``: {base|ddrl|flow_grpo|dance_grpo: {metric: value, seconds}}."""
     t_start = time.time()
+    check_overrides(overrides)
     out = prepare_run_dir(out, resume=False, overwrite=overwrite)
     common = QUICK_COMMON if quick else DEMO_COMMON
     t0 = time.time()

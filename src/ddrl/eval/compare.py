@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..components import build_components
+from ..components import build_components, device_of
 from ..config import build_config
 from ..errors import DDRLError
 from ..runlog import prepare_run_dir, read_jsonl
@@ -108,6 +108,7 @@ def run_compare(
 ) -> dict:
     """Run every arm for every reward regime (digits rewards, and "toy2d" for the 2-D tilt
     picture); write metrics.json, report.html and figures."""
+    check_overrides(overrides)
     out = prepare_run_dir(out, resume=False, overwrite=overwrite)
     arms_spec, common = (QUICK_ARMS, QUICK_COMMON) if quick else (FULL_ARMS, FULL_COMMON)
     regimes, grids, toy = {}, {}, None
@@ -172,6 +173,12 @@ def run_compare(
     )
     log(f"[compare] wrote {out / 'report.html'}")
     return metrics
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Resolve the user's overrides once and check the device, before any folder is moved
+    aside: a bad key or an absent GPU must not cost the user their old output."""
+    device_of(build_config(overrides=list(overrides)))
 
 
 def _slug(algorithm: str, setting: dict) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from ..runlog import prepare_run_dir
-from .compare import _slug, evaluate_base, run_arm
+from .compare import _slug, check_overrides, evaluate_base, run_arm
 from .report import _save, write_report
 
 # The settings where DDRL and Flow-GRPO matched at 30 iterations (docs/LOG.md, 2026-11-24).
@@ -80,6 +80,7 @@ def run_long(
 ) -> dict:
     """Train every (reward, arm, seed) for ``iterations``; write long.json, report.html and
     long_curves_<reward>.png. The base model is the same for every seed (pretrain.seed)."""
+    check_overrides(overrides)
     out = prepare_run_dir(out, resume=False, overwrite=overwrite)
     common = {"train.iterations": iterations, "eval.every": eval_every, **(QUICK if quick else {})}
     regimes, t0 = {}, time.time()
