@@ -37,9 +37,11 @@ def test_select_timesteps_counts_and_kinds():
     # the release: 10 of 20, the even steps
     strided = select_timesteps(20, 0.5, "strided", 2, g)
     assert strided.tolist() == [list(range(0, 20, 2))] * 2
-    # DanceGRPO: int(16 · 0.6) = 9 per sample out of steps 0..14, different per sample
+    # DanceGRPO (train_grpo_flux.py L511–525): int((16 − 1) · 0.6) = 9 per sample out of steps
+    # 0..14, different per sample; with 10 steps int(9 · 0.6) = 5 out of 0..8
     ps = select_timesteps(16, 0.6, "per_sample", 64, g, skip_last=True)
     assert ps.shape == (64, 9) and int(ps.max()) <= 14
+    assert select_timesteps(10, 0.6, "per_sample", 4, g, skip_last=True).shape == (4, 5)
     assert all(len(set(r)) == 9 and r == sorted(r) for r in ps.tolist())
     assert len({tuple(r) for r in ps.tolist()}) > 50
     pb = select_timesteps(10, 0.6, "per_batch", 5, g)

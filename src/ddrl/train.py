@@ -42,14 +42,14 @@ from .train_state import TrainState
 def select_timesteps(
     num_steps: int, fraction: float, how: str, batch: int, g: torch.Generator, skip_last=False
 ) -> torch.Tensor:
-    """Step indices [batch, n] trained this iteration, n = floor(fraction · num_steps) (as
-    flow_grpo and DanceGRPO count them; at least 1), drawn from steps 0..N−1, or 0..N−2 with
-    ``skip_last``. "first": steps 0..n−1; "per_sample": a random subset per trajectory;
+    """Step indices [batch, n] trained this iteration, drawn from the candidate steps 0..N−1,
+    or 0..N−2 with ``skip_last``; n = floor(fraction · #candidates), at least 1, as both peers
+    count them (flow_grpo: int(10 · 0.99) = 9; DanceGRPO: int((16 − 1) · 0.6) = 9). "first": steps 0..n−1; "per_sample": a random subset per trajectory;
     "per_batch": one random subset for all; "strided": every (N/n)-th step from 0. Each row is
     sorted, so the j-th trained step runs from noise towards data.
     """
     pool = num_steps - 1 if skip_last and num_steps > 1 else num_steps
-    n = min(pool, max(1, math.floor(fraction * num_steps + 1e-9)))
+    n = max(1, math.floor(fraction * pool + 1e-9))
     if how == "first":
         row = torch.arange(n)
     elif how == "strided":
