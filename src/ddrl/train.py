@@ -44,8 +44,9 @@ def select_timesteps(
 ) -> torch.Tensor:
     """Step indices [batch, n] trained this iteration, drawn from the candidate steps 0..N−1,
     or 0..N−2 with ``skip_last``; n = floor(fraction · #candidates), at least 1, as both peers
-    count them (flow_grpo: int(10 · 0.99) = 9; DanceGRPO: int((16 − 1) · 0.6) = 9). "first": steps 0..n−1; "per_sample": a random subset per trajectory;
-    "per_batch": one random subset for all; "strided": every (N/n)-th step from 0. Each row is
+    count them (flow_grpo: int(10 · 0.99) = 9; DanceGRPO: int((16 − 1) · 0.6) = 9).
+    "first": steps 0..n−1; "per_sample": a random subset per trajectory; "per_batch": one
+    random subset for all; "strided": every (#candidates/n)-th step from 0. Each row is
     sorted, so the j-th trained step runs from noise towards data.
     """
     pool = num_steps - 1 if skip_last and num_steps > 1 else num_steps
