@@ -19,7 +19,7 @@ from ..errors import DDRLError
 from ..runlog import prepare_run_dir, read_jsonl
 from ..train import train
 from .evaluate import evaluate_components, save_prompt_grid
-from .report import arm_label, write_report
+from .report import arm_label, arm_slug, write_report
 from .toy2d_compare import TOY_COMMON, TOY_QUICK, run_toy2d, toy2d_html
 
 # Arms of the full comparison: (algorithm, setting). DanceGRPO and plain GRPO have no
@@ -127,7 +127,7 @@ def run_compare(
                 algorithm,
                 setting,
                 common,
-                rdir / _slug(algorithm, setting),
+                rdir / arm_slug(algorithm, setting),
                 [f"reward.name={reward}", *overrides],
                 log,
             )
@@ -179,7 +179,3 @@ def check_overrides(overrides: list[str]) -> None:
     """Resolve the user's overrides once and check the device, before any folder is moved
     aside: a bad key or an absent GPU must not cost the user their old output."""
     device_of(build_config(overrides=list(overrides)))
-
-
-def _slug(algorithm: str, setting: dict) -> str:
-    return "_".join([algorithm] + [f"{k.split('.')[-1]}{v}" for k, v in setting.items()])

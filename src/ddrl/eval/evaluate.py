@@ -18,7 +18,7 @@ from torch import Tensor
 from ..data import TaskData
 from ..errors import check_choice, check_range
 from ..flow import GRIDS
-from ..models import Generator, decode_images
+from ..models import Generator, clamp_images
 from ..rewards import GoldEvaluator, Reward
 from ..rollout import SamplerConfig, sample_ode
 from .metrics import (
@@ -69,8 +69,8 @@ def evaluate(
     prompts = [p for p in data.prompts for _ in range(cfg.samples_per_prompt)]
     gen_noise = torch.Generator().manual_seed(cfg.seed)
     z = sample_ode(gen, prompts, dataclasses.replace(sampler, grid=cfg.grid), gen_noise, device)
-    raw = gen.codec.decode(z.to(device)).cpu()
-    images = decode_images(gen.codec, z.to(device)).cpu()
+    raw = gen.codec.decode(z.to(device)).cpu()  # decoded once: a VAE decode is costly
+    images = clamp_images(gen.codec, raw)
     groups = torch.arange(len(data.prompts)).repeat_interleave(cfg.samples_per_prompt)
     held = data.heldout
     held_x = gen.codec.encode(held.x.to(device)).cpu()

@@ -18,8 +18,8 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from ..runlog import prepare_run_dir
-from .compare import _slug, check_overrides, evaluate_base, run_arm
-from .report import _save, write_report
+from .compare import check_overrides, evaluate_base, run_arm
+from .report import _save, arm_slug, write_report
 
 # The settings where DDRL and Flow-GRPO matched at 30 iterations (docs/LOG.md, 2026-11-24).
 LONG_ARMS: list[tuple[str, dict[str, Any]]] = [
@@ -91,7 +91,7 @@ def run_long(
         runs = []
         for algorithm, setting in arms:
             for seed in seeds:
-                name = f"{_slug(algorithm, setting)}_seed{seed}"
+                name = f"{arm_slug(algorithm, setting)}_seed{seed}"
                 ov = [f"reward.name={reward}", f"seed={seed}", *overrides]
                 arm = run_arm(algorithm, {**setting}, common, rdir / name, ov, log)
                 arm.update(reward=reward, seed=seed, label=f"{arm['label']} seed {seed}")

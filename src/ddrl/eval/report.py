@@ -44,6 +44,11 @@ def _setting_str(setting: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in setting.items())
 
 
+def arm_slug(algorithm: str, setting: dict) -> str:
+    """Folder name of an arm: algorithm_key1value1_... (last part of each dotted key)."""
+    return "_".join([algorithm] + [f"{k.split('.')[-1]}{v}" for k, v in setting.items()])
+
+
 def arm_label(arm: dict) -> str:
     """``arm["label"]`` if given, else e.g. ``ddrl(data_beta=0.3)`` or ``dance_grpo``."""
     if arm.get("label"):

@@ -14,13 +14,14 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import latest_checkpoint, load_checkpoint
+from ..checkpoint import latest_checkpoint, load_checkpoint, load_into
 from ..components import build_components
 from ..config import build_config
 from ..ema import trainable
 from ..rollout import sample_ode
 from ..runlog import prepare_run_dir
 from ..train import train
+from .report import arm_slug
 from .toy2d_tilt import plot_toy2d_arms, predicted_mode_weights, tilt_table
 
 TOY_ARMS: list[tuple[str, str, dict[str, Any]]] = [
@@ -43,9 +44,7 @@ def _samples(cfg, out: Path | None, seed: int = 7) -> torch.Tensor:
     if out is not None:
         _, parts = load_checkpoint(latest_checkpoint(out))
         den = c.gen.denoiser.requires_grad_(True)
-        with torch.no_grad():
-            for k, p in trainable(den).items():
-                p.copy_(parts["model"][k])
+        load_into(trainable(den), parts["model"], f"checkpoint of {out}")
     g = torch.Generator().manual_seed(seed)
     return sample_ode(c.gen, [""] * TILT_SAMPLES, cfg.sampler, g)
 
@@ -63,8 +62,7 @@ def run_toy2d(
         cfg = build_config(
             overrides=[*ov, f"algorithm={algorithm}"] + [f"{k}={v}" for k, v in setting.items()]
         )
-        slug = "_".join([algorithm] + [f"{k.split('.')[-1]}{v}" for k, v in setting.items()])
-        run = prepare_run_dir(out / slug, resume=False, overwrite=False)
+        run = prepare_run_dir(out / arm_slug(algorithm, setting), resume=False, overwrite=False)
         train(cfg, run, log=lambda *a: None)
         samples[label] = _samples(cfg, run)
         log(f"[toy2d] {label} done ({time.time() - t0:.0f}s)")

@@ -15,6 +15,7 @@ from .base import (
     Denoiser,
     Generator,
     IdentityCodec,
+    clamp_images,
     decode_images,
     guided_velocity,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "Generator",
     "IdentityCodec",
     "ModelConfig",
+    "clamp_images",
     "decode_images",
     "guided_velocity",
     "load_generator",

@@ -105,10 +105,14 @@ class IdentityCodec:
         return z
 
 
+def clamp_images(codec: Codec, x: Tensor) -> Tensor:
+    """Raw decoded images clamped to the codec's valid range (unchanged if it has none)."""
+    return x if codec.value_range is None else x.clamp(*codec.value_range)
+
+
 def decode_images(codec: Codec, z: Tensor) -> Tensor:
     """What rewards and evaluators see: decoded images clamped to the codec's valid range."""
-    x = codec.decode(z)
-    return x if codec.value_range is None else x.clamp(*codec.value_range)
+    return clamp_images(codec, codec.decode(z))
 
 
 class CondCache:
