@@ -41,7 +41,7 @@ class PluginToy(Toy2DGenerator):
         (path / "plugin.json").write_text(json.dumps({"hidden": self.denoiser.hidden}))
 
     @classmethod
-    def from_pretrained(cls, path, resolution: int = 0) -> "PluginToy":
+    def from_pretrained(cls, path, config=None) -> "PluginToy":
         path = Path(path)
         gen = cls(hidden=json.loads((path / "plugin.json").read_text())["hidden"])
         gen.denoiser.load_state_dict(load_file(path / "weights.safetensors"))

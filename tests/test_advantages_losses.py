@@ -253,7 +253,7 @@ def _sde(kind, level):
     return FlowSDE(noise_level=level) if kind == "flow" else DanceSDE(eta=level)
 
 
-def _no_reference():
+def _no_reference(kind):
     raise AssertionError("this loss must not build a reference")
 
 
@@ -335,7 +335,7 @@ def test_loss_configs_defaults_and_checks():
         1e-4,
     )
     f = FlowGRPOConfig()
-    assert (f.clip_range, f.beta_kl, f.reference) == (1e-4, 0.04, "frozen_copy")
+    assert (f.clip_range, f.beta_kl, f.reference) == (1e-4, 0.04, "auto")
     assert PolicyConfig().clip_range == 1e-4
     assert SFTConfig().data_beta == 1.0 and SFTConfig().data_t == "rollout"
     for cfg in (d, f, PolicyConfig(), SFTConfig()):
@@ -603,7 +603,8 @@ def test_flow_grpo_kl_hand_value():
 def test_flow_grpo_kl_zero_at_init_then_hand_formula(tiny_model):
     built = []
 
-    def make_reference():
+    def make_reference(kind):
+        assert kind == "auto"
         built.append(FrozenCopy(tiny_model.denoiser))
         return built[-1]
 

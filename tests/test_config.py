@@ -48,7 +48,7 @@ def test_sft_flow_grpo_grpo_and_toy_presets():
     assert type(sft.loss) is SFTConfig and sft.loss.data_beta == 1.0
     fg = build_config(overrides=["algorithm=flow_grpo"])
     assert type(fg.loss) is FlowGRPOConfig
-    assert fg.loss.beta_kl == 0.04 and fg.loss.reference == "frozen_copy"
+    assert fg.loss.beta_kl == 0.04 and fg.loss.reference == "auto"
     assert fg.sampler.sde == FlowSDE(noise_level=0.7) and fg.sampler.grid == "scheduler"
     assert fg.advantage.std == "global"  # flow_grpo's shipped configs: global_std = True
     assert fg.train.timestep_fraction == 0.99 and fg.train.timestep_selection == "first"

@@ -104,7 +104,9 @@ def test_loop_pairs_data_with_prompts_and_uses_the_rollout_t_and_noise(tmp_path)
     Recorder.seen.clear()
     _run(tmp_path, "rec", "algorithm=test_loop:Recorder", "train.iterations=1")
     data = load_data("digits").train
-    grid = SamplerConfig().grid_for(4)
+    from ddrl.flow import scheduler_grid
+
+    grid = scheduler_grid(4, 1.0)  # digits: FlowMatchEulerDiscreteScheduler(shift=1)
     assert len(Recorder.seen) == 4  # 4 steps, one micro-batch
     for j, b in enumerate(Recorder.seen):
         assert torch.equal(b.t, grid[j].expand(8)) and torch.equal(b.t_next, grid[j + 1].expand(8))

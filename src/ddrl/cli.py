@@ -1,4 +1,4 @@
-"""The `ddrl` command: pretrain, synth, train, eval, demo, compare, long, config.
+"""The `ddrl` command: pretrain, synth, train, eval, export, demo, compare, long, config, presets.
 
 Every subcommand takes config files (``--config``) and ``key=value`` overrides; user errors
 print one line (``ddrl: error: ...``) and exit with status 2. On SIGTERM, ``train`` finishes and
@@ -128,6 +128,22 @@ def cmd_train(args) -> None:
         print(train_summary(out, row))
 
 
+def cmd_presets(args) -> None:
+    from .config import preset_descriptions
+
+    items = preset_descriptions().items()
+    width = max(len(n) for n, _ in items)
+    for name, text in items:
+        print(f"{name:<{width}}  {text}")
+
+
+def cmd_export(args) -> None:
+    from .export import export
+
+    out = export(Path(args.run), Path(args.out), merge=args.merge, step=args.step)
+    print(f"exported to {out}")
+
+
 def cmd_config(args) -> None:
     from .config import describe
 
@@ -235,11 +251,17 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_, formatter_class=argparse.RawDescriptionHelpFormatter)
         if config:  # only commands that build a config from presets take these
             s.add_argument("--config", action="append", default=[], help="TOML/JSON config file")
-            s.add_argument("--preset", default="", help="digits (default) or toy2d")
+            s.add_argument("--preset", default="", help="a preset (`ddrl presets`)")
         s.set_defaults(fn=fn, config=[], preset="")
         return s
 
     add("config", cmd_config, "print every config key: type, value (and default), meaning")
+    add("presets", cmd_presets, "list every preset with a one-line description", config=False)
+    s = add("export", cmd_export, "write a run's trained weights for the plain pipeline", False)
+    s.add_argument("run", help="run folder (RUN/final, or --step) or a saved model folder")
+    s.add_argument("--out", required=True, help="new output folder")
+    s.add_argument("--merge", action="store_true", help="a whole pipeline with LoRA fused in")
+    s.add_argument("--step", type=int, default=None, help="checkpoint iteration")
     s = add("pretrain", cmd_pretrain, "train (or reuse) the preset's base model; prints its path")
     s = add("synth", cmd_synth, "generate a synthetic data pool from the base model")
     s.add_argument("--per-prompt", type=int, default=150, help="samples per prompt")
@@ -287,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     args.overrides = [*args.overrides, *extra]
-    if args.command in ("train", "demo", "compare", "long") and not args.out.strip():
+    if args.command in ("train", "demo", "compare", "long", "export") and not args.out.strip():
         # Path("") is the current folder: --overwrite would move it aside.
         print(f"ddrl: error: --out {args.out!r} is empty; allowed: a folder path", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +12,8 @@ from .config import RunConfig
 from .data import PairedPool, TaskData, load_data
 from .data.synthetic import load_pool
 from .errors import DDRLError
-from .models import Generator, load_generator, resolve
+from .models import DIFFUSERS_FAMILIES, Generator, load_generator, resolve
+from .models.hf import ensure_tiny
 from .pretrain import cache_root, ensure_base
 from .rewards import GoldEvaluator, Reward, RewardContext, build_gold, build_reward
 
@@ -35,16 +37,31 @@ def device_of(cfg: RunConfig) -> str:
 
 
 def load_base(cfg: RunConfig, log=print) -> tuple[Generator, Path]:
-    """model.base if given (a saved generator folder), else the family's cached base."""
+    """The starting generator and the folder it came from: a diffusers family's pipeline (hub
+    id, folder, or "tiny": built from config into the cache on first use), model.base (a saved
+    generator folder), or the embedded family's cached base (pretrained on first use)."""
     m = cfg.model
+    if m.name in DIFFUSERS_FAMILIES:
+        family = resolve(m.name)
+        source = m.base
+        if m.base == "tiny":
+            source = str(ensure_tiny(family, cache_root(m.cache_dir), log))
+        gen = family.from_pretrained(source, config=m)
+        local = Path(os.path.expanduser(source))
+        return gen, local if local.exists() else cache_root(m.cache_dir) / "hub" / slug(source)
     if m.base:
         path = Path(m.base)
         if (path / "generator.json").is_file():
-            return load_generator(path, resolution=m.resolution), path
+            return load_generator(path, config=m), path
         if not path.is_dir():
             raise DDRLError(f"model.base={m.base!r} does not exist")
-        return resolve(m.name).from_pretrained(path, resolution=m.resolution), path
+        return resolve(m.name).from_pretrained(path, config=m), path
     return ensure_base(m.name, cfg.data.name, cfg.pretrain, m.cache_dir, log)
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of a hub id or path."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "--" for ch in text)
 
 
 def synthetic_path(cfg: RunConfig, base_path: Path) -> Path:

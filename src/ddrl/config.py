@@ -1,8 +1,9 @@
 """The run configuration: nested dataclasses, each owned by its component.
 
-Resolution order (later wins): dataclass defaults → preset (presets/<preset>.toml: model, data,
-reward, gold and sizes) → algorithm preset (presets/<algorithm>.toml) → user files
-(``--config a.toml``) → ``key=value`` overrides. Two sections are chosen by a key before any
+Resolution order (later wins): dataclass defaults → algorithm preset
+(presets/algorithms/<algorithm>.toml: the peer's own loop settings) → run preset
+(presets/<preset>.toml: model, data, reward, sizes, and any published value of that setup) →
+user files (``--config a.toml``) → ``key=value`` overrides. Two sections are chosen by a key before any
 value is applied: ``loss`` is the chosen algorithm's own config class, and ``sampler.sde`` the
 chosen SDE's (``sampler.sde.kind``), so a knob the choice does not have is an error, never
 silently ignored. The resolved config is written to ``<run>/config.json``; ``load_config``
@@ -44,7 +45,16 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 PRESETS = Path(__file__).parent / "presets"
-PRESET_NAMES = ("digits", "toy2d")
+PRESET_NAMES = tuple(sorted(p.stem for p in PRESETS.glob("*.toml")))
+
+
+def preset_descriptions() -> dict[str, str]:
+    """Preset name → its one-line description (the file's first line, a ``#`` comment)."""
+    out = {}
+    for name in PRESET_NAMES:
+        first = (PRESETS / f"{name}.toml").read_text().splitlines()[:1]
+        out[name] = first[0].lstrip("#").strip() if first else ""
+    return out
 
 
 @dataclass
@@ -52,7 +62,7 @@ class RunConfig:
     """Everything a run needs; every leaf has a default and a one-line comment at its owner."""
 
     seed: int = 0  # the run's randomness: (seed, iteration) shared, (seed, rank, iteration) own
-    preset: str = "digits"  # presets/<name>.toml: model, data, reward and sizes (digits | toy2d)
+    preset: str = "digits"  # presets/<name>.toml: model, data, reward, sizes (`ddrl presets`)
     algorithm: str = "ddrl"  # ddrl | flow_grpo | dance_grpo | grpo | sft | "module:Loss"
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -197,11 +207,12 @@ def resolve(layers: list[dict[str, Any]], presets: bool = True) -> RunConfig:
     if presets:
         name = str(_last(flat, "preset", RunConfig.preset))
         check_choice("preset", name, PRESET_NAMES)
-        files.append(_flatten(read_file(PRESETS / f"{name}.toml")))
-        algorithm = str(_last(files + flat, "algorithm", RunConfig.algorithm))
-        alg_file = PRESETS / f"{algorithm}.toml"
-        if alg_file.is_file():
+        run_preset = _flatten(read_file(PRESETS / f"{name}.toml"))
+        algorithm = str(_last([run_preset, *flat], "algorithm", RunConfig.algorithm))
+        alg_file = PRESETS / "algorithms" / f"{algorithm}.toml"
+        if alg_file.is_file():  # first: a run preset's published values override it
             files.append(_flatten(read_file(alg_file)))
+        files.append(run_preset)
     all_layers = files + flat
     algorithm = str(_last(all_layers, "algorithm", RunConfig.algorithm))
     sde_kind = str(_last(all_layers, "sampler.sde.kind", "flow"))

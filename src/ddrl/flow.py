@@ -95,3 +95,18 @@ def sample_training_t(
     else:
         t = torch.sigmoid(torch.randn(n, generator=generator, device=device))
     return t.clamp(1e-4, 1 - 1e-4)
+
+
+def scheduler_sigmas(scheduler, num_steps: int, shift: float = 0.0) -> Tensor:
+    """A model's own scheduler's sigmas [N + 1] (1 → 0) after ``set_timesteps(N)``: a copy of
+    ``scheduler`` built from its config (the instance is not modified). ``shift`` > 0 replaces
+    its shift (``shift`` for FlowMatchEulerDiscreteScheduler, ``flow_shift`` for UniPC)."""
+    over = {}
+    if shift > 0:
+        key = "flow_shift" if "flow_shift" in scheduler.config else "shift"
+        over[key] = shift
+        if scheduler.config.get("use_dynamic_shifting"):
+            over["use_dynamic_shifting"] = False
+    sched = type(scheduler).from_config(scheduler.config, **over)
+    sched.set_timesteps(num_steps)
+    return sched.sigmas.float().cpu()

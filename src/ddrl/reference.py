@@ -1,7 +1,8 @@
 """The reference model of KL-regularised baselines (Flow-GRPO), behind a small protocol.
 
-Today the reference is a frozen copy of the starting denoiser; with LoRA it will be the same
-denoiser with its adapters disabled (no second copy). DDRL needs no reference at all.
+Full fine-tuning: a frozen copy of the starting denoiser. LoRA: the same denoiser with its
+adapters switched off (the base weights never change, so no second copy is kept). DDRL needs
+no reference at all.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from .errors import DDRLError
 from .models import Cond, guided_velocity
 
 
@@ -33,4 +35,42 @@ class FrozenCopy:
         return guided_velocity(self.model, x_t, t, cond, null, scale)
 
 
-REFERENCES = {"frozen_copy": FrozenCopy}
+class AdapterDisabled:
+    """The LoRA denoiser with its peft adapters disabled for the call: the base model."""
+
+    def __init__(self, denoiser: nn.Module):
+        self.model = denoiser
+
+    @torch.no_grad()
+    def velocity(self, x_t, t, cond, null, scale):
+        tr = self.model.transformer
+        was_training = self.model.training
+        self.model.eval()  # no adapter dropout; the base has none of its own
+        tr.disable_adapters()
+        try:
+            return guided_velocity(self.model, x_t, t, cond, null, scale)
+        finally:
+            tr.enable_adapters()
+            self.model.train(was_training)
+
+
+def has_adapters(denoiser: nn.Module) -> bool:
+    """Whether the denoiser's transformer carries peft adapters (model.finetune = "lora")."""
+    tr = getattr(denoiser, "transformer", None)
+    return bool(getattr(tr, "_hf_peft_config_loaded", False))
+
+
+REFERENCES = {"auto": None, "frozen_copy": FrozenCopy, "adapter_disabled": AdapterDisabled}
+
+
+def make_reference(denoiser: nn.Module, kind: str = "auto") -> Reference:
+    """The reference (built before any update or resume): "auto" is AdapterDisabled under
+    LoRA, else a FrozenCopy."""
+    if kind == "auto":
+        kind = "adapter_disabled" if has_adapters(denoiser) else "frozen_copy"
+    if kind == "adapter_disabled" and not has_adapters(denoiser):
+        raise DDRLError(
+            "loss.reference='adapter_disabled' needs model.finetune=lora; allowed here: "
+            "auto, frozen_copy"
+        )
+    return REFERENCES[kind](denoiser)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .errors import check_choice, check_range
-from .flow import GRIDS, timestep_grid
+from .flow import GRIDS, linear_grid
 from .models import Cond, CondCache, Generator, guided_velocity
 from .sde import SDES, FlowSDE, ode_step
 
@@ -24,13 +24,17 @@ class SamplerConfig:
 
     sde: Any = field(default_factory=FlowSDE)  # [sampler.sde] kind = "flow" (noise_level a) or
     # "dance" (eta): the stochastic step and its own parameter
-    grid: str = "scheduler"  # "scheduler": diffusers FlowMatchEulerDiscreteScheduler sigmas
-    # (SD3/FLUX pipelines, flow_grpo); "linear": shift(linspace(1, 0, N+1)) (DanceGRPO)
+    grid: str = "scheduler"  # "scheduler": the model's own scheduler's sigmas (diffusers
+    # pipelines, flow_grpo; digits: FlowMatchEulerDiscreteScheduler); "linear":
+    # shift(linspace(1, 0, N+1)) (DanceGRPO)
     num_steps: int = 10  # sampling steps per rollout (flow_grpo trains on 10)
-    shift: float = 1.0  # SD3 timestep shift of the grid (SD3/SD3.5 schedulers: 3.0)
+    shift: float = 0.0  # timestep shift of the grid; 0 = the model's own scheduler's (SD3.5: 3.0,
+    # FLUX: resolution-dependent, digits: 1.0); for the linear grid 0 means 1 (no shift)
     cfg_scale: float = 1.0  # classifier-free guidance weight; 1 = off (DDRL's release uses none)
     shared_noise: bool = False  # one initial noise per group (DanceGRPO) instead of per sample
     eval_steps: int = 20  # ODE steps for evaluation samples
+    batch: int = 0  # trajectories per denoiser forward in rollouts; 0 = all at once (memory
+    # only: the samples do not depend on it)
 
     def check(self) -> None:
         check_choice("sampler.sde.kind", getattr(self.sde, "kind", "?"), SDES)
@@ -38,12 +42,16 @@ class SamplerConfig:
         check_choice("sampler.grid", self.grid, GRIDS)
         check_range("sampler.num_steps", self.num_steps, 1, 1000)
         check_range("sampler.eval_steps", self.eval_steps, 1, 1000)
-        check_range("sampler.shift", self.shift, 1e-3, 100.0)
+        if self.shift != 0:
+            check_range("sampler.shift", self.shift, 1e-3, 100.0)
+        check_range("sampler.batch", self.batch, 0)
         check_range("sampler.cfg_scale", self.cfg_scale, 0.0, 100.0)
 
-    def grid_for(self, num_steps: int) -> Tensor:
-        """The sampling grid [num_steps + 1] from 1 to 0."""
-        return timestep_grid(num_steps, self.shift, self.grid)
+    def grid_for(self, gen: Generator, num_steps: int) -> Tensor:
+        """The sampling grid [num_steps + 1] from 1 to 0: ``gen``'s own scheduler's, or linear."""
+        if self.grid == "linear":
+            return linear_grid(num_steps, self.shift or 1.0)
+        return gen.timestep_grid(num_steps, self.shift)
 
 
 @dataclass
@@ -91,19 +99,29 @@ def rollout(
     rep = [q for q in prompts for _ in range(group_size)]
     cond = (encode or gen.conditioner.encode)(rep).to(device)
     null = gen.conditioner.null(len(rep)).to(device) if cfg.cfg_scale != 1.0 else None
-    x = initial_noise(p, group_size, gen.sample_shape, cfg.shared_noise, generator).to(device)
-    ts = cfg.grid_for(cfg.num_steps).to(device)
-    states, logps = [x], []
-    for i in range(cfg.num_steps):
-        t = ts[i].expand(x.shape[0])
-        v = guided_velocity(gen.denoiser, x, t, cond, null, cfg.cfg_scale)
-        z = torch.randn(x.shape, generator=generator).to(device)
-        step = cfg.sde.step(x, v, t, ts[i + 1].expand(x.shape[0]), noise=z)
-        x = step.x_next
-        states.append(x)
-        logps.append(step.log_prob)
+    x0 = initial_noise(p, group_size, gen.sample_shape, cfg.shared_noise, generator)
+    ts = cfg.grid_for(gen, cfg.num_steps).to(device)
+    # All noise is drawn first, in the order of an unchunked rollout, so ``cfg.batch`` changes
+    # memory only, never the samples.
+    zs = [torch.randn(x0.shape, generator=generator) for _ in range(cfg.num_steps)]
+    n, chunk = len(rep), cfg.batch or len(rep)
+    states = torch.empty((cfg.num_steps + 1, *x0.shape), device=device)
+    logps = torch.empty((cfg.num_steps, n), device=device)
+    for s in range(0, n, chunk):
+        rows = slice(s, s + chunk)
+        idx = torch.arange(n, device=device)[rows]
+        c, u = cond.index(idx), null.index(idx) if null is not None else None
+        x = x0[rows].to(device)
+        states[0, rows] = x
+        for i in range(cfg.num_steps):
+            t = ts[i].expand(x.shape[0])
+            v = guided_velocity(gen.denoiser, x, t, c, u, cfg.cfg_scale)
+            step = cfg.sde.step(x, v, t, ts[i + 1].expand(x.shape[0]), noise=zs[i][rows].to(device))
+            x = step.x_next
+            states[i + 1, rows] = x
+            logps[i, rows] = step.log_prob
     gid = torch.arange(p, device=device).repeat_interleave(group_size)
-    return Rollout(torch.stack(states), torch.stack(logps), ts, cond, null, rep, gid)
+    return Rollout(states, logps, ts, cond, null, rep, gid)
 
 
 @torch.no_grad()
@@ -117,7 +135,7 @@ def sample_ode(
 ) -> Tensor:
     """Deterministic Euler samples [len(prompts), *sample_shape] (model space) from fixed noise,
     on ``cfg``'s grid with ``cfg.eval_steps`` steps (evaluation, synthetic data)."""
-    ts = cfg.grid_for(cfg.eval_steps).to(device)
+    ts = cfg.grid_for(gen, cfg.eval_steps).to(device)
     noise = torch.randn((len(prompts), *gen.sample_shape), generator=generator)
     out = []
     for s in range(0, len(prompts), batch_size):

@@ -31,7 +31,7 @@ from .errors import DDRLError, Terminated
 from .eval.evaluate import evaluate_components, save_prompt_grid
 from .losses import LossContext, StepBatch, build_loss
 from .models import CondCache, decode_images
-from .reference import REFERENCES
+from .reference import make_reference
 from .rewards import checked_reward
 from .rng import current_rank, rank_generator, shared_generator
 from .rollout import Rollout, rollout
@@ -160,9 +160,13 @@ def train(
     gen = c.gen.to(dev)
     if isinstance(gen.conditioner, torch.nn.Module):
         gen.conditioner.requires_grad_(False)  # frozen, like a real text encoder
-    denoiser = gen.denoiser.requires_grad_(True)
+    prepare = getattr(gen.conditioner, "prepare", None)  # plugins may not have it
+    if prepare is not None:  # every prompt encoded once; text encoders may be freed after
+        prepare([*c.data.prompts, *(getattr(c.data, "eval_prompts", None) or [])])
+    # Which weights train (all, or LoRA adapters only) is the generator's choice.
+    denoiser = gen.denoiser
     ctx = LossContext(
-        cfg.sampler.sde, cfg.sampler.cfg_scale, lambda: REFERENCES["frozen_copy"](denoiser)
+        cfg.sampler.sde, cfg.sampler.cfg_scale, lambda kind: make_reference(denoiser, kind)
     )
     loss_fn = build_loss(cfg.algorithm, cfg.loss, ctx)  # before resume: the reference is the base
     params = [p for p in denoiser.parameters() if p.requires_grad]

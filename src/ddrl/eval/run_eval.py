@@ -54,7 +54,7 @@ def evaluate_run(
         c = build_components(cfg)
         ckpt = _checkpoint(run, step)
         meta, parts = load_checkpoint(ckpt)
-        den = c.gen.denoiser.requires_grad_(True)
+        den = c.gen.denoiser  # its trainable parameters: all, or the LoRA adapters
         if meta.get("base_fingerprint") != fingerprint(den):
             raise DDRLError(f"checkpoint {ckpt} was not trained from this run's base model")
         has_ema = "ema" in parts

@@ -48,7 +48,7 @@ class LossContext:
 
     sde: Any  # the sampler's SDE object (FlowSDE / DanceSDE): ``step`` recomputes transitions
     cfg_scale: float  # classifier-free guidance weight used by the rollout
-    make_reference: Callable[[], Any]  # builds the Reference (a frozen copy of the start)
+    make_reference: Callable[[str], Any]  # kind → the Reference (see ddrl.reference)
 
 
 @dataclass

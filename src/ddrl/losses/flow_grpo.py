@@ -30,7 +30,8 @@ class FlowGRPOConfig:
 
     clip_range: float = 1e-4  # PPO ratio clip ε (flow_grpo: 1e-4)
     beta_kl: float = 0.04  # KL weight in flow_grpo's units (its SD3.5-M OCR config: 0.04)
-    reference: str = "frozen_copy"  # the reference model: a frozen copy of the start
+    reference: str = "auto"  # the start model: "auto" = adapters disabled under LoRA (no copy),
+    # else a frozen copy; or "frozen_copy" / "adapter_disabled"
 
     def check(self) -> None:
         check_range("loss.clip_range", self.clip_range, 0.0, 1.0)
@@ -43,7 +44,7 @@ class FlowGRPOLoss:
 
     def __init__(self, cfg: FlowGRPOConfig, ctx):
         self.cfg, self.ctx = cfg, ctx
-        self.ref = ctx.make_reference() if cfg.beta_kl > 0 else None
+        self.ref = ctx.make_reference(cfg.reference) if cfg.beta_kl > 0 else None
 
     def masks(self, b):
         return {"policy": b.valid, "kl": b.valid}

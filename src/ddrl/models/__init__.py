@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DDRLError, check_range, lookup
+from ..errors import DDRLError, lookup
 from .base import (
     Codec,
     Cond,
@@ -19,13 +18,30 @@ from .base import (
     decode_images,
     guided_velocity,
 )
+from .config import LoraConfig, ModelConfig
 from .digits import DigitsGenerator
 from .toy2d import Toy2DGenerator
 
-MODELS = {"digits": DigitsGenerator, "toy2d": Toy2DGenerator}
+# Diffusers families load lazily ("module:attr"): importing ddrl does not import them.
+DIFFUSERS_FAMILIES = {
+    "sd3": "ddrl.models.sd3:SD3Generator",
+    "flux": "ddrl.models.flux:FluxGenerator",
+    "cosmos": "ddrl.models.cosmos:CosmosGenerator",
+    "wan": "ddrl.models.wan:WanGenerator",
+}
+MODELS = {"digits": DigitsGenerator, "toy2d": Toy2DGenerator, **DIFFUSERS_FAMILIES}
+# diffusers pipeline class (model_index.json "_class_name") → family name
+PIPELINES = {
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
+    "Cosmos2_5_PredictBasePipeline": "cosmos",
+    "WanPipeline": "wan",
+}
 
 __all__ = [
+    "DIFFUSERS_FAMILIES",
     "MODELS",
+    "PIPELINES",
     "Codec",
     "Cond",
     "CondCache",
@@ -33,37 +49,22 @@ __all__ = [
     "Denoiser",
     "Generator",
     "IdentityCodec",
+    "LoraConfig",
     "ModelConfig",
     "clamp_images",
     "decode_images",
+    "family_of",
     "guided_velocity",
     "load_generator",
     "resolve",
 ]
 
 
-@dataclass
-class ModelConfig:
-    """Which generator is trained, and from which weights."""
-
-    name: str = "digits"  # model family: digits | toy2d | "module:Class" (a Generator class)
-    base: str = ""  # saved generator folder to start from; "" = the family's cached base
-    resolution: int = 0  # pixels per side of a sample; 0 = the family's native size
-    cache_dir: str = ""  # base and reward models; "" = $DDRL_CACHE or ~/.cache/ddrl
-
-    def check(self) -> None:
-        resolve(self.name)
-        check_range("model.resolution", self.resolution, 0)
-        if self.name not in MODELS and not self.base:
-            raise DDRLError(
-                f"model.name={self.name!r} is a plugin: set model.base to its weights folder "
-                f"(only {', '.join(MODELS)} are pretrained here)"
-            )
-
-
 def resolve(name: str):
     """A registered family name, or "package.module:Attr" for a user plugin."""
     cls = lookup("model", name, MODELS)
+    if isinstance(cls, str):  # a built-in diffusers family, imported on first use
+        cls = lookup("model", cls, {})
     if not hasattr(cls, "from_pretrained"):
         raise DDRLError(
             f"model {name!r} is not a Generator class (no from_pretrained); "
@@ -72,15 +73,29 @@ def resolve(name: str):
     return cls
 
 
-def load_generator(path: str | Path, name: str = "", resolution: int = 0) -> Generator:
-    """Load a saved generator; its generator.json names the family unless ``name`` is given."""
+def family_of(path: str | Path) -> str:
+    """The family a folder holds: generator.json's "type" (saved by ddrl) or, for a diffusers
+    pipeline folder, its model_index.json "_class_name"."""
     path = Path(path)
-    meta_path = path / "generator.json"
-    if not name:
-        if not meta_path.is_file():
-            raise DDRLError(f"no model at {path} (missing generator.json)")
-        try:
-            name = json.loads(meta_path.read_text())["type"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise DDRLError(f"corrupt {meta_path}: {e}") from e
-    return resolve(name).from_pretrained(path, resolution=resolution)
+    meta_path, index = path / "generator.json", path / "model_index.json"
+    try:
+        if meta_path.is_file():
+            return json.loads(meta_path.read_text())["type"]
+        if index.is_file():
+            cls = json.loads(index.read_text()).get("_class_name")
+            if cls not in PIPELINES:
+                raise DDRLError(
+                    f"{path} holds a {cls}; supported pipelines: {', '.join(PIPELINES)}"
+                )
+            return PIPELINES[cls]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise DDRLError(f"corrupt {meta_path if meta_path.is_file() else index}: {e}") from e
+    raise DDRLError(f"no model at {path} (no generator.json or model_index.json)")
+
+
+def load_generator(
+    path: str | Path, name: str = "", config: ModelConfig | None = None
+) -> Generator:
+    """Load a saved generator or pipeline folder; its family comes from the folder unless
+    ``name`` is given. ``config``: the run's model section (resolution, LoRA, precision)."""
+    return resolve(name or family_of(path)).from_pretrained(path, config=config)

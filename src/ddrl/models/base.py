@@ -64,6 +64,10 @@ class Conditioner(Protocol):
     def null(self, n: int) -> Cond:
         """The unconditional condition for classifier-free guidance, batch n."""
 
+    def prepare(self, prompts: list[str]) -> None:
+        """Called once before training with every prompt the run will use: a conditioner may
+        encode them now and free its text encoders (diffusers families)."""
+
 
 class Codec(Protocol):
     """Images ↔ model space."""
@@ -85,11 +89,26 @@ class Generator(Protocol):
     codec: Codec
     sample_shape: tuple[int, ...]  # one model-space sample, from config (resolution, frames)
 
+    def timestep_grid(self, num_steps: int, shift: float = 0.0) -> Tensor:
+        """The model's own scheduler's grid [num_steps + 1] from 1 to 0 (``shift`` > 0 replaces
+        the scheduler's shift)."""
+
     def save_pretrained(self, path: str | Path) -> None:
         """Write everything ``from_pretrained`` needs (safetensors + JSON) into ``path``."""
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, **kwargs) -> Generator: ...
+    def from_pretrained(cls, path: str | Path, config=None) -> Generator:
+        """Load from ``path``; ``config``: the run's ModelConfig (resolution, LoRA, precision)."""
+
+
+class EulerSchedulerGrid:
+    """The grid of diffusers' FlowMatchEulerDiscreteScheduler(shift=1) for the embedded models
+    (digits, toy2d), which have no scheduler of their own."""
+
+    def timestep_grid(self, num_steps: int, shift: float = 0.0) -> Tensor:
+        from ..flow import scheduler_grid
+
+        return scheduler_grid(num_steps, shift or 1.0)
 
 
 class IdentityCodec:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..errors import DDRLError
-from .base import Cond, IdentityCodec
+from .base import Cond, EulerSchedulerGrid, IdentityCodec
 
 NUM_CLASSES = 10
 NULL_CLASS = NUM_CLASSES
@@ -87,8 +87,11 @@ class DigitsConditioner(nn.Module):
         dev = self.class_pooled.weight.device
         return self.from_ids(torch.full((n,), NULL_CLASS, dtype=torch.long, device=dev))
 
+    def prepare(self, prompts: list[str]) -> None:
+        """Nothing to precompute."""
 
-class DigitsGenerator(nn.Module):
+
+class DigitsGenerator(EulerSchedulerGrid, nn.Module):
     """Denoiser + conditioner + identity codec for 8×8 digits in [-1, 1]."""
 
     def __init__(self, arch: DigitsArch | None = None, transformer=None, resolution: int = 0):
@@ -130,9 +133,9 @@ class DigitsGenerator(nn.Module):
         (path / "generator.json").write_text(json.dumps({"type": "digits", **asdict(self.arch)}))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, resolution: int = 0) -> DigitsGenerator:
+    def from_pretrained(cls, path: str | Path, config=None) -> DigitsGenerator:
         """Load through diffusers' ``SD3Transformer2DModel.from_pretrained`` like a real model."""
-        path = Path(path)
+        path, resolution = Path(path), config.resolution if config is not None else 0
         try:
             meta = json.loads((path / "generator.json").read_text())
             meta.pop("type", None)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..errors import DDRLError
-from .base import Cond, IdentityCodec
+from .base import Cond, EulerSchedulerGrid, IdentityCodec
 
 
 class Toy2DDenoiser(nn.Module):
@@ -48,8 +48,11 @@ class EmptyConditioner:
     def null(self, n: int) -> Cond:
         return self.encode([""] * n)
 
+    def prepare(self, prompts: list[str]) -> None:
+        """Nothing to precompute."""
 
-class Toy2DGenerator(nn.Module):
+
+class Toy2DGenerator(EulerSchedulerGrid, nn.Module):
     """MLP denoiser, no conditioning, identity codec on unbounded R²."""
 
     def __init__(self, hidden: int = 128, resolution: int = 0):
@@ -72,8 +75,8 @@ class Toy2DGenerator(nn.Module):
         (path / "generator.json").write_text(json.dumps(meta))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, resolution: int = 0) -> Toy2DGenerator:
-        path = Path(path)
+    def from_pretrained(cls, path: str | Path, config=None) -> Toy2DGenerator:
+        path, resolution = Path(path), config.resolution if config is not None else 0
         try:
             meta = json.loads((path / "generator.json").read_text())
             gen = cls(hidden=meta["hidden"], resolution=resolution)

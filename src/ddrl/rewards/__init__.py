@@ -14,6 +14,7 @@ from .base import (
     checked_reward,
 )
 from .digits import ClassifierReward, DigitsGold, InkReward
+from .pixels import BrightnessReward
 from .toy2d import RightReward, Toy2DGold
 
 # name -> (data set it applies to, factory(ctx) -> Reward)
@@ -21,6 +22,7 @@ REWARDS = {
     "ink": ("digits", lambda ctx: InkReward()),
     "classifier": ("digits", ClassifierReward),
     "right": ("toy2d", lambda ctx: RightReward()),
+    "brightness": ("files", lambda ctx: BrightnessReward()),
 }
 GOLD = {"digits": DigitsGold, "toy2d": lambda seed=0: Toy2DGold()}
 

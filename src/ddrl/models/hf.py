@@ -1,0 +1,416 @@
+"""Real generators through diffusers: what every family (sd3, flux, cosmos, wan) shares.
+
+A family module subclasses ``DiffusersGenerator`` and says only what differs: how its
+transformer is called and what it predicts (``HFDenoiser.forward_velocity``, converted to the
+loop's rectified-flow velocity v = ε − x0 on t ∈ [0, 1]), how prompts become embeddings
+(``TextConditioner.encode_batch``), how the VAE's latents are normalised (``VAECodec``), the
+latent shape, and how to build a tiny pipeline from config. This module loads the pipeline the
+way a user does (``Pipeline.from_pretrained(hub id or folder, torch_dtype=...)``), applies LoRA
+(peft, through diffusers' ``add_adapter``) or full fine-tuning, precision and gradient
+checkpointing, and saves a run's weights in formats the plain diffusers pipeline reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import DDRLError
+from .base import Cond
+from .config import LoraConfig, ModelConfig
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TINY_VERSION = 1  # bump when a tiny builder changes: the cache folder name includes it
+
+
+def first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+class HFDenoiser(nn.Module):
+    """v_θ(x_t, t, c) from a diffusers transformer; x_t [B, *sample_shape] float32, t [B] ∈ [0, 1].
+
+    Inputs are cast to the transformer's dtype, the forward runs under the configured autocast,
+    and the velocity comes back float32 so that log-probs and losses are computed in float32."""
+
+    def __init__(self, transformer: nn.Module, autocast: str = "none"):
+        super().__init__()
+        self.transformer = transformer
+        self.autocast = autocast
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    def forward_velocity(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        """The family's call: x_t in the transformer's dtype → v = ε − x0, like x_t."""
+        raise NotImplementedError
+
+    def velocity(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        on = self.autocast != "none"
+        dt = TORCH_DTYPES[self.autocast] if on else None
+        ctx = torch.autocast(x_t.device.type, dtype=dt) if on else contextlib.nullcontext()
+        with ctx:
+            v = self.forward_velocity(x_t.to(self.dtype), t.expand(x_t.shape[0]), cond)
+        return v.float()
+
+
+class TextConditioner(nn.Module):
+    """Prompt embeddings computed once per distinct prompt and kept (CPU, ``model.dtype``);
+    after ``prepare`` has seen every prompt a run uses, the text encoders can be released."""
+
+    null_prompt = ""  # the negative prompt of the pipelines' CFG
+
+    def __init__(self, pipe, cfg: ModelConfig, encoder_names: tuple[str, ...]):
+        super().__init__()
+        self.pipe, self.cfg, self.encoder_names = pipe, cfg, encoder_names
+        # Registered, so that ``generator.to(device)`` moves them (the pipe is not a Module).
+        self.encoders = nn.ModuleDict(
+            {n: getattr(pipe, n) for n in encoder_names if getattr(pipe, n, None) is not None}
+        )
+        self.rows: dict[str, dict[str, Tensor]] = {}
+        self.shared: dict[str, Tensor] = {}
+        self.released = False
+
+    def encode_batch(self, prompts: list[str]) -> Cond:
+        """The family's ``pipe.encode_prompt`` call: prompts [B] → Cond (batch B)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def _fill(self, prompts: list[str], batch: int = 16) -> None:
+        new = sorted({p for p in prompts if p not in self.rows})
+        if new and self.released:
+            raise DDRLError(
+                f"prompt {new[0]!r} was not encoded before the text encoders were released; "
+                "set model.release_text_encoders=false to encode prompts on demand"
+            )
+        for s in range(0, len(new), batch):
+            chunk = new[s : s + batch]
+            c = self.encode_batch(chunk)
+            self.shared = {k: v.cpu() for k, v in c.shared.items()}
+            for i, p in enumerate(chunk):
+                self.rows[p] = {k: v[i : i + 1].cpu() for k, v in c.batched.items()}
+
+    def encode(self, prompts: list[str]) -> Cond:
+        self._fill(prompts)
+        keys = self.rows[prompts[0]].keys()
+        return Cond({k: torch.cat([self.rows[p][k] for p in prompts]) for k in keys}, self.shared)
+
+    def null(self, n: int) -> Cond:
+        return self.encode([self.null_prompt] * n)
+
+    def prepare(self, prompts: list[str]) -> None:
+        """Encode ``prompts`` and the null prompt now; then free the encoders if configured."""
+        self._fill([*prompts, self.null_prompt])
+        if self.cfg.release_text_encoders:
+            self.release()
+
+    def release(self) -> None:
+        for name in self.encoder_names:
+            if getattr(self.pipe, name, None) is not None:
+                setattr(self.pipe, name, None)
+        self.encoders = nn.ModuleDict()
+        self.released = True
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def device(self) -> torch.device:
+        for name in self.encoder_names:
+            enc = getattr(self.pipe, name, None)
+            if isinstance(enc, nn.Module):
+                return next(enc.parameters()).device
+        return torch.device("cpu")
+
+
+class VAECodec(nn.Module):
+    """Images [B, 3, H, W] (or videos [B, 3, F, H, W]) in [-1, 1] ↔ normalised latents
+    z = (E(x) − m)·s, the latent distribution's mode (deterministic), ``batch`` items per call."""
+
+    value_range = (-1.0, 1.0)
+
+    def __init__(self, vae: nn.Module, mean, scale, batch: int):
+        super().__init__()
+        self.vae, self.batch = vae, batch
+        self.register_buffer("m", torch.as_tensor(mean, dtype=torch.float32), persistent=False)
+        self.register_buffer("s", torch.as_tensor(scale, dtype=torch.float32), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        out = []
+        for x in images.split(self.batch):
+            lat = self.vae.encode(x.to(self.m.device, self.dtype)).latent_dist.mode()
+            out.append((lat.float() - self.m) * self.s)
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def decode(self, z: Tensor) -> Tensor:
+        out = []
+        for x in z.split(self.batch):
+            lat = (x.to(self.m.device).float() / self.s + self.m).to(self.dtype)
+            out.append(self.vae.decode(lat, return_dict=False)[0].float())
+        return torch.cat(out)
+
+
+def load_pipeline(family: type[DiffusersGenerator], source: str, cfg: ModelConfig, **parts):
+    """``Pipeline.from_pretrained(source)`` as a user would call it, with one-line errors for a
+    missing folder, a folder holding another pipeline class, or unreadable weights."""
+    import diffusers
+
+    local = Path(os.path.expanduser(source))
+    if local.exists():
+        index = local / "model_index.json"
+        if not index.is_file():
+            raise DDRLError(f"model.base={source!r} has no model_index.json (not a pipeline folder)")
+        found = json.loads(index.read_text()).get("_class_name")
+        if found != family.pipeline_class:
+            raise DDRLError(
+                f"model.base={source!r} holds a {found}; model.name={family.family!r} loads "
+                f"{family.pipeline_class}"
+            )
+    elif source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise DDRLError(
+            f"model.base={source!r} does not exist (allowed: a pipeline folder, a hub id "
+            "'org/name', or 'tiny')"
+        )
+    dtype = TORCH_DTYPES[cfg.dtype]
+    # Full fine-tuning keeps float32 master weights for the transformer.
+    tdtype = torch.float32 if cfg.finetune == "full" else dtype
+    cls = getattr(diffusers, family.pipeline_class)
+    try:
+        pipe = cls.from_pretrained(
+            str(local) if local.exists() else source,
+            torch_dtype={"transformer": tdtype, "default": dtype},
+            **family.load_kwargs(),
+            **parts,
+        )
+    except DDRLError:
+        raise
+    except Exception as e:  # missing/corrupt weights, no network for a hub id
+        raise DDRLError(f"cannot load {family.pipeline_class} from {source!r}: {first_line(e)}")
+    return pipe
+
+
+def lora_targets(transformer: nn.Module, cfg: LoraConfig, default: tuple[str, ...]) -> list[str]:
+    """The configured target module names, each checked to name at least one module."""
+    names = [s.strip() for s in cfg.target_modules.split(",") if s.strip()] or list(default)
+    have = [n for n, _ in transformer.named_modules()]
+    for t in names:
+        if not any(n == t or n.endswith("." + t) for n in have):
+            leaves = sorted({n.rsplit(".", 1)[-1] for n, m in transformer.named_modules()
+                             if isinstance(m, nn.Linear)})
+            raise DDRLError(
+                f"model.lora.target_modules: {t!r} matches no module of the transformer; "
+                f"its linear layers include {', '.join(leaves[:12])}"
+            )
+    return names
+
+
+class DiffusersGenerator(nn.Module):
+    """A diffusers pipeline behind the model protocol (denoiser / conditioner / codec).
+
+    Subclasses set ``family``, ``pipeline_class``, ``lora_default_targets`` and implement
+    ``build_parts`` and ``build_tiny``."""
+
+    family: ClassVar[str] = ""
+    pipeline_class: ClassVar[str] = ""
+    lora_default_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
+
+    def __init__(self, pipe, cfg: ModelConfig, source: str):
+        super().__init__()
+        self.pipe, self.cfg, self.source = pipe, cfg, source
+        self.scheduler = pipe.scheduler
+        self.build_parts(pipe, cfg)  # sets denoiser, conditioner, codec, sample_shape
+        self.resolution, self.frames = self.pixel_size(pipe)
+        tr = self.denoiser.transformer
+        if cfg.finetune == "lora":
+            from peft import LoraConfig as PeftLora
+
+            targets = lora_targets(tr, cfg.lora, self.lora_default_targets)
+            tr.requires_grad_(False)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.lora.init_seed)
+                tr.add_adapter(
+                    PeftLora(
+                        r=cfg.lora.rank,
+                        lora_alpha=cfg.lora.alpha or cfg.lora.rank,
+                        lora_dropout=cfg.lora.dropout,
+                        target_modules=targets,
+                        init_lora_weights=True,
+                    )
+                )
+            for n, p in tr.named_parameters():  # adapters train in float32
+                p.requires_grad_("lora_" in n)
+                if "lora_" in n:
+                    p.data = p.data.float()
+        else:
+            tr.requires_grad_(True)
+        if cfg.gradient_checkpointing:
+            tr.enable_gradient_checkpointing()
+        for part in (self.conditioner, self.codec):
+            part.requires_grad_(False)
+
+    # -- what a family provides -------------------------------------------------------------
+    def build_parts(self, pipe, cfg: ModelConfig) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def build_tiny(cls, path: Path) -> None:
+        """Write a tiny randomly initialised pipeline of this family to ``path``
+        (``save_pretrained``), small enough to run on a CPU in seconds."""
+        raise NotImplementedError
+
+    @classmethod
+    def load_kwargs(cls) -> dict:
+        """Extra ``from_pretrained`` arguments the family needs (e.g. a disabled safety checker)."""
+        return {}
+
+    # -- shared ------------------------------------------------------------------------------
+    def pixel_size(self, pipe) -> tuple[int, int]:
+        """(pixels per side, frames) of a decoded sample (frames 0 for images), from the latent
+        shape and the VAE's spatial and temporal factors."""
+        spatial = getattr(pipe, "vae_scale_factor_spatial", None) or pipe.vae_scale_factor
+        if len(self.sample_shape) == 4:  # [C, T, h, w]
+            temporal = getattr(pipe, "vae_scale_factor_temporal", 4)
+            return self.sample_shape[-1] * spatial, (self.sample_shape[1] - 1) * temporal + 1
+        return self.sample_shape[-1] * spatial, 0
+
+    @property
+    def lora(self) -> bool:
+        return self.cfg.finetune == "lora"
+
+    def timestep_grid(self, num_steps: int, shift: float = 0.0) -> Tensor:
+        """The model's own scheduler's sigmas [N + 1] from 1 to 0 (``shift`` > 0 overrides the
+        scheduler's shift)."""
+        from ..flow import scheduler_sigmas
+
+        return scheduler_sigmas(self.scheduler, num_steps, shift)
+
+    def lora_state(self) -> dict[str, Tensor]:
+        """The adapter weights in the diffusers/peft key format ``load_lora_weights`` reads."""
+        from peft.utils import get_peft_model_state_dict
+
+        sd = get_peft_model_state_dict(self.denoiser.transformer)
+        return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """A run's weights, small: LoRA → pytorch_lora_weights.safetensors (diffusers'
+        ``load_lora_weights`` format, alpha in its metadata); full → transformer/ (diffusers
+        format). generator.json names the family and the base the rest comes from."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tr = self.denoiser.transformer
+        if self.lora:
+            meta = tr.peft_config["default"].to_dict()
+            type(self.pipe).save_lora_weights(
+                path,
+                transformer_lora_layers=self.lora_state(),
+                transformer_lora_adapter_metadata=meta,
+            )
+        else:
+            tr.save_pretrained(path / "transformer", safe_serialization=True)
+        info = {"type": self.family, "base": self.source, "finetune": self.cfg.finetune}
+        (path / "generator.json").write_text(json.dumps(info, indent=2))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, config: ModelConfig | None = None):
+        """Load a pipeline (hub id or folder), or a folder this class saved (generator.json:
+        the base plus the trained adapter or transformer)."""
+        cfg = config or ModelConfig(name=cls.family)
+        source = str(path)
+        meta_path = Path(os.path.expanduser(source)) / "generator.json"
+        if not meta_path.is_file():
+            return cls(load_pipeline(cls, source, cfg), cfg, source)
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise DDRLError(f"corrupt {meta_path}: {e}") from e
+        saved = meta_path.parent
+        parts = {}
+        if meta.get("finetune") == "full":
+            tcls = type(load_pipeline(cls, meta["base"], cfg).transformer)
+            parts["transformer"] = tcls.from_pretrained(saved / "transformer")
+        gen = cls(load_pipeline(cls, meta["base"], cfg, **parts), cfg, meta["base"])
+        if meta.get("finetune") == "lora":
+            gen.load_adapter(saved)
+        return gen
+
+    def load_adapter(self, folder: Path) -> None:
+        """Load a saved adapter into the trainable LoRA (this generator must be model.finetune
+        = "lora" with the same targets and rank)."""
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        if not self.lora:
+            raise DDRLError(f"{folder} holds a LoRA adapter; load it with model.finetune=lora")
+        sd = load_file(Path(folder) / "pytorch_lora_weights.safetensors")
+        sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
+        res = set_peft_model_state_dict(self.denoiser.transformer, sd)
+        missing = [k for k in getattr(res, "missing_keys", []) if "lora_" in k]
+        if missing or getattr(res, "unexpected_keys", []):
+            raise DDRLError(
+                f"adapter in {folder} does not fit model.lora (missing {missing[:2]}, "
+                f"unexpected {list(getattr(res, 'unexpected_keys', []))[:2]})"
+            )
+
+    def export(self, out: str | Path) -> Path:
+        """A merged, self-contained pipeline folder the plain diffusers pipeline loads: the
+        base's every component (text encoders included) with the trained weights merged in."""
+        out = Path(out)
+        if out.exists():
+            raise DDRLError(f"{out} exists; choose a new folder (nothing is overwritten)")
+        tr = self.denoiser.transformer
+        parts = {} if self.lora else {"transformer": tr}
+        pipe = load_pipeline(type(self), self.source, self.cfg, **parts)
+        if self.lora:
+            from peft import LoraConfig as PeftLora
+            from peft.utils import set_peft_model_state_dict
+
+            base_tr = pipe.transformer
+            base_tr.add_adapter(PeftLora(**_peft_kwargs(tr.peft_config["default"])))
+            set_peft_model_state_dict(base_tr, self.lora_state())
+            base_tr.fuse_lora()
+            base_tr.unload_lora()
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        tmp.rename(out)
+        return out
+
+
+def _peft_kwargs(pc) -> dict:
+    return {
+        "r": pc.r,
+        "lora_alpha": pc.lora_alpha,
+        "lora_dropout": pc.lora_dropout,
+        "target_modules": sorted(pc.target_modules),
+    }
+
+
+def ensure_tiny(family: type[DiffusersGenerator], cache: Path, log=print) -> Path:
+    """The family's tiny pipeline folder in the cache, built from config on first use."""
+    path = Path(cache) / "tiny" / f"{family.family}-v{TINY_VERSION}"
+    if (path / "model_index.json").is_file():
+        return path
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        family.build_tiny(tmp)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.rename(path)  # atomic: a crash never leaves half a pipeline behind
+    except OSError:  # another process built it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"built the tiny {family.family} pipeline into {path}")
+    return path
