@@ -335,7 +335,8 @@ def test_help_lists_names_and_version(capsys):
     assert exc.value.code == 0
     for name in ("ddrl", "flow_grpo", "dance_grpo", "sft", "ink", "classifier", "right"):
         assert name in out, name
-    assert "models:     digits, toy2d" in out and "presets:    digits, toy2d" in out
+    assert "models:     digits, toy2d, sd3, flux, cosmos, wan" in out
+    assert "presets:    " in out and "tiny-sd3" in out and "digits" in out
     with pytest.raises(SystemExit):
         main(["--version"])
     assert capsys.readouterr().out.strip() == f"ddrl {version('ddrl')}"

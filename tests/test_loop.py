@@ -127,7 +127,7 @@ def _setup(tiny_digits, algorithm="ddrl", **loss_kw):
     for k, v in loss_kw.items():
         setattr(cfg, k, v)
     den = tiny_digits.denoiser
-    ctx = LossContext(sampler.sde, 1.0, lambda: FrozenCopy(den))
+    ctx = LossContext(sampler.sde, 1.0, lambda kind: FrozenCopy(den))
     loss = build_loss(algorithm, cfg, ctx)
     ro = rollout(tiny_digits, ["1", "2", "3"], 4, sampler, torch.Generator().manual_seed(3))
     rewards = ro.final.flatten(1).mean(1)

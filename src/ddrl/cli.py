@@ -36,19 +36,18 @@ def cmd_pretrain(args) -> None:
 
 
 def cmd_synth(args) -> None:
-    from .components import build_components, synthetic_path
-    from .data.synthetic import generate_pool, save_pool
+    from .components import load_base, synthesize_for, synthetic_path
+    from .data import load_data
 
-    cfg = _cfg(args)
-    if args.per_prompt < 1:
-        raise DDRLError(f"--per-prompt {args.per_prompt}: must be at least 1")
+    extra = [f"data.synthetic_per_prompt={args.per_prompt}"] if args.per_prompt else []
+    cfg = _cfg(args, extra)
     if args.out and Path(args.out).is_dir():  # checked before the base is sampled
         raise DDRLError(f"--out {args.out} is a folder; allowed: a .safetensors file path")
-    c = build_components(cfg)
-    pool = generate_pool(c.gen, c.data.prompts, args.per_prompt, cfg.sampler, cfg.seed + 1)
-    path = Path(args.out) if args.out else synthetic_path(cfg, c.base_path)
+    gen, base_path = load_base(cfg)
+    data = load_data(cfg.data)
+    path = Path(args.out) if args.out else synthetic_path(cfg, base_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_pool(pool, path)
+    pool = synthesize_for(cfg, gen, data, path)
     print(f"wrote {len(pool)} synthetic samples to {path}")
 
 
@@ -263,9 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--merge", action="store_true", help="a whole pipeline with LoRA fused in")
     s.add_argument("--step", type=int, default=None, help="checkpoint iteration")
     s = add("pretrain", cmd_pretrain, "train (or reuse) the preset's base model; prints its path")
-    s = add("synth", cmd_synth, "generate a synthetic data pool from the base model")
-    s.add_argument("--per-prompt", type=int, default=150, help="samples per prompt")
-    s.add_argument("--out", default="", help="output .safetensors (default: next to the base)")
+    s = add("synth", cmd_synth, "generate the synthetic data set from the base (resumable)")
+    s.add_argument(
+        "--per-prompt", type=int, default=0, help="samples per prompt (data.synthetic_per_prompt)"
+    )
+    s.add_argument("--out", default="", help="output .safetensors (default: in the cache)")
     s = add("train", cmd_train, "train one run")
     s.add_argument("--out", required=True, help="run folder")
     s.add_argument("--resume", action="store_true", help="continue the run in --out")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .config import RunConfig
-from .data import PairedPool, TaskData, load_data
+from .data import PairedPool, TaskData, latent_pool, load_data
 from .data.synthetic import load_pool
 from .errors import DDRLError
 from .models import DIFFUSERS_FAMILIES, Generator, load_generator, resolve
@@ -65,19 +67,81 @@ def slug(text: str) -> str:
 
 
 def synthetic_path(cfg: RunConfig, base_path: Path) -> Path:
-    """data.synthetic_path, or the default file next to the base model."""
+    """data.synthetic_path, or the default file next to the base model (embedded families) or
+    in the cache, keyed by the base, the prompts and the sampling settings (diffusers)."""
     if cfg.data.synthetic_path:
         return Path(cfg.data.synthetic_path)
-    return base_path / "synthetic.safetensors"
+    if cfg.model.name not in DIFFUSERS_FAMILIES:
+        return base_path / "synthetic.safetensors"
+    m, s = cfg.model, cfg.sampler
+    key = json.dumps(
+        [
+            m.name,
+            str(base_path),
+            m.resolution,
+            m.frames,
+            m.dtype,
+            cfg.data.prompts,
+            cfg.data.synthetic_per_prompt,
+            s.eval_steps,
+            s.cfg_scale,
+            s.grid,
+            s.shift,
+            cfg.seed,
+        ]
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return cache_root(m.cache_dir) / "synthetic" / f"{m.name}-{digest}.safetensors"
+
+
+def synthesize_for(cfg: RunConfig, gen: Generator, data: TaskData, path: Path, log=print):
+    """Generate the synthetic regulariser set of ``cfg`` (resumable) into ``path``."""
+    from .data.synthetic import synthesize
+
+    return synthesize(
+        gen.to(device_of(cfg)),
+        data.prompts,
+        cfg.data.synthetic_per_prompt,
+        cfg.sampler,
+        cfg.seed + 1,
+        path,
+        device=device_of(cfg),
+        log=log,
+        model_id=f"{cfg.model.name}:{cfg.model.base}:{cfg.model.dtype}",
+        progress=cfg.train.progress,
+    )
+
+
+def build_pool(cfg: RunConfig, gen: Generator, base_path: Path, data: TaskData, log=print):
+    """The data term's p̃_data in model space: the task's real data (embedded sets encoded
+    now; a user's image/video-caption set VAE-encoded once into cached latents), or the
+    synthetic set (generated on first use for the diffusers families)."""
+    m = cfg.model
+    if cfg.data.source == "real":
+        if data.train is not None:
+            return PairedPool(gen.codec.encode(data.train.x), data.train.prompts)
+        codec_id = f"{m.name}:{m.base}:{m.dtype}"
+        return latent_pool(
+            cfg.data,
+            gen.codec,
+            codec_id,
+            gen.resolution,
+            getattr(gen, "frames", 0),
+            cache_root(m.cache_dir),
+            log,
+            batch=m.vae_batch,
+        )
+    path = synthetic_path(cfg, base_path)
+    if not path.is_file() and m.name in DIFFUSERS_FAMILIES:
+        log(f"no synthetic data at {path}: generating it from the base model once (ddrl synth)")
+        return synthesize_for(cfg, gen, data, path, log)
+    return load_pool(path)
 
 
 def build_components(cfg: RunConfig, log=print) -> Components:
     gen, base_path = load_base(cfg, log)
-    data = load_data(cfg.data.name)
-    if cfg.data.source == "real":
-        pool = PairedPool(gen.codec.encode(data.train.x), data.train.prompts)
-    else:
-        pool = load_pool(synthetic_path(cfg, base_path))
+    data = load_data(cfg.data)
+    pool = build_pool(cfg, gen, base_path, data, log)
     ctx = RewardContext(cfg.data.name, cache_root(cfg.model.cache_dir), cfg.reward.seed)
     reward = build_reward(cfg.reward.name, ctx)
     return Components(gen, base_path, data, pool, reward, build_gold(cfg.gold))

@@ -3,9 +3,9 @@
 Resolution order (later wins): dataclass defaults → algorithm preset
 (presets/algorithms/<algorithm>.toml: the peer's own loop settings) → run preset
 (presets/<preset>.toml: model, data, reward, sizes, and any published value of that setup) →
-user files (``--config a.toml``) → ``key=value`` overrides. Two sections are chosen by a key before any
-value is applied: ``loss`` is the chosen algorithm's own config class, and ``sampler.sde`` the
-chosen SDE's (``sampler.sde.kind``), so a knob the choice does not have is an error, never
+user files (``--config a.toml``) → ``key=value`` overrides. Two sections are chosen by a key
+before any value is applied: ``loss`` is the chosen algorithm's own config class, and
+``sampler.sde`` the chosen SDE's (``sampler.sde.kind``), so a knob the choice does not have is an error, never
 silently ignored. The resolved config is written to ``<run>/config.json``; ``load_config``
 reads it back, so a run can always be repeated or resumed from its own folder.
 """
@@ -223,8 +223,12 @@ def resolve(layers: list[dict[str, Any]], presets: bool = True) -> RunConfig:
         # A layer written for another SDE kind (an algorithm preset the user overrode) keeps
         # its other keys; its sampler.sde.* keys do not apply.
         other_sde = layer.get("sampler.sde.kind", sde_kind) != sde_kind
+        # Likewise a run preset written for another algorithm keeps all but its loss.* keys.
+        other_alg = layer.get("algorithm", algorithm) != algorithm
         for k, v in layer.items():
             if other_sde and k.startswith("sampler.sde."):
+                continue
+            if other_alg and (k == "loss" or k.startswith("loss.")):
                 continue
             if k == "loss" or k.startswith("loss."):
                 _set_loss(cfg, algorithm, k, v)

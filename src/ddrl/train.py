@@ -30,7 +30,7 @@ from .ema import EMA
 from .errors import DDRLError, Terminated
 from .eval.evaluate import evaluate_components, save_prompt_grid
 from .losses import LossContext, StepBatch, build_loss
-from .models import CondCache, decode_images
+from .models import Cond, CondCache, decode_images
 from .reference import make_reference
 from .rewards import checked_reward
 from .rng import current_rank, rank_generator, shared_generator
@@ -71,9 +71,11 @@ def iter_step_batches(
     steps: torch.Tensor,
     micro: int,
     g: torch.Generator,
+    data_cond: Cond | None = None,
 ) -> Iterator[StepBatch]:
     """One StepBatch per (trained-step position j, micro-batch); steps [B, n] from
-    ``select_timesteps`` (per-sample step indices)."""
+    ``select_timesteps`` (per-sample step indices); ``data_cond``: the data items' own
+    condition (batch B) when it is not the trajectories' (unpaired caption data)."""
     b_total = adv.shape[0]
     for j in range(steps.shape[1]):
         for idx in torch.arange(b_total).split(micro):
@@ -90,6 +92,7 @@ def iter_step_batches(
                 cond=ro.cond.index(dev_idx),
                 null=ro.null.index(dev_idx) if ro.null is not None else None,
                 x0_data=x0_data[dev_idx],
+                data_cond=data_cond.index(dev_idx) if data_cond is not None else None,
                 noise0=ro.states[0, dev_idx],
                 first=j == 0,
                 generator=g,
@@ -160,9 +163,16 @@ def train(
     gen = c.gen.to(dev)
     if isinstance(gen.conditioner, torch.nn.Module):
         gen.conditioner.requires_grad_(False)  # frozen, like a real text encoder
+    # DDRL's data term pairs each trajectory with data of its own prompt when the data has
+    # items for every prompt (embedded sets, synthetic sets); otherwise (a caption set whose
+    # captions are not the prompts) it draws data uniformly, conditioned on its own captions.
+    paired = c.pool.covers(c.data.prompts)
+    if not paired:
+        log("data term: x0 drawn uniformly with its own captions (they are not the prompt set)")
     prepare = getattr(gen.conditioner, "prepare", None)  # plugins may not have it
     if prepare is not None:  # every prompt encoded once; text encoders may be freed after
-        prepare([*c.data.prompts, *(getattr(c.data, "eval_prompts", None) or [])])
+        captions = [] if paired else sorted(set(c.pool.prompts))
+        prepare([*c.data.prompts, *c.data.eval_prompts, *captions])
     # Which weights train (all, or LoRA adapters only) is the generator's choice.
     denoiser = gen.denoiser
     ctx = LossContext(
@@ -199,7 +209,8 @@ def train(
         logger.eval({"iteration": it, **m})
         if final:
             title = f"{cfg.algorithm} after {it} iterations"
-            save_prompt_grid(raw, len(c.data.prompts), run_dir / "samples_final.png", title)
+            n_prompts = len(c.data.eval_prompts or c.data.prompts)
+            save_prompt_grid(raw, n_prompts, run_dir / "samples_final.png", title)
 
     if cfg.eval.every and start == 0:
         run_eval(0)
@@ -218,7 +229,11 @@ def train(
         images = decode_images(gen.codec, ro.final)
         rewards = checked_reward(c.reward, cfg.reward.name, images, ro.prompts) * cfg.reward.scale
         adv, valid = group_advantages(rewards.to(dev), ro.group_ids, cfg.advantage)
-        x0_data = c.pool.paired(ro.prompts, g_own).to(dev)
+        if paired:
+            x0_data, data_cond = c.pool.paired(ro.prompts, g_own).to(dev), None
+        else:
+            x0_data, captions = c.pool.sample(len(ro.prompts), g_own)
+            x0_data, data_cond = x0_data.to(dev), encode(captions).to(dev)
         steps = select_timesteps(
             cfg.sampler.num_steps,
             tc.timestep_fraction,
@@ -227,7 +242,7 @@ def train(
             g_shared,
             tc.skip_last_step,
         ).to(dev)
-        batches = list(iter_step_batches(ro, adv, valid, x0_data, steps, micro, g_own))
+        batches = list(iter_step_batches(ro, adv, valid, x0_data, steps, micro, g_own, data_cond))
         t2 = time.perf_counter()
         lr = o.lr * min(1.0, (it + 1) / max(o.warmup, 1))
         for group in opt.param_groups:

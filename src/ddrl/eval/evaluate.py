@@ -66,29 +66,31 @@ def evaluate(
     den = gen.denoiser
     was_training = den.training
     den.eval()
-    prompts = [p for p in data.prompts for _ in range(cfg.samples_per_prompt)]
+    eval_prompts = data.eval_prompts or data.prompts
+    prompts = [p for p in eval_prompts for _ in range(cfg.samples_per_prompt)]
     gen_noise = torch.Generator().manual_seed(cfg.seed)
     z = sample_ode(gen, prompts, dataclasses.replace(sampler, grid=cfg.grid), gen_noise, device)
     raw = gen.codec.decode(z.to(device)).cpu()  # decoded once: a VAE decode is costly
     images = clamp_images(gen.codec, raw)
-    groups = torch.arange(len(data.prompts)).repeat_interleave(cfg.samples_per_prompt)
-    held = data.heldout
-    held_x = gen.codec.encode(held.x.to(device)).cpu()
-    held_cond = gen.conditioner.encode(held.prompts).to(device)
-
-    def velocity(x_t: Tensor, t: Tensor, index: Tensor) -> Tensor:
-        c = held_cond.index(index.to(device))
-        return den.velocity(x_t.to(device), t.to(device).float(), c).cpu()
-
+    groups = torch.arange(len(eval_prompts)).repeat_interleave(cfg.samples_per_prompt)
     lo, hi = gen.codec.value_range or (float("-inf"), float("inf"))
     metrics = {
         "proxy_reward": reward(images.to(device), prompts).float().mean().item(),
         "diversity": pairwise_diversity(images, groups),
-        "heldout_diffusion_loss": heldout_diffusion_loss(
-            velocity, held_x, default_t_grid(cfg.loss_t_points).float(), seed=cfg.seed
-        ),
         "out_of_range_rate": out_of_range_rate(raw, lo, hi),
     }
+    held = data.heldout
+    if held is not None:  # user data sets (data.name = "files") may have no held-out images
+        held_x = gen.codec.encode(held.x.to(device)).cpu()
+        held_cond = gen.conditioner.encode(held.prompts).to(device)
+
+        def velocity(x_t: Tensor, t: Tensor, index: Tensor) -> Tensor:
+            c = held_cond.index(index.to(device))
+            return den.velocity(x_t.to(device), t.to(device).float(), c).cpu()
+
+        metrics["heldout_diffusion_loss"] = heldout_diffusion_loss(
+            velocity, held_x, default_t_grid(cfg.loss_t_points).float(), seed=cfg.seed
+        )
     if gen.codec.value_range is not None:
         metrics["saturation_rate"] = saturation_rate(raw, hi, low=lo)
     if gold is not None:

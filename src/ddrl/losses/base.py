@@ -40,6 +40,7 @@ class StepBatch:
     noise0: Tensor  # [B, ...] the trajectory's initial noise (x at t = 1)
     first: bool  # this is the first trained timestep of the iteration
     generator: torch.Generator  # for "random" data timesteps
+    data_cond: Cond | None = None  # the data items' own condition; None = ``cond`` (paired)
 
 
 @dataclass
@@ -127,5 +128,6 @@ def data_term(denoiser, b: StepBatch, cfg: DataTermConfig) -> Tensor:
         n, dev = b.x0_data.shape[0], b.x0_data.device
         t = sample_training_t(n, b.generator).to(dev)
         noise = torch.randn(b.x0_data.shape, generator=b.generator).to(dev)
-    v = denoiser.velocity(interpolate(b.x0_data, noise, t), t, b.cond)
+    cond = b.cond if b.data_cond is None else b.data_cond
+    v = denoiser.velocity(interpolate(b.x0_data, noise, t), t, cond)
     return flow_matching_loss(v, b.x0_data, noise)

@@ -63,7 +63,7 @@ __all__ = [
 def resolve(name: str):
     """A registered family name, or "package.module:Attr" for a user plugin."""
     cls = lookup("model", name, MODELS)
-    if isinstance(cls, str):  # a built-in diffusers family, imported on first use
+    if name in DIFFUSERS_FAMILIES:  # a built-in diffusers family, imported on first use
         cls = lookup("model", cls, {})
     if not hasattr(cls, "from_pretrained"):
         raise DDRLError(

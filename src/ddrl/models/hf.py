@@ -47,7 +47,9 @@ class HFDenoiser(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
+        # diffusers' ModelMixin.dtype skips _keep_in_fp32_modules (Wan's scale_shift_table)
+        tr = self.transformer
+        return tr.dtype if hasattr(tr, "dtype") else next(tr.parameters()).dtype
 
     def forward_velocity(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         """The family's call: x_t in the transformer's dtype → v = ε − x0, like x_t."""
@@ -162,6 +164,26 @@ class VAECodec(nn.Module):
         return torch.cat(out)
 
 
+@contextlib.contextmanager
+def quiet_loading():
+    """No per-component progress bars or deprecation chatter while a pipeline loads (diffusers
+    ≥ 0.36 prefers ``dtype=``; ``torch_dtype=`` is what every supported version reads)."""
+    import warnings
+
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            yield
+    finally:
+        dlog.enable_progress_bar()
+        tlog.enable_progress_bar()
+
+
 def load_pipeline(family: type[DiffusersGenerator], source: str, cfg: ModelConfig, **parts):
     """``Pipeline.from_pretrained(source)`` as a user would call it, with one-line errors for a
     missing folder, a folder holding another pipeline class, or unreadable weights."""
@@ -171,7 +193,9 @@ def load_pipeline(family: type[DiffusersGenerator], source: str, cfg: ModelConfi
     if local.exists():
         index = local / "model_index.json"
         if not index.is_file():
-            raise DDRLError(f"model.base={source!r} has no model_index.json (not a pipeline folder)")
+            raise DDRLError(
+                f"model.base={source!r} has no model_index.json (not a pipeline folder)"
+            )
         found = json.loads(index.read_text()).get("_class_name")
         if found != family.pipeline_class:
             raise DDRLError(
@@ -188,16 +212,19 @@ def load_pipeline(family: type[DiffusersGenerator], source: str, cfg: ModelConfi
     tdtype = torch.float32 if cfg.finetune == "full" else dtype
     cls = getattr(diffusers, family.pipeline_class)
     try:
-        pipe = cls.from_pretrained(
-            str(local) if local.exists() else source,
-            torch_dtype={"transformer": tdtype, "default": dtype},
-            **family.load_kwargs(),
-            **parts,
-        )
+        with quiet_loading():
+            pipe = cls.from_pretrained(
+                str(local) if local.exists() else source,
+                torch_dtype={"transformer": tdtype, "default": dtype},
+                **family.load_kwargs(),
+                **parts,
+            )
     except DDRLError:
         raise
     except Exception as e:  # missing/corrupt weights, no network for a hub id
-        raise DDRLError(f"cannot load {family.pipeline_class} from {source!r}: {first_line(e)}")
+        raise DDRLError(
+            f"cannot load {family.pipeline_class} from {source!r}: {first_line(e)}"
+        ) from e
     return pipe
 
 
@@ -207,8 +234,13 @@ def lora_targets(transformer: nn.Module, cfg: LoraConfig, default: tuple[str, ..
     have = [n for n, _ in transformer.named_modules()]
     for t in names:
         if not any(n == t or n.endswith("." + t) for n in have):
-            leaves = sorted({n.rsplit(".", 1)[-1] for n, m in transformer.named_modules()
-                             if isinstance(m, nn.Linear)})
+            leaves = sorted(
+                {
+                    n.rsplit(".", 1)[-1]
+                    for n, m in transformer.named_modules()
+                    if isinstance(m, nn.Linear)
+                }
+            )
             raise DDRLError(
                 f"model.lora.target_modules: {t!r} matches no module of the transformer; "
                 f"its linear layers include {', '.join(leaves[:12])}"
@@ -406,7 +438,8 @@ def ensure_tiny(family: type[DiffusersGenerator], cache: Path, log=print) -> Pat
     shutil.rmtree(tmp, ignore_errors=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        family.build_tiny(tmp)
+        with quiet_loading():
+            family.build_tiny(tmp)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         tmp.rename(path)  # atomic: a crash never leaves half a pipeline behind

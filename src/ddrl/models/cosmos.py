@@ -1,0 +1,292 @@
+"""Cosmos-Predict2.5 (diffusers ``Cosmos2_5_PredictBasePipeline``, the DDRL paper's model).
+
+- Denoiser: ``CosmosTransformer3DModel`` on normalised latents [B, C, T, h, w]; it is called as
+  the pipeline calls it: ``timestep`` = σ itself per latent frame [B, 1, T, 1, 1],
+  ``condition_mask`` [B, 1, T, h, w], ``padding_mask`` zeros [1, 1, h, w] (the pipeline's
+  pixel-size zeros, which the transformer resizes to the latent size) and the prompt
+  embeddings; its output is the velocity v = ε − x0 (flow prediction).
+- Text-to-video: condition_mask 0 everywhere. Conditional frames (image/video-to-world): a Cond
+  carrying "given" (clean normalised latents [B, C, T, h, w]) and "given_mask" ([B, 1, T, 1, 1],
+  1 on conditional latent frames; see ``with_given``) makes the denoiser feed the given latents
+  on those frames with timestep 1e-4 (the pipeline's ``conditional_frame_timestep``) and return
+  there v = (x_t − given) / t, the straight path to the given latents, so that the ODE ends
+  exactly on them. It does not depend on θ: no gradient flows through conditional frames. (The
+  pipeline instead returns ε − given with ε the initial noise, which lands on
+  (1 − σ_0)·ε + σ_0·given, σ_0 = 200/201; the generated frames are the same either way.)
+- Conditioner: ``pipe.encode_prompt`` (Qwen2.5-VL through its chat template; the hidden states of
+  every layer normalised and concatenated, ``max_sequence_length`` default 512). The null prompt
+  is the pipeline's ``DEFAULT_NEGATIVE_PROMPT``. The pipeline's CFG is v_c + g·(v_c − v_u), i.e.
+  ddrl's v_u + w·(v_c − v_u) with w = g + 1 (pipeline guidance 7 ↔ sampler.cfg_scale 8).
+- Codec: the Wan VAE with per-channel latent mean/std, videos [B, 3, F, H, W] in [-1, 1].
+
+Size: ``model.frames`` (0 = 93) and ``model.resolution`` = R (R×R; 0 = the native 704×1280),
+as for Wan (``ddrl.models.wan``), and within the transformer's RoPE range ``max_size``.
+
+Sampling grid: the model's own ``UniPCMultistepScheduler`` (Karras sigmas in σ/(1−σ) from 200
+to 0.01, mapped to flow sigmas) gives ``timestep_grid(N)`` = its N + 1 sigmas, 200/201 ≈ 0.995
+down to 0.0099 then 0; the pipeline starts its unit-variance noise at 0.995 too. ddrl takes
+Euler/SDE steps on that grid (see ``ddrl.models.wan`` for why); ``sampler.shift`` does not
+apply (Karras sigmas have no shift).
+
+Safety: the pipeline's constructor builds ``CosmosSafetyChecker`` (the ``cosmos_guardrail``
+package; an ImportError without it) unless one is passed. ddrl trains and does not serve,
+so it loads the pipeline with ``NoGuardrail`` (text always allowed, video unchanged); the
+guardrail is left to deployment. An exported folder records no safety checker
+(``"safety_checker": [null, null]``, as diffusers' convert_cosmos_to_diffusers.py writes it),
+so the plain pipeline's ``from_pretrained(folder)`` builds the real guardrail, or takes
+``safety_checker=...``.
+
+diffusers' Cosmos transformer resizes the padding mask with torchvision; without torchvision
+installed, ``torch.nn.functional.interpolate(mode="nearest")`` stands in (the same operation).
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..errors import DDRLError
+from .base import Cond
+from .config import ModelConfig
+from .hf import TORCH_DTYPES, DiffusersGenerator, HFDenoiser, TextConditioner
+from .wan import (
+    DEFAULTS_FILE,
+    TINY_DEFAULTS,
+    copy_defaults,
+    tiny_wan_vae,
+    video_sample_shape,
+    wan_vae_codec,
+)
+
+COND_FRAME_T = 1e-4  # the pipeline's conditional_frame_timestep
+NATIVE = (704, 1280, 93)  # the pipeline's default height, width, num_frames
+
+
+class NoGuardrail:
+    """Stands in for Cosmos' ``CosmosSafetyChecker`` while training (see the module docstring):
+    every prompt passes, videos come back unchanged. Not saved with a pipeline."""
+
+    def check_text_safety(self, prompt: str) -> bool:
+        return True
+
+    def check_video_safety(self, frames):
+        return frames
+
+    def to(self, *args, **kwargs) -> NoGuardrail:
+        return self
+
+
+class _QuietNoGuardrail(logging.Filter):
+    """Drops diffusers' "unexpected type" / "cannot be saved" notices about ``NoGuardrail``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "NoGuardrail" not in record.getMessage()
+
+
+_pipeline_log = logging.getLogger("diffusers.pipelines.pipeline_utils")
+if not any(isinstance(f, _QuietNoGuardrail) for f in _pipeline_log.filters):
+    _pipeline_log.addFilter(_QuietNoGuardrail())
+
+
+def _resize_without_torchvision() -> None:
+    """Give diffusers' Cosmos transformer its ``transforms.functional.resize`` (nearest) when
+    torchvision is not installed; with torchvision present nothing changes."""
+    import diffusers.models.transformers.transformer_cosmos as tc
+
+    if hasattr(tc, "transforms"):
+        return
+
+    def resize(x: Tensor, size, interpolation=None) -> Tensor:
+        return torch.nn.functional.interpolate(x, size=list(size), mode="nearest")
+
+    functional = types.SimpleNamespace(resize=resize)
+    modes = types.SimpleNamespace(NEAREST="nearest")
+    tc.transforms = types.SimpleNamespace(functional=functional, InterpolationMode=modes)
+
+
+def with_given(cond: Cond, given: Tensor, mask: Tensor) -> Cond:
+    """``cond`` plus conditional frames: ``given`` clean normalised latents [B, C, T, h, w] and
+    ``mask`` [B, 1, T, 1, 1] (1 on conditional latent frames). With CFG the null condition needs
+    them too: ``with_given(null, given, mask)``."""
+    return Cond({**cond.batched, "given": given, "given_mask": mask.float()}, cond.shared)
+
+
+class CosmosDenoiser(HFDenoiser):
+    """v_θ(x_t, t, c) from CosmosTransformer3DModel; x_t [B, C, T, h, w], t [B] = σ,
+    c.batched: "prompt_embeds" [B, L, D] and optionally "given" / "given_mask"."""
+
+    def forward_velocity(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        b, _, f, h, w = x_t.shape
+        sigma = t.float().view(b, 1, 1, 1, 1).expand(b, 1, f, 1, 1)
+        given = cond.batched.get("given")
+        if given is None:  # text-to-video
+            mask = torch.zeros(b, 1, f, 1, 1, device=x_t.device)
+            inp, timestep = x_t, sigma
+        else:
+            mask = cond.batched["given_mask"].to(x_t.device, torch.float32)
+            given = given.to(x_t.device, torch.float32)
+            inp = (mask * given + (1 - mask) * x_t.float()).to(self.dtype)
+            timestep = mask * COND_FRAME_T + (1 - mask) * sigma
+        out = self.transformer(
+            hidden_states=inp,
+            timestep=timestep,
+            encoder_hidden_states=cond.batched["prompt_embeds"].to(x_t.device, self.dtype),
+            condition_mask=mask.expand(b, 1, f, h, w).to(self.dtype),
+            padding_mask=x_t.new_zeros(1, 1, h, w),
+            return_dict=False,
+        )[0]
+        if given is None:
+            return out
+        v_given = (x_t.float() - given) / t.float().view(b, 1, 1, 1, 1).clamp_min(1e-8)
+        return (mask * v_given + (1 - mask) * out.float()).to(out.dtype)
+
+
+class CosmosConditioner(TextConditioner):
+    """Prompts → normalised, layer-concatenated Qwen2.5-VL states [B, L, layers·hidden]."""
+
+    def __init__(self, pipe, cfg: ModelConfig, encoder_names: tuple[str, ...]):
+        super().__init__(pipe, cfg, encoder_names)
+        from diffusers.pipelines.cosmos.pipeline_cosmos2_5_predict import DEFAULT_NEGATIVE_PROMPT
+
+        self.null_prompt = DEFAULT_NEGATIVE_PROMPT  # the pipeline's negative prompt
+
+    def encode_batch(self, prompts: list[str]) -> Cond:
+        emb, _ = self.pipe.encode_prompt(
+            prompts,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.cfg.max_sequence_length or 512,
+            device=self.device(),
+            dtype=TORCH_DTYPES[self.cfg.dtype],
+        )
+        return Cond({"prompt_embeds": emb})
+
+
+class CosmosGenerator(DiffusersGenerator):
+    """Cosmos2_5_PredictBasePipeline (text-to-world; conditional frames via ``with_given``)."""
+
+    family = "cosmos"
+    pipeline_class = "Cosmos2_5_PredictBasePipeline"
+
+    @classmethod
+    def load_kwargs(cls) -> dict:
+        return {"safety_checker": NoGuardrail()}
+
+    def build_parts(self, pipe, cfg: ModelConfig) -> None:
+        _resize_without_torchvision()
+        tr = pipe.transformer
+        self.denoiser = CosmosDenoiser(tr, cfg.autocast)
+        self.conditioner = CosmosConditioner(pipe, cfg, ("text_encoder",))
+        self.codec = wan_vae_codec(pipe.vae, cfg.vae_batch)
+        pt, ph, pw = tr.config.patch_size
+        shape = video_sample_shape(self, cfg, tr.config.in_channels - 1, ph, NATIVE)
+        # RoPE positions run to max(max_size / patch) on every axis (a learnable positional
+        # embedding, when present, to max_size / patch on each).
+        room = [m // p for m, p in zip(tr.config.max_size, (pt, ph, pw), strict=True)]
+        if tr.config.extra_pos_embed_type != "learnable":
+            room = [max(room)] * 3
+        need = [shape[1] // pt, shape[2] // ph, shape[3] // pw]
+        if any(n > r for n, r in zip(need, room, strict=True)):
+            s = self.pipe.vae_scale_factor_spatial
+            raise DDRLError(
+                f"model.frames/model.resolution for cosmos: {need[0]} latent frames of "
+                f"{shape[2] * s}x{shape[3] * s} px exceed the transformer's positions "
+                f"({room[0] * pt} latent frames, {room[1] * ph * s}x{room[2] * pw * s} px)"
+            )
+        self.sample_shape = shape
+
+    def timestep_grid(self, num_steps: int, shift: float = 0.0) -> Tensor:
+        """The scheduler's sigmas [N + 1]: ≈0.995 → 0.0099, then 0 (Karras, no shift)."""
+        if shift > 0 and self.scheduler.config.get("use_karras_sigmas"):
+            raise DDRLError(
+                f"sampler.shift={shift} does not apply to cosmos: its scheduler uses Karras "
+                "sigmas (sigma_min/sigma_max); leave sampler.shift = 0"
+            )
+        return super().timestep_grid(num_steps, shift)
+
+    def export(self, out: str | Path) -> Path:
+        out = super().export(out)
+        copy_defaults(self.source, out)
+        return out
+
+    @classmethod
+    def build_tiny(cls, path: Path) -> None:
+        """A tiny Cosmos-Predict2.5 pipeline: 1-layer transformer (4 latent channels + mask),
+        2-layer Qwen2.5-VL (hidden 16, so 32-wide prompt states), byte-level Qwen tokenizer,
+        the tiny Wan VAE and Cosmos' UniPC scheduler; native size 16×16 px × 5 frames."""
+        import json
+
+        from diffusers import (
+            Cosmos2_5_PredictBasePipeline,
+            CosmosTransformer3DModel,
+            UniPCMultistepScheduler,
+        )
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        from .tiny_qwen import qwen_tokenizer
+
+        tok = qwen_tokenizer()
+        hidden, layers = 16, 2
+        text = Qwen2_5_VLForConditionalGeneration(
+            Qwen2_5_VLConfig(
+                text_config=dict(
+                    vocab_size=len(tok),
+                    hidden_size=hidden,
+                    intermediate_size=32,
+                    num_hidden_layers=layers,
+                    num_attention_heads=2,
+                    num_key_value_heads=1,
+                    max_position_embeddings=2048,
+                    rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1]},
+                    bos_token_id=None,
+                    eos_token_id=tok.eos_token_id,
+                    pad_token_id=tok.pad_token_id,
+                ),
+                vision_config=dict(
+                    depth=1,
+                    hidden_size=16,
+                    intermediate_size=16,
+                    num_heads=2,
+                    out_hidden_size=hidden,
+                    fullatt_block_indexes=[0],
+                ),
+            )
+        )
+        transformer = CosmosTransformer3DModel(
+            in_channels=4 + 1,
+            out_channels=4,
+            num_attention_heads=1,
+            attention_head_dim=16,  # the smallest the 3-axis RoPE splits
+            num_layers=1,
+            mlp_ratio=2.0,
+            text_embed_dim=16,
+            adaln_lora_dim=4,
+            max_size=(16, 32, 32),
+            patch_size=(1, 2, 2),
+            rope_scale=(1.0, 3.0, 3.0),
+            concat_padding_mask=True,
+            extra_pos_embed_type=None,
+            use_crossattn_projection=True,
+            crossattn_proj_in_channels=hidden * layers,
+            encoder_hidden_states_channels=16,
+        )
+        scheduler = UniPCMultistepScheduler(  # as convert_cosmos_to_diffusers.py ships it
+            use_karras_sigmas=True,
+            use_flow_sigmas=True,
+            prediction_type="flow_prediction",
+            sigma_max=200.0,
+            sigma_min=0.01,
+        )
+        pipe = Cosmos2_5_PredictBasePipeline(
+            text_encoder=text,
+            tokenizer=tok,
+            transformer=transformer,
+            vae=tiny_wan_vae(),
+            scheduler=scheduler,
+            safety_checker=NoGuardrail(),
+        )
+        pipe.save_pretrained(path, safe_serialization=True)
+        (Path(path) / DEFAULTS_FILE).write_text(json.dumps(TINY_DEFAULTS))

@@ -1,0 +1,185 @@
+"""Stable Diffusion 3 / 3.5 through diffusers' ``StableDiffusion3Pipeline``.
+
+Model space: normalised VAE latents z = (E(x) − shift_factor)·scaling_factor, [C, H/f, W/f]
+(C = 16 for SD3). The transformer is called exactly as the pipeline calls it: timestep = σ·1000
+(the scheduler's timesteps), prompt embeddings from the three text encoders (two CLIP + T5)
+and the pooled CLIP projections; its output already is the loop's velocity v = ε − x0.
+Sampling with ``timestep_grid`` and Euler steps reproduces ``pipe(...)`` (true CFG with the
+empty negative prompt through ``guided_velocity``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import Tensor
+
+from ..errors import DDRLError
+from .base import Cond
+from .config import ModelConfig
+from .hf import DiffusersGenerator, HFDenoiser, TextConditioner, VAECodec
+
+SD3_MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default T5 length
+
+
+class SD3Denoiser(HFDenoiser):
+    """SD3's MMDiT: x_t [B, C, h, w], t [B] ∈ [0, 1], Cond(prompt_embeds [B, L, D],
+    pooled [B, P]) → v [B, C, h, w]."""
+
+    def forward_velocity(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        c = cond.batched
+        return self.transformer(
+            hidden_states=x_t,
+            timestep=t * 1000,  # the pipeline passes the scheduler's timesteps σ·1000
+            encoder_hidden_states=c["prompt_embeds"].to(x_t.device, x_t.dtype),
+            pooled_projections=c["pooled"].to(x_t.device, x_t.dtype),
+            return_dict=False,
+        )[0]
+
+
+class SD3Conditioner(TextConditioner):
+    """Prompts → the pipeline's own ``encode_prompt`` (CLIP-L, CLIP-G, T5)."""
+
+    def encode_batch(self, prompts: list[str]) -> Cond:
+        """Prompts [B] → Cond(prompt_embeds [B, 77 + L, D], pooled [B, P])."""
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=self.device(),
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.cfg.max_sequence_length or SD3_MAX_SEQUENCE_LENGTH,
+        )
+        return Cond({"prompt_embeds": embeds, "pooled": pooled})
+
+
+def latent_shape(pipe, cfg: ModelConfig, family: str, native: int, multiple: int) -> tuple:
+    """(pixels per side, latent side) for ``cfg.resolution`` (0 = ``native``), which must be a
+    multiple of ``multiple`` (VAE factor × patch size)."""
+    res = cfg.resolution or native
+    if res % multiple:
+        raise DDRLError(
+            f"model.resolution={res} does not fit {family}: allowed are multiples of {multiple} "
+            f"(VAE factor {pipe.vae_scale_factor} × patch size), or 0 for the native {native}"
+        )
+    return res, res // pipe.vae_scale_factor
+
+
+class SD3Generator(DiffusersGenerator):
+    """SD3 / SD3.5 (``StableDiffusion3Pipeline``); samples are latents [16, H/8, W/8]."""
+
+    family = "sd3"
+    pipeline_class = "StableDiffusion3Pipeline"
+    # flow_grpo's SD3 LoRA (as diffusers' SD3 DreamBooth LoRA script): the joint attention's
+    # image and context projections.
+    lora_default_targets = (
+        "attn.add_k_proj",
+        "attn.add_q_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
+        "attn.to_k",
+        "attn.to_out.0",
+        "attn.to_q",
+        "attn.to_v",
+    )
+
+    def build_parts(self, pipe, cfg: ModelConfig) -> None:
+        tc = pipe.transformer.config
+        f, p = pipe.vae_scale_factor, tc.patch_size
+        res, side = latent_shape(pipe, cfg, self.family, tc.sample_size * f, f * p)
+        limit = tc.pos_embed_max_size
+        if limit and side // p > limit:
+            raise DDRLError(
+                f"model.resolution={res} is too large for this sd3 transformer: allowed up to "
+                f"{limit * p * f} (pos_embed_max_size {limit} patches)"
+            )
+        self.sample_shape = (tc.in_channels, side, side)
+        self.denoiser = SD3Denoiser(pipe.transformer, cfg.autocast)
+        names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+        self.conditioner = SD3Conditioner(pipe, cfg, names)
+        vc = pipe.vae.config
+        self.codec = VAECodec(pipe.vae, vc.shift_factor or 0.0, vc.scaling_factor, cfg.vae_batch)
+
+    def timestep_grid(self, num_steps: int, shift: float = 0.0) -> Tensor:
+        """The pipeline's sigmas [N + 1] (1 → 0); with a dynamic-shifting scheduler config,
+        mu from the image token count as ``StableDiffusion3Pipeline`` computes it."""
+        sc = self.scheduler.config
+        if shift > 0 or not sc.get("use_dynamic_shifting"):
+            return super().timestep_grid(num_steps, shift)
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
+            calculate_shift,
+        )
+
+        p = self.denoiser.transformer.config.patch_size
+        seq = (self.sample_shape[1] // p) * (self.sample_shape[2] // p)
+        mu = calculate_shift(
+            seq,
+            sc.get("base_image_seq_len", 256),
+            sc.get("max_image_seq_len", 4096),
+            sc.get("base_shift", 0.5),
+            sc.get("max_shift", 1.16),
+        )
+        sched = type(self.scheduler).from_config(sc)
+        sched.set_timesteps(num_steps, mu=mu)
+        return sched.sigmas.float().cpu()
+
+    @classmethod
+    def build_tiny(cls, path: Path) -> None:
+        """A tiny SD3 pipeline (32 px, VAE factor 4, 16 latent channels, 2 MMDiT blocks of
+        width 16; two CLIP encoders of width 16 and a one-layer T5 of width 32)."""
+        from diffusers import (
+            FlowMatchEulerDiscreteScheduler,
+            SD3Transformer2DModel,
+            StableDiffusion3Pipeline,
+        )
+        from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+        from .tiny_text import clip_tokenizer, t5_tokenizer, tiny_clip_config, tiny_t5_config
+
+        tok, tok3 = clip_tokenizer(), t5_tokenizer()
+        transformer = SD3Transformer2DModel(
+            sample_size=8,
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=32,  # T5 width (CLIP-L + CLIP-G widths are padded to it)
+            caption_projection_dim=16,
+            pooled_projection_dim=32,  # the two CLIP projections concatenated
+            pos_embed_max_size=16,
+        )
+        pipe = StableDiffusion3Pipeline(
+            transformer=transformer,
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+            vae=tiny_vae(shift_factor=0.0609, scaling_factor=1.5305),
+            text_encoder=CLIPTextModelWithProjection(tiny_clip_config(len(tok))),
+            text_encoder_2=CLIPTextModelWithProjection(tiny_clip_config(len(tok))),
+            text_encoder_3=T5EncoderModel(tiny_t5_config(len(tok3))),
+            tokenizer=tok,
+            tokenizer_2=clip_tokenizer(),
+            tokenizer_3=tok3,
+        )
+        pipe.save_pretrained(path, safe_serialization=True)
+
+
+def tiny_vae(shift_factor: float, scaling_factor: float):
+    """A tiny AutoencoderKL: 32 px images ↔ 16 × 8 × 8 latents (factor 4, no quant convs)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 8, 8),
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=4,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=shift_factor,
+        scaling_factor=scaling_factor,
+    )

@@ -1,0 +1,188 @@
+"""The one loop on every diffusers family (tiny pipelines built from config, loaded back through
+``Pipeline.from_pretrained`` like a user's): every algorithm, LoRA and full fine-tuning, the
+adapter-disabled reference, the on-policy ratio across micro-batches and precisions, exact
+resume, real data cached as latents, export, presets, and the one-line errors."""
+
+import json
+
+import pytest
+import torch
+
+from ddrl.cli import main
+from ddrl.config import PRESET_NAMES, build_config, preset_descriptions
+from ddrl.models import load_generator
+from ddrl.runlog import prepare_run_dir, read_jsonl
+from ddrl.train import train
+
+TINY = ("tiny-sd3", "tiny-flux", "tiny-cosmos", "tiny-wan")
+ALGORITHMS = ("ddrl", "flow_grpo", "dance_grpo", "grpo", "sft")
+QUIET = {"log": lambda *a: None}
+SMALL = ["train.progress=false", "train.prompts_per_iter=2", "train.group_size=2"]
+
+
+def _train(tmp_path, name, preset, *ov, resume=False):
+    cfg = build_config(overrides=[f"preset={preset}", *SMALL, *ov])
+    out = tmp_path / name
+    if not resume:
+        prepare_run_dir(out, resume=False, overwrite=False)
+    row = train(cfg, out, resume=resume, **QUIET)
+    return cfg, out, row
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("preset", TINY)
+def test_every_algorithm_runs_two_iterations_on_every_family(tmp_path, preset, algorithm):
+    cfg, out, row = _train(tmp_path, "run", preset, f"algorithm={algorithm}")
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["iteration"] for r in rows] == [1, 2]
+    for r in rows:
+        assert all(v is not None for k, v in r.items()), r  # every logged value finite
+        if algorithm != "sft":  # the on-policy ratio is logged every iteration
+            assert r["ratio_dev_max"] < 1e-4, r
+    gen = load_generator(out / "final", config=cfg.model)  # the saved weights load back
+    assert gen.sample_shape == load_generator(out / "final", config=cfg.model).sample_shape
+
+
+def test_lora_trains_adapters_only_and_its_reference_is_the_base(tmp_path):
+    from ddrl.components import load_base
+    from ddrl.reference import AdapterDisabled, make_reference
+
+    cfg = build_config(overrides=["preset=tiny-sd3", "algorithm=flow_grpo"])
+    gen, _ = load_base(cfg)
+    den = gen.denoiser
+    trainable = [n for n, p in den.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    ref = make_reference(den)
+    assert isinstance(ref, AdapterDisabled)
+    x = torch.randn(2, *gen.sample_shape)
+    t = torch.tensor([0.7, 0.3])
+    cond = gen.conditioner.encode(["a red sign", "a cat"])
+    with torch.no_grad():
+        base_v = den.velocity(x, t, cond)  # adapters start at B = 0: the policy is the base
+        for n, p in den.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.05)
+        moved = den.velocity(x, t, cond)
+    assert (moved - base_v).abs().max() > 1e-4
+    assert torch.equal(ref.velocity(x, t, cond, None, 1.0), base_v)
+    assert torch.equal(den.velocity(x, t, cond), moved)  # adapters are back on afterwards
+    # Flow-GRPO's KL against the adapter-disabled base is 0 before the first update.
+    _, out, _ = _train(tmp_path, "fg", "tiny-sd3", "algorithm=flow_grpo", "train.iterations=1")
+    assert read_jsonl(out / "metrics.jsonl")[0]["loss_kl"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "precision",
+    [[], ["model.autocast=bfloat16"], ["model.dtype=bfloat16", "model.autocast=bfloat16"]],
+)
+def test_on_policy_ratio_is_one_across_micro_batches_and_precisions(tmp_path, precision):
+    """The peers' most reported bug (flow_grpo #104/#131, DanceGRPO #57): log-probs recomputed
+    in training differ from the rollout's. Here the rollout runs the whole batch at once and
+    training one sample at a time; the ratio must stay 1 (fp32: to 1e-5; bf16: to 2e-3)."""
+    ov = ["algorithm=flow_grpo", "train.micro_batch=1", "train.iterations=1", *precision]
+    _, out, _ = _train(tmp_path, "r", "tiny-sd3", *ov)
+    dev = read_jsonl(out / "metrics.jsonl")[0]["ratio_dev_max"]
+    assert dev < (1e-5 if not precision else 2e-3), dev
+
+
+def test_lora_resume_continues_exactly(tmp_path):
+    from safetensors.torch import load_file
+
+    ov = ["train.iterations=2", "train.checkpoint_every=1"]
+    _train(tmp_path, "whole", "tiny-flux", *ov)
+    _train(tmp_path, "split", "tiny-flux", "train.iterations=1", "train.checkpoint_every=1")
+    _train(tmp_path, "split", "tiny-flux", *ov, resume=True)
+    a = load_file(tmp_path / "whole" / "final" / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "split" / "final" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    whole = read_jsonl(tmp_path / "whole" / "metrics.jsonl")
+    split = read_jsonl(tmp_path / "split" / "metrics.jsonl")
+    assert [r["loss"] for r in whole] == [r["loss"] for r in split]
+
+
+def _image_folder(root, n=6):
+    from PIL import Image
+
+    root.mkdir()
+    for i in range(n):
+        arr = (torch.rand(40, 48, 3) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(root / f"img{i}.png")
+        (root / f"img{i}.txt").write_text(f"a photo of thing {i % 3}")
+    return root
+
+
+def test_real_caption_data_is_encoded_once_then_read_as_latents(tmp_path, monkeypatch):
+    import ddrl.data.files as files
+
+    imgs = _image_folder(tmp_path / "imgs")
+    ov = ["data.source=real", f"data.images={imgs}", "data.prompts=", "train.iterations=1"]
+    _train(tmp_path, "a", "tiny-sd3", *ov)
+
+    def no_images(*a, **k):
+        raise AssertionError("the second run must read cached latents, not images")
+
+    monkeypatch.setattr(files, "load_media", no_images)
+    _, out, _ = _train(tmp_path, "b", "tiny-sd3", *ov)
+    assert read_jsonl(out / "metrics.jsonl")[0]["loss_data"] > 0
+
+
+def test_export_merge_cli_writes_a_pipeline_diffusers_loads(tmp_path, capsys):
+    from diffusers import StableDiffusion3Pipeline
+
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--preset", "tiny-sd3", *SMALL]) == 0
+    assert main(["export", str(run), "--out", str(tmp_path / "merged"), "--merge"]) == 0
+    pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path / "merged")
+    assert pipe.transformer is not None and pipe.text_encoder_3 is not None
+    assert main(["export", str(run), "--out", str(tmp_path / "merged")]) == 2  # never overwrite
+    assert "exists" in capsys.readouterr().err
+
+
+def test_presets_are_listed_with_descriptions_and_tiny_ones_resolve(capsys):
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    for name in (*TINY, "digits", "toy2d"):
+        assert name in PRESET_NAMES and name in out
+    assert all(preset_descriptions().values())
+    for name in TINY:
+        cfg = build_config(overrides=[f"preset={name}"])
+        assert cfg.model.base == "tiny" and cfg.train.iterations == 2
+
+
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("model.resolution=30", "resolution"),
+        ("model.lora.target_modules=to_nothing", "to_nothing"),
+        ("model.base=/no/such/folder", "does not exist"),
+        ("model.name=flux", "holds a StableDiffusion3Pipeline"),
+    ],
+)
+def test_bad_model_input_is_one_line(tmp_path, capsys, override, says):
+    from ddrl.models.hf import ensure_tiny
+    from ddrl.models.sd3 import SD3Generator
+    from ddrl.pretrain import cache_root
+
+    extra = []
+    if override == "model.name=flux":  # an SD3 folder loaded as FLUX
+        extra = [f"model.base={ensure_tiny(SD3Generator, cache_root(''), lambda *a: None)}"]
+    code = main(["train", "--out", str(tmp_path / "r"), "--preset", "tiny-sd3", override, *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and says in err[0], err
+    assert not (tmp_path / "r").exists()  # nothing was created
+
+
+def test_unknown_pipeline_class_is_one_line(tmp_path, capsys):
+    from ddrl.errors import DDRLError
+    from ddrl.models import family_of
+
+    folder = tmp_path / "pipe"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    with pytest.raises(DDRLError, match="KandinskyPipeline; supported pipelines"):
+        family_of(folder)
+    code = main(
+        ["train", "--out", str(tmp_path / "r"), "--preset", "tiny-sd3", f"model.base={folder}"]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "holds a KandinskyPipeline" in err[0], err
