@@ -7,7 +7,8 @@ user files (``--config a.toml``) → ``key=value`` overrides. Two sections are c
 before any value is applied: ``loss`` is the chosen algorithm's own config class, and
 ``sampler.sde`` the chosen SDE's (``sampler.sde.kind``), so a knob the choice does not have is
 an error, never silently ignored (a run preset's loss.* keys apply only to its own algorithm).
-The resolved config is written to ``<run>/config.json``; ``load_config`` reads it back, so a run can always be repeated or resumed from its own folder.
+The resolved config is written to ``<run>/config.json``; ``load_config`` reads it back, so a
+run can always be repeated or resumed from its own folder.
 """
 
 from __future__ import annotations
