@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ddrl.data import DataConfig, files, latent_pool, load_data, load_prompts, read_items
-from ddrl.data.files import files_data, frame_indices, list_items
+from ddrl.data import DataConfig, files, latent_pool, load_data, load_prompts, media, read_items
+from ddrl.data.files import files_data, list_items
+from ddrl.data.media import frame_indices
 from ddrl.data.synthetic import load_pool
 from ddrl.errors import DDRLError
 
@@ -257,8 +258,8 @@ def test_video_items_frames_folder_gif_and_image(tmp_path):
     one_line_error(lambda: list(read_items(cfg, 4, frames=0)), match="the model takes images")
     one_line_error(lambda: list(read_items(cfg, 4, frames=20)), match="has 10 frames")
     img = files.Item(png(tmp_path / "i.png"), "c", "image", "i.png")
-    assert files.load_media(img, 4, frames=1).shape == (3, 1, 4, 4)
-    one_line_error(files.load_media, img, 4, frames=2, match="is an image")
+    assert media.load_media(img, 4, frames=1).shape == (3, 1, 4, 4)
+    one_line_error(media.load_media, img, 4, frames=2, match="is an image")
 
 
 def test_mp4_video(tmp_path):
@@ -321,8 +322,8 @@ def test_latent_pool_encodes_once_and_reads_the_cache(tmp_path, monkeypatch):
     def no_reading(*a, **k):
         raise AssertionError("the cache must not open any image")
 
-    monkeypatch.setattr(files, "load_media", no_reading)
-    monkeypatch.setattr(files, "_open_image", no_reading)
+    monkeypatch.setattr(media, "load_media", no_reading)
+    monkeypatch.setattr(media, "_open_image", no_reading)
     again = latent_pool(cfg, codec, "fake-vae", 8, 0, cache, log=logs.append)
     assert codec.encoded == 5 and torch.equal(again.x, pool.x) and again.prompts == pool.prompts
     assert any("from the cache" in m for m in logs)

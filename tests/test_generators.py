@@ -112,7 +112,7 @@ def _image_folder(root, n=6):
 
 
 def test_real_caption_data_is_encoded_once_then_read_as_latents(tmp_path, monkeypatch):
-    import ddrl.data.files as files
+    import ddrl.data.media as media
 
     imgs = _image_folder(tmp_path / "imgs")
     ov = ["data.source=real", f"data.images={imgs}", "data.prompts=", "train.iterations=1"]
@@ -121,7 +121,7 @@ def test_real_caption_data_is_encoded_once_then_read_as_latents(tmp_path, monkey
     def no_images(*a, **k):
         raise AssertionError("the second run must read cached latents, not images")
 
-    monkeypatch.setattr(files, "load_media", no_images)
+    monkeypatch.setattr(media, "load_media", no_images)
     _, out, _ = _train(tmp_path, "b", "tiny-sd3", *ov)
     assert read_jsonl(out / "metrics.jsonl")[0]["loss_data"] > 0
 

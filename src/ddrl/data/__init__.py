@@ -7,8 +7,9 @@ from __future__ import annotations
 from ..errors import DDRLError, check_choice
 from .base import DataConfig, PairedPool, TaskData
 from .digits import digits_data
-from .files import files_data, list_items, load_prompts, read_items
+from .files import files_data, list_items, load_prompts
 from .latents import latent_pool
+from .media import read_items
 from .toy2d import toy2d_data
 
 DATASETS = {"digits": digits_data, "toy2d": toy2d_data}  # embedded: name → loader()

@@ -23,7 +23,7 @@ import torch
 
 from ..checkpoint import sha256
 from ..errors import DDRLError
-from . import files
+from . import files, media
 from .base import DataConfig, PairedPool
 
 CACHE_VERSION = 1  # bump when the encoding (reading, resizing) changes
@@ -145,7 +145,7 @@ def latent_pool(
     bar = tqdm(total=len(items), desc="encoding", unit="item", disable=None)
     try:
         for i, it in enumerate(items):
-            buf.append(files.load_media(it, resolution, frames))
+            buf.append(media.load_media(it, resolution, frames))
             if len(buf) == batch or i == len(items) - 1:
                 z = codec.encode(torch.stack(buf))
                 out.append(z.detach().float().cpu())

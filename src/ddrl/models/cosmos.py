@@ -52,7 +52,8 @@ from torch import Tensor
 from ..errors import DDRLError
 from .base import Cond
 from .config import ModelConfig
-from .hf import TORCH_DTYPES, DiffusersGenerator, HFDenoiser, TextConditioner
+from .hf import DiffusersGenerator
+from .hf_parts import TORCH_DTYPES, HFDenoiser, TextConditioner
 from .wan import (
     DEFAULTS_FILE,
     TINY_DEFAULTS,

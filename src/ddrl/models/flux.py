@@ -19,7 +19,8 @@ from torch import Tensor
 from ..errors import DDRLError
 from .base import Cond
 from .config import ModelConfig
-from .hf import DiffusersGenerator, HFDenoiser, TextConditioner, VAECodec
+from .hf import DiffusersGenerator
+from .hf_parts import HFDenoiser, TextConditioner, VAECodec
 from .sd3 import latent_shape, tiny_vae
 
 FLUX_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale

@@ -17,7 +17,8 @@ from torch import Tensor
 from ..errors import DDRLError
 from .base import Cond
 from .config import ModelConfig
-from .hf import DiffusersGenerator, HFDenoiser, TextConditioner, VAECodec
+from .hf import DiffusersGenerator
+from .hf_parts import HFDenoiser, TextConditioner, VAECodec
 
 SD3_MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default T5 length
 

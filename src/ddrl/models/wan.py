@@ -40,7 +40,8 @@ from torch import Tensor
 from ..errors import DDRLError
 from .base import Cond
 from .config import ModelConfig
-from .hf import TORCH_DTYPES, DiffusersGenerator, HFDenoiser, TextConditioner, VAECodec
+from .hf import DiffusersGenerator
+from .hf_parts import TORCH_DTYPES, HFDenoiser, TextConditioner, VAECodec
 
 DEFAULTS_FILE = "ddrl_defaults.json"  # optional {"height", "width", "frames"} in a pipeline folder
 TINY_DEFAULTS = {"height": 16, "width": 16, "frames": 5}
