@@ -186,3 +186,17 @@ def test_unknown_pipeline_class_is_one_line(tmp_path, capsys):
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "holds a KandinskyPipeline" in err[0], err
+
+
+@pytest.mark.parametrize("preset", TINY)
+def test_non_square_size_from_height_and_width(preset):
+    from ddrl.components import load_base
+
+    cfg = build_config(overrides=[f"preset={preset}", "model.height=16", "model.width=32"])
+    gen, _ = load_base(cfg)
+    assert (gen.height, gen.width) == (16, 32)
+    assert gen.sample_shape[-1] == 2 * gen.sample_shape[-2]
+    x = torch.randn(1, *gen.sample_shape)
+    v = gen.denoiser.velocity(x, torch.tensor([0.5]), gen.conditioner.encode(["a cat"]))
+    assert v.shape == x.shape and torch.isfinite(v).all()
+    assert gen.codec.decode(x).shape[-2:] == (16, 32)

@@ -68,8 +68,8 @@ def theirs(pipe, gen, w: float = 1.0, seed: int = 0, output_type: str = "latent"
         num_inference_steps=N,
         guidance_scale=w,
         latents=noise(gen, len(PROMPTS), seed),
-        height=gen.resolution,
-        width=gen.resolution,
+        height=gen.height,
+        width=gen.width,
         output_type=output_type,
     ).images
 

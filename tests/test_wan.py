@@ -92,14 +92,14 @@ def pipeline(pipe, gen, guidance=1.0, scheduler=None, output_type="latent", step
 
 def test_shape_and_grid(tiny):
     gen = load(tiny, tiny)
-    assert gen.sample_shape == (4, 2, 2, 2) and (gen.resolution, gen.frames) == (16, 5)
+    assert gen.sample_shape == (4, 2, 2, 2) and (gen.height, gen.width, gen.frames) == (16, 16, 5)
     grid = gen.timestep_grid(STEPS)
     ref = UniPCMultistepScheduler.from_config(gen.pipe.scheduler.config)
     ref.set_timesteps(STEPS)
     assert len(grid) == STEPS + 1 and torch.equal(grid, ref.sigmas.float())
     assert abs(grid[0] - 1) < 1e-5 and grid[-1] == 0 and bool((grid[1:] < grid[:-1]).all())
     big = load(tiny, tiny, resolution=32, frames=9)
-    assert big.sample_shape == (4, 3, 4, 4) and (big.resolution, big.frames) == (32, 9)
+    assert big.sample_shape == (4, 3, 4, 4) and (big.height, big.width, big.frames) == (32, 32, 9)
 
 
 @pytest.mark.parametrize("guidance", [1.0, 4.0])

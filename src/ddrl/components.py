@@ -78,7 +78,10 @@ def synthetic_path(cfg: RunConfig, base_path: Path) -> Path:
         [
             m.name,
             str(base_path),
+            m.revision,
             m.resolution,
+            m.height,
+            m.width,
             m.frames,
             m.dtype,
             cfg.data.prompts,

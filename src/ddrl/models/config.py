@@ -34,7 +34,10 @@ class ModelConfig:
     name: str = "digits"  # family: digits | toy2d | sd3 | flux | cosmos | wan | "module:Class"
     base: str = ""  # weights: a hub id or pipeline folder (diffusers families; "tiny" = a tiny
     # pipeline built from config into the cache), a saved generator folder; "" = cached base
-    resolution: int = 0  # pixels per side of a sample; 0 = the family's native size
+    resolution: int = 0  # pixels per side of a square sample; 0 = the family's native size
+    height: int = 0  # non-square samples: height and width in pixels (both, or neither; they
+    width: int = 0  # take precedence over resolution), e.g. Cosmos 720 x 1280, Wan 480 x 832
+    revision: str = ""  # hub branch, tag or commit of model.base; "" = the default branch
     frames: int = 0  # video frames per sample (cosmos, wan); 0 = the family's default
     cache_dir: str = ""  # base and reward models; "" = $DDRL_CACHE or ~/.cache/ddrl
     finetune: str = "full"  # "full": every transformer weight; "lora": peft adapters only
@@ -49,12 +52,26 @@ class ModelConfig:
     max_sequence_length: int = 0  # text tokens per prompt; 0 = the pipeline's default
     release_text_encoders: bool = True  # free the text encoders once every prompt is encoded
 
+    def size(self, native: tuple[int, int]) -> tuple[int, int]:
+        """(height, width) in pixels: model.height × model.width, else a square
+        model.resolution, else ``native``."""
+        if self.height:
+            return self.height, self.width
+        return (self.resolution, self.resolution) if self.resolution else native
+
     def check(self) -> None:
         from . import DIFFUSERS_FAMILIES, MODELS, resolve
 
         resolve(self.name)
         check_range("model.resolution", self.resolution, 0)
         check_range("model.frames", self.frames, 0)
+        check_range("model.height", self.height, 0)
+        check_range("model.width", self.width, 0)
+        if bool(self.height) != bool(self.width):
+            raise DDRLError(
+                f"model.height={self.height}, model.width={self.width}: set both (or neither; "
+                "model.resolution is the square size)"
+            )
         check_choice("model.finetune", self.finetune, ("full", "lora"))
         check_choice("model.dtype", self.dtype, DTYPES)
         check_choice("model.autocast", self.autocast, AUTOCAST)

@@ -120,8 +120,8 @@ class FluxGenerator(DiffusersGenerator):
         f = pipe.vae_scale_factor
         # Native size: the VAE's sample_size (FLUX.1: 1024 = the pipeline's 128 latents × 8).
         native = pipe.vae.config.sample_size or pipe.default_sample_size * f
-        _, side = latent_shape(pipe, cfg, self.family, native, 2 * f)
-        self.sample_shape = (tc.in_channels // 4, side, side)
+        h, w = latent_shape(pipe, cfg, self.family, native, 2 * f)
+        self.sample_shape = (tc.in_channels // 4, h, w)
         if tc.guidance_embeds:
             guidance = cfg.guidance or FLUX_GUIDANCE
         elif cfg.guidance > 0:

@@ -85,6 +85,7 @@ def load_pipeline(family: type[DiffusersGenerator], source: str, cfg: ModelConfi
             pipe = cls.from_pretrained(
                 str(local) if local.exists() else source,
                 torch_dtype={"transformer": tdtype, "default": dtype},
+                **({"revision": cfg.revision} if cfg.revision and not local.exists() else {}),
                 **family.load_kwargs(),
                 **parts,
             )
@@ -132,7 +133,8 @@ class DiffusersGenerator(nn.Module):
         self.pipe, self.cfg, self.source = pipe, cfg, source
         self.scheduler = pipe.scheduler
         self.build_parts(pipe, cfg)  # sets denoiser, conditioner, codec, sample_shape
-        self.resolution, self.frames = self.pixel_size(pipe)
+        (self.height, self.width), self.frames = self.pixel_size(pipe)
+        self.resolution = (self.height, self.width)  # what data reading resizes to
         tr = self.denoiser.transformer
         if cfg.finetune == "lora":
             from peft import LoraConfig as PeftLora
@@ -177,14 +179,15 @@ class DiffusersGenerator(nn.Module):
         return {}
 
     # -- shared ------------------------------------------------------------------------------
-    def pixel_size(self, pipe) -> tuple[int, int]:
-        """(pixels per side, frames) of a decoded sample (frames 0 for images), from the latent
+    def pixel_size(self, pipe) -> tuple[tuple[int, int], int]:
+        """((height, width), frames) of a decoded sample (frames 0 for images), from the latent
         shape and the VAE's spatial and temporal factors."""
         spatial = getattr(pipe, "vae_scale_factor_spatial", None) or pipe.vae_scale_factor
+        hw = (self.sample_shape[-2] * spatial, self.sample_shape[-1] * spatial)
         if len(self.sample_shape) == 4:  # [C, T, h, w]
             temporal = getattr(pipe, "vae_scale_factor_temporal", 4)
-            return self.sample_shape[-1] * spatial, (self.sample_shape[1] - 1) * temporal + 1
-        return self.sample_shape[-1] * spatial, 0
+            return hw, (self.sample_shape[1] - 1) * temporal + 1
+        return hw, 0
 
     @property
     def lora(self) -> bool:

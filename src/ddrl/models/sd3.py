@@ -55,15 +55,16 @@ class SD3Conditioner(TextConditioner):
 
 
 def latent_shape(pipe, cfg: ModelConfig, family: str, native: int, multiple: int) -> tuple:
-    """(pixels per side, latent side) for ``cfg.resolution`` (0 = ``native``), which must be a
-    multiple of ``multiple`` (VAE factor × patch size)."""
-    res = cfg.resolution or native
-    if res % multiple:
+    """(latent height, latent width) for the configured size (``ModelConfig.size``; the square
+    ``native`` by default); each side must be a multiple of ``multiple`` (VAE factor × patch)."""
+    h, w = cfg.size((native, native))
+    if h % multiple or w % multiple:
+        key = f"model.height={h}, model.width={w}" if cfg.height else f"model.resolution={h}"
         raise DDRLError(
-            f"model.resolution={res} does not fit {family}: allowed are multiples of {multiple} "
+            f"{key} does not fit {family}: allowed are multiples of {multiple} "
             f"(VAE factor {pipe.vae_scale_factor} × patch size), or 0 for the native {native}"
         )
-    return res, res // pipe.vae_scale_factor
+    return h // pipe.vae_scale_factor, w // pipe.vae_scale_factor
 
 
 class SD3Generator(DiffusersGenerator):
@@ -87,14 +88,14 @@ class SD3Generator(DiffusersGenerator):
     def build_parts(self, pipe, cfg: ModelConfig) -> None:
         tc = pipe.transformer.config
         f, p = pipe.vae_scale_factor, tc.patch_size
-        res, side = latent_shape(pipe, cfg, self.family, tc.sample_size * f, f * p)
+        h, w = latent_shape(pipe, cfg, self.family, tc.sample_size * f, f * p)
         limit = tc.pos_embed_max_size
-        if limit and side // p > limit:
+        if limit and max(h, w) // p > limit:
             raise DDRLError(
-                f"model.resolution={res} is too large for this sd3 transformer: allowed up to "
-                f"{limit * p * f} (pos_embed_max_size {limit} patches)"
+                f"model size {h * f}x{w * f} is too large for this sd3 transformer: allowed up "
+                f"to {limit * p * f} per side (pos_embed_max_size {limit} patches)"
             )
-        self.sample_shape = (tc.in_channels, side, side)
+        self.sample_shape = (tc.in_channels, h, w)
         self.denoiser = SD3Denoiser(pipe.transformer, cfg.autocast)
         names = ("text_encoder", "text_encoder_2", "text_encoder_3")
         self.conditioner = SD3Conditioner(pipe, cfg, names)

@@ -79,8 +79,7 @@ def video_sample_shape(
         height, width, frames = d.get("height", height), d.get("width", width), d.get("frames", 0)
         frames = frames or native[2]
     frames = cfg.frames or frames
-    if cfg.resolution:
-        height = width = cfg.resolution
+    height, width = cfg.size((height, width))
     if (frames - 1) % tf:
         ok = ", ".join(str(tf * k + 1) for k in range(4))
         raise DDRLError(
@@ -89,8 +88,8 @@ def video_sample_shape(
     mult = s * patch
     if height % mult or width % mult:
         raise DDRLError(
-            f"model.resolution={cfg.resolution or f'{height}x{width}'} for {gen.family}: must be a "
-            f"multiple of {mult} (VAE factor {s} × patch {patch})"
+            f"model size {height}x{width} for {gen.family}: each side must be a multiple of "
+            f"{mult} (VAE factor {s} × patch {patch}); set model.resolution or height/width"
         )
     return (channels, (frames - 1) // tf + 1, height // s, width // s)
 
