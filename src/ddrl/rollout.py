@@ -34,7 +34,7 @@ class SamplerConfig:
     shared_noise: bool = False  # one initial noise per group (DanceGRPO) instead of per sample
     eval_steps: int = 20  # ODE steps for evaluation samples
     batch: int = 0  # trajectories per denoiser forward in rollouts; 0 = all at once (memory
-    # only: the samples do not depend on it)
+    # only: the noise is the same, the samples equal up to float rounding of batched kernels)
 
     def check(self) -> None:
         check_choice("sampler.sde.kind", getattr(self.sde, "kind", "?"), SDES)
