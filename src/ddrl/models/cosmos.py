@@ -19,7 +19,8 @@
   ddrl's v_u + w·(v_c − v_u) with w = g + 1 (pipeline guidance 7 ↔ sampler.cfg_scale 8).
 - Codec: the Wan VAE with per-channel latent mean/std, videos [B, 3, F, H, W] in [-1, 1].
 
-Size: ``model.frames`` (0 = 93) and ``model.resolution`` = R (R×R; 0 = the native 704×1280),
+Size: ``model.frames`` (0 = 93) and ``model.height`` × ``model.width`` or ``model.resolution``
+= R (R×R; neither = the native 704×1280),
 as for Wan (``ddrl.models.wan``), and within the transformer's RoPE range ``max_size``.
 
 Sampling grid: the model's own ``UniPCMultistepScheduler`` (Karras sigmas in σ/(1−σ) from 200

@@ -11,8 +11,8 @@
 - Codec: the Wan VAE, z = (E(x) − latents_mean) / latents_std per channel; videos
   [B, 3, F, H, W] in [-1, 1], F = 4k + 1 frames ↔ T = k + 1 latent frames.
 
-Size: ``model.frames`` (0 = 81, the pipeline's default) and ``model.resolution`` = R gives
-R×R videos; 0 gives the pipeline's native 480×832 (height × width). A pipeline folder may
+Size: ``model.frames`` (0 = 81, the pipeline's default) and ``model.height`` × ``model.width``,
+or ``model.resolution`` = R for R×R videos; neither gives the pipeline's native 480×832. A pipeline folder may
 carry ``ddrl_defaults.json`` ({"height", "width", "frames"}) to replace those natives: the tiny
 pipeline does (16×16, 5 frames).
 
