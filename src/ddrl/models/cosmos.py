@@ -54,10 +54,11 @@ from ..errors import DDRLError
 from .base import Cond
 from .config import ModelConfig
 from .hf import DiffusersGenerator
-from .hf_parts import TORCH_DTYPES, HFDenoiser, TextConditioner
+from .hf_parts import HFDenoiser
 from .wan import (
     DEFAULTS_FILE,
     TINY_DEFAULTS,
+    WanConditioner,
     copy_defaults,
     tiny_wan_vae,
     video_sample_shape,
@@ -147,24 +148,15 @@ class CosmosDenoiser(HFDenoiser):
         return (mask * v_given + (1 - mask) * out.float()).to(out.dtype)
 
 
-class CosmosConditioner(TextConditioner):
-    """Prompts → normalised, layer-concatenated Qwen2.5-VL states [B, L, layers·hidden]."""
+class CosmosConditioner(WanConditioner):
+    """Prompts → normalised, layer-concatenated Qwen2.5-VL states [B, L, layers·hidden]
+    (``encode_prompt`` has Wan's signature); the null prompt is the pipeline's negative one."""
 
     def __init__(self, pipe, cfg: ModelConfig, encoder_names: tuple[str, ...]):
         super().__init__(pipe, cfg, encoder_names)
         from diffusers.pipelines.cosmos.pipeline_cosmos2_5_predict import DEFAULT_NEGATIVE_PROMPT
 
-        self.null_prompt = DEFAULT_NEGATIVE_PROMPT  # the pipeline's negative prompt
-
-    def encode_batch(self, prompts: list[str]) -> Cond:
-        emb, _ = self.pipe.encode_prompt(
-            prompts,
-            do_classifier_free_guidance=False,
-            max_sequence_length=self.cfg.max_sequence_length or 512,
-            device=self.device(),
-            dtype=TORCH_DTYPES[self.cfg.dtype],
-        )
-        return Cond({"prompt_embeds": emb})
+        self.null_prompt = DEFAULT_NEGATIVE_PROMPT
 
 
 class CosmosGenerator(DiffusersGenerator):

@@ -12,9 +12,9 @@
   [B, 3, F, H, W] in [-1, 1], F = 4k + 1 frames ↔ T = k + 1 latent frames.
 
 Size: ``model.frames`` (0 = 81, the pipeline's default) and ``model.height`` × ``model.width``,
-or ``model.resolution`` = R for R×R videos; neither gives the pipeline's native 480×832. A pipeline folder may
-carry ``ddrl_defaults.json`` ({"height", "width", "frames"}) to replace those natives: the tiny
-pipeline does (16×16, 5 frames).
+or ``model.resolution`` = R for R×R videos; neither gives the pipeline's native 480×832. A
+pipeline folder may carry ``ddrl_defaults.json`` ({"height", "width", "frames"}) to replace
+those natives: the tiny pipeline does (16×16, 5 frames).
 
 Sampling grid: Wan ships ``UniPCMultistepScheduler`` (use_flow_sigmas, flow_shift 3.0), a
 multistep solver. The RL loop needs one first-order Gaussian transition per step, so ddrl
