@@ -36,6 +36,36 @@ class AdvantageConfig:
         check_range("advantage.clamp", self.clamp, 1.0 + 1e-6)
 
 
+def _normalise(rewards: Tensor, group_ids: Tensor, cfg: AdvantageConfig) -> tuple[Tensor, Tensor]:
+    """(r − mean_group)/(std + eps) [B] and valid [B]; groups with a non-finite reward → 0."""
+    adv = torch.zeros_like(rewards)
+    valid = torch.zeros_like(rewards, dtype=torch.bool)
+    finite_groups = [g for g in group_ids.unique() if torch.isfinite(rewards[group_ids == g]).all()]
+    if cfg.std == "global" and finite_groups:
+        keep = torch.isin(group_ids, torch.stack(finite_groups))
+        global_std = rewards[keep].std(unbiased=False)
+    for g in finite_groups:
+        m = group_ids == g
+        r = rewards[m]
+        if cfg.std == "global":
+            std = global_std
+        else:
+            std = r.std(unbiased=cfg.std == "unbiased") if len(r) > 1 else torch.zeros(())
+        adv[m] = (r - r.mean()) / (std + cfg.eps)
+        valid[m] = True
+    return adv, valid
+
+
+def _finish(adv: Tensor, valid: Tensor, cfg: AdvantageConfig) -> Tensor:
+    """The λ transform (or none) and the clamp; skipped samples stay 0."""
+    if cfg.exp_transform:
+        # Not re-centred, as in the release; λ is monotone, so the order is kept.
+        adv = -torch.exp(-adv.clamp(min=-math.log(cfg.clamp)) / cfg.beta)
+    else:
+        adv = adv.clamp(-cfg.clamp, cfg.clamp)
+    return torch.where(valid, adv, torch.zeros_like(adv))
+
+
 def group_advantages(
     rewards: Tensor, group_ids: Tensor, cfg: AdvantageConfig
 ) -> tuple[Tensor, Tensor]:
@@ -51,25 +81,28 @@ def group_advantages(
     for β ≠ 1 every A above −ln(clamp) keeps its own weight exp(−A/β): β is a real
     temperature rather than being swallowed by the output clamp (docs/DECISIONS.md).
     """
-    adv = torch.zeros_like(rewards)
-    valid = torch.zeros_like(rewards, dtype=torch.bool)
-    finite_groups = [g for g in group_ids.unique() if torch.isfinite(rewards[group_ids == g]).all()]
-    if cfg.std == "global" and finite_groups:
-        keep = torch.isin(group_ids, torch.stack(finite_groups))
-        global_std = rewards[keep].std(unbiased=False)
-    for g in finite_groups:
-        m = group_ids == g
-        r = rewards[m]
-        if cfg.std == "global":
-            std = global_std
-        else:
-            std = r.std(unbiased=cfg.std == "unbiased") if len(r) > 1 else torch.zeros(())
-        a = (r - r.mean()) / (std + cfg.eps)
-        if cfg.exp_transform:
-            # Not re-centred, as in the release; λ is monotone, so the order is kept.
-            a = -torch.exp(-a.clamp(min=-math.log(cfg.clamp)) / cfg.beta)
-        else:
-            a = a.clamp(-cfg.clamp, cfg.clamp)
-        adv[m] = a
-        valid[m] = True
-    return adv, valid
+    adv, valid = _normalise(rewards, group_ids, cfg)
+    return _finish(adv, valid, cfg), valid
+
+
+AGGREGATES = ("flow_grpo", "cosmos_rl")
+
+
+def combine_advantages(
+    rewards: Tensor, weights: Tensor, group_ids: Tensor, cfg: AdvantageConfig, how: str
+) -> tuple[Tensor, Tensor]:
+    """Advantages [B] (and valid [B]) from K rewards [B, K] with weights [K].
+
+    "flow_grpo": A = norm(Σ_k w_k·r_k), the weighted sum of raw rewards normalised in its
+    group (flow_grpo's MultiScorer). "cosmos_rl": A = Σ_k w_k·norm(r_k) / Σ_k w_k, each reward
+    normalised in its group first, then averaged (the DDRL release, t2v_model.py L544-546,
+    equal weights there); the λ transform and the clamp come after the average, as there.
+    A group with a non-finite value of any reward is skipped. K = 1: both are group_advantages.
+    """
+    if how == "flow_grpo" or rewards.shape[1] == 1:
+        return group_advantages(rewards @ weights.to(rewards), group_ids, cfg)
+    parts = [_normalise(rewards[:, k], group_ids, cfg) for k in range(rewards.shape[1])]
+    valid = torch.stack([v for _, v in parts]).all(0)
+    w = weights.to(rewards)
+    adv = sum(w[k] * a for k, (a, _) in enumerate(parts)) / w.sum()
+    return _finish(adv, valid, cfg), valid

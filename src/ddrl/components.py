@@ -17,7 +17,7 @@ from .errors import DDRLError
 from .models import DIFFUSERS_FAMILIES, Generator, load_generator, resolve
 from .models.hf import ensure_tiny
 from .pretrain import cache_root, ensure_base
-from .rewards import GoldEvaluator, Reward, RewardContext, build_gold, build_reward
+from .rewards import GoldEvaluator, MultiReward, RewardContext, build_gold, build_rewards
 
 
 @dataclass
@@ -26,7 +26,7 @@ class Components:
     base_path: Path
     data: TaskData  # prompts, training and held-out pools (image space)
     pool: PairedPool  # where the data term draws x0 from (model space; real or synthetic)
-    reward: Reward
+    reward: MultiReward  # every configured reward; calling it gives their weighted sum
     gold: GoldEvaluator | None
 
 
@@ -145,6 +145,10 @@ def build_components(cfg: RunConfig, log=print) -> Components:
     gen, base_path = load_base(cfg, log)
     data = load_data(cfg.data)
     pool = build_pool(cfg, gen, base_path, data, log)
-    ctx = RewardContext(cfg.data.name, cache_root(cfg.model.cache_dir), cfg.reward.seed)
-    reward = build_reward(cfg.reward.name, ctx)
+    r = cfg.reward
+    device = device_of(cfg) if r.device == "auto" else r.device
+    ctx = RewardContext(
+        cfg.data.name, cache_root(cfg.model.cache_dir), r.seed, device, r.model, r.batch, r.frames
+    )
+    reward = build_rewards(r, ctx)
     return Components(gen, base_path, data, pool, reward, build_gold(cfg.gold))

@@ -35,7 +35,7 @@ from .losses import loss_class
 from .losses.ddrl import DDRLConfig
 from .models import ModelConfig
 from .pretrain import PretrainConfig
-from .rewards import GoldConfig, RewardConfig, reward_factory
+from .rewards import GoldConfig, RewardConfig, parse_names, reward_factory
 from .rollout import SamplerConfig
 from .sde import SDES
 from .train_config import OptimConfig, TrainConfig
@@ -82,7 +82,8 @@ class RunConfig:
         check_range("seed", self.seed, 0, 2**32 - 1)
         check_range("eval.seed", self.eval.seed, 0, 2**32 - 1)  # EvalConfig seeds torch with it
         # Names are checked here, before any model is built or pretrained: a typo fails fast.
-        reward_factory(self.data.name, self.reward.name)
+        for name in parse_names(self.reward.name):
+            reward_factory(self.data.name, name)
         for f in dataclasses.fields(self):
             sub = getattr(self, f.name)
             if hasattr(sub, "check"):

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .advantages import group_advantages
+from .advantages import combine_advantages
 from .components import Components, build_components, device_of
 from .config import RunConfig, save_config
 from .ema import EMA
@@ -32,7 +32,6 @@ from .eval.evaluate import evaluate_components, save_prompt_grid
 from .losses import LossContext, StepBatch, build_loss
 from .models import Cond, CondCache, decode_images
 from .reference import make_reference
-from .rewards import checked_reward
 from .rng import current_rank, rank_generator, shared_generator
 from .rollout import Rollout, rollout
 from .runlog import RunLogger
@@ -227,8 +226,11 @@ def train(
         denoiser.train()
         t1 = time.perf_counter()
         images = decode_images(gen.codec, ro.final)
-        rewards = checked_reward(c.reward, cfg.reward.name, images, ro.prompts) * cfg.reward.scale
-        adv, valid = group_advantages(rewards.to(dev), ro.group_ids, cfg.advantage)
+        each = c.reward.each(images, ro.prompts).to(dev) * cfg.reward.scale  # [B, K]
+        adv, valid = combine_advantages(
+            each, c.reward.weights, ro.group_ids, cfg.advantage, cfg.reward.aggregate
+        )
+        rewards = each @ c.reward.weights.to(each)
         if paired:
             x0_data, data_cond = c.pool.paired(ro.prompts, g_own).to(dev), None
         else:
@@ -268,6 +270,13 @@ def train(
             "skipped_groups": (~valid).sum() // G,
             **m,
         }
+        if each.shape[1] > 1:  # several rewards: each one's raw mean, logged every iteration
+            for k, name in enumerate(c.reward.names):
+                col = each[:, k]
+                ok = torch.isfinite(col)
+                scalars[f"reward_{name}_mean"] = (
+                    col[ok].mean() if ok.any() else col.new_tensor(float("nan"))
+                )
         values = torch.stack(  # one device → host copy per iteration
             [torch.as_tensor(v, dtype=torch.float64, device=dev) for v in scalars.values()]
         )

@@ -14,10 +14,12 @@ from .base import (
     checked_reward,
 )
 from .digits import ClassifierReward, DigitsGold, InkReward
+from .multi import MultiReward, parse_names, parse_weights
 from .pixels import BrightnessReward
 from .toy2d import RightReward, Toy2DGold
 
-# name -> (data set it applies to, factory(ctx) -> Reward)
+# name -> (data set it applies to, factory(ctx) -> Reward); "files" = a user's own image/video
+# data (the diffusers families)
 REWARDS = {
     "ink": ("digits", lambda ctx: InkReward()),
     "classifier": ("digits", ClassifierReward),
@@ -36,6 +38,9 @@ __all__ = [
     "RewardContext",
     "build_gold",
     "build_reward",
+    "build_rewards",
+    "MultiReward",
+    "parse_names",
     "reward_factory",
     "checked_reward",
 ]
@@ -69,6 +74,13 @@ def build_reward(name: str, ctx: RewardContext) -> Reward:
             "allowed: a factory(ctx) returning reward(images, prompts) -> Tensor [B]"
         )
     return reward
+
+
+def build_rewards(cfg, ctx: RewardContext) -> MultiReward:
+    """Every reward named in ``reward.name`` ("a,b"), with ``reward.weights``."""
+    names = parse_names(cfg.name)
+    rewards = [build_reward(n, ctx) for n in names]
+    return MultiReward(names, rewards, parse_weights(cfg.weights, len(names)), cfg.frames)
 
 
 def build_gold(cfg: GoldConfig) -> GoldEvaluator | None:

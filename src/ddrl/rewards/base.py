@@ -8,20 +8,43 @@ from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
-from ..errors import DDRLError, check_range
+from ..errors import DDRLError, check_choice, check_range
 
 
 @dataclass
 class RewardConfig:
     """The training (proxy) reward."""
 
-    name: str = "ink"  # built-in name (see `ddrl.rewards.REWARDS`) or "module:attr" factory
+    name: str = "ink"  # built-in name (see `ddrl.rewards.REWARDS`) or "module:attr" factory;
+    # several as "a,b" (see weights and aggregate)
+    weights: str = ""  # one weight per reward in name, "1,0.5"; "" = all 1
+    aggregate: str = "flow_grpo"  # several rewards → advantages: "flow_grpo" = normalise the
+    # weighted sum in its group; "cosmos_rl" = normalise each, then their weighted mean (release)
     scale: float = 1.0  # multiplies the reward (advantages are normalised, so mostly for logs)
     seed: int = 0  # seed of a reward model trained on first use (fixed, not the run's seed)
+    model: str = ""  # weights of a learned reward: hub id or local folder; "" = its default
+    batch: int = 16  # images per reward-model call
+    device: str = "auto"  # where a reward model runs: auto (the run's device) | cpu | cuda
+    frames: str = "mean"  # video → image reward: "mean" over frames, or frame indices "0,-1"
 
     def check(self) -> None:
         check_range("reward.scale", self.scale, -1e12, 1e12)
         check_range("reward.seed", self.seed, 0, 2**32 - 1)
+        check_range("reward.batch", self.batch, 1)
+        from ..advantages import AGGREGATES
+        from .multi import parse_names, parse_weights
+
+        check_choice("reward.aggregate", self.aggregate, AGGREGATES)
+        parse_weights(self.weights, len(parse_names(self.name)))
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise DDRLError(f"reward.device={self.device!r}; allowed: auto, cpu, cuda")
+        if self.frames != "mean":
+            try:
+                [int(i) for i in self.frames.split(",")]
+            except ValueError:
+                raise DDRLError(
+                    f"reward.frames={self.frames!r}; allowed: mean, or frame indices like 0,-1"
+                ) from None
 
 
 @dataclass
@@ -43,6 +66,9 @@ class RewardContext:
     cache_dir: Path
     seed: int = 0
     device: str = "cpu"
+    model: str = ""  # reward.model: hub id or folder of a learned reward ("" = its default)
+    batch: int = 16  # reward.batch: images per model call
+    frames: str = "mean"  # reward.frames: how an image reward scores a video
 
 
 @runtime_checkable

@@ -1,0 +1,83 @@
+"""Several rewards at once, and image rewards applied to videos.
+
+``MultiReward`` scores decoded samples with K rewards ([B, K], each checked like a single
+reward) and weighs them; how the K scores become advantages is ``reward.aggregate``
+(``ddrl.advantages.combine_advantages``). An image reward scores a video [B, 3, F, H, W] frame
+by frame (``reward.frames``: the mean over all frames, or the mean over chosen frames) unless
+it declares ``accepts_video = True`` (a whole-video model, e.g. behind the reward service).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..errors import DDRLError
+from .base import Reward, checked_reward
+
+
+def parse_names(name: str) -> list[str]:
+    """ "ocr,clipscore" → ["ocr", "clipscore"] (a "module:attr" name has no comma)."""
+    names = [n.strip() for n in name.split(",") if n.strip()]
+    if not names:
+        raise DDRLError(f"reward.name={name!r} is empty; give a reward name (or several, a,b)")
+    return names
+
+
+def parse_weights(weights: str, n: int) -> list[float]:
+    """reward.weights ("1,0.5"; "" = all 1) → n floats, each ≥ 0, not all 0."""
+    if not weights.strip():
+        return [1.0] * n
+    try:
+        out = [float(w) for w in weights.split(",")]
+    except ValueError:
+        raise DDRLError(f"reward.weights={weights!r}: give comma-separated numbers") from None
+    if len(out) != n or any(not w >= 0 for w in out) or not any(out):
+        raise DDRLError(
+            f"reward.weights={weights!r}: need {n} non-negative numbers (one per reward in "
+            "reward.name), not all 0"
+        )
+    return out
+
+
+def frame_indices(spec: str, n_frames: int) -> list[int] | None:
+    """reward.frames → the frames scored (None = all)."""
+    if spec == "mean":
+        return None
+    idx = [int(i) for i in spec.split(",")]
+    if any(not -n_frames <= i < n_frames for i in idx):
+        raise DDRLError(f"reward.frames={spec!r}: the videos have {n_frames} frames")
+    return idx
+
+
+def per_frame(reward: Reward, name: str, videos: Tensor, prompts: list[str], spec: str) -> Tensor:
+    """An image reward on videos [B, 3, F, H, W]: the mean of its per-frame scores → [B]."""
+    b, f = videos.shape[0], videos.shape[2]
+    idx = frame_indices(spec, f)
+    frames = videos if idx is None else videos[:, :, idx]
+    k = frames.shape[2]
+    flat = frames.permute(0, 2, 1, 3, 4).reshape(b * k, *frames.shape[1:2], *frames.shape[3:])
+    scores = checked_reward(reward, name, flat, [p for p in prompts for _ in range(k)])
+    return scores.view(b, k).mean(1)
+
+
+class MultiReward:
+    """K named rewards with weights: ``each`` → [B, K]; calling it → Σ_k w_k·r_k [B]."""
+
+    def __init__(
+        self, names: list[str], rewards: list[Reward], weights: list[float], frames="mean"
+    ):
+        self.names, self.rewards, self.frames = names, rewards, frames
+        self.weights = torch.tensor(weights, dtype=torch.float32)
+
+    def each(self, images: Tensor, prompts: list[str]) -> Tensor:
+        cols = []
+        for name, r in zip(self.names, self.rewards, strict=True):
+            if images.dim() == 5 and not getattr(r, "accepts_video", False):
+                cols.append(per_frame(r, name, images, prompts, self.frames))
+            else:
+                cols.append(checked_reward(r, name, images, prompts))
+        return torch.stack(cols, 1)
+
+    def __call__(self, images: Tensor, prompts: list[str]) -> Tensor:
+        return self.each(images, prompts) @ self.weights
