@@ -28,7 +28,7 @@ W = [1.0, 0.5]
 def test_flow_grpo_mode_normalises_the_weighted_sum():
     r = torch.tensor([R1, R2]).T
     adv, valid = combine_advantages(r, torch.tensor(W), GROUPS, AdvantageConfig(), "flow_grpo")
-    s = [a * W[0] + b * W[1] for a, b in zip(R1, R2)]
+    s = [a * W[0] + b * W[1] for a, b in zip(R1, R2, strict=True)]
     want = _norm(s[:3]) + _norm(s[3:])
     assert valid.all() and torch.allclose(adv, torch.tensor(want), atol=1e-6)
 
@@ -38,7 +38,9 @@ def test_cosmos_rl_mode_averages_each_rewards_advantage_then_clamps():
     cfg = AdvantageConfig(clamp=1.1)
     adv, _ = combine_advantages(r, torch.tensor(W), GROUPS, cfg, "cosmos_rl")
     a1, a2 = _norm(R1[:3]) + _norm(R1[3:]), _norm(R2[:3]) + _norm(R2[3:])
-    want = [max(-1.1, min(1.1, (W[0] * x + W[1] * y) / sum(W))) for x, y in zip(a1, a2)]
+    want = [
+        max(-1.1, min(1.1, (W[0] * x + W[1] * y) / sum(W))) for x, y in zip(a1, a2, strict=True)
+    ]
     assert torch.allclose(adv, torch.tensor(want), atol=1e-6)
     # the two modes really differ
     other, _ = combine_advantages(r, torch.tensor(W), GROUPS, cfg, "flow_grpo")
@@ -50,7 +52,7 @@ def test_cosmos_rl_mode_applies_the_exp_transform_after_the_average():
     cfg = AdvantageConfig(exp_transform=True)
     adv, _ = combine_advantages(r, torch.tensor([1.0, 1.0]), GROUPS, cfg, "cosmos_rl")
     a1, a2 = _norm(R1[:3]) + _norm(R1[3:]), _norm(R2[:3]) + _norm(R2[3:])
-    want = [-math.exp(-max((x + y) / 2, -math.log(5))) for x, y in zip(a1, a2)]
+    want = [-math.exp(-max((x + y) / 2, -math.log(5))) for x, y in zip(a1, a2, strict=True)]
     assert torch.allclose(adv, torch.tensor(want), atol=1e-6)
 
 
