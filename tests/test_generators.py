@@ -230,3 +230,36 @@ def test_gradient_checkpointing_gives_the_same_gradient():
         den.velocity(x, torch.tensor([0.3, 0.8]), cond).pow(2).mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in den.parameters() if p.grad is not None]))
     assert grads[0].numel() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["tiny-sd3", "tiny-wan"])
+def test_evaluation_on_real_models_reports_hacking_diagnostics(tmp_path, preset):
+    from PIL import Image
+
+    held = tmp_path / "held"
+    held.mkdir()
+    for i in range(3):
+        arr = (torch.rand(20, 20, 3) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(held / f"h{i}.png")
+        (held / f"h{i}.txt").write_text(f"a photo of thing {i}")
+    ov = [
+        f"data.eval_images={held}",
+        "eval.every=1",
+        "eval.samples_per_prompt=2",
+        "eval.rewards=brightness",
+        "eval.loss_warn=0",
+        "model.frames=1" if preset == "tiny-wan" else "model.resolution=16",
+    ]
+    logs = []
+    cfg = build_config(overrides=[f"preset={preset}", *SMALL, "train.iterations=2", *ov])
+    out = prepare_run_dir(tmp_path / "r", resume=False, overwrite=False)
+    train(cfg, out, log=logs.append)
+    rows = read_jsonl(out / "eval.jsonl")
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        assert 0 <= r["ood_brightness"] <= 1 and r["heldout_diffusion_loss"] > 0
+        assert r["proxy_reward"] == pytest.approx(r["ood_brightness"])  # the same reward here
+    assert rows[0]["heldout_loss_rise"] == 0.0
+    rises = [r["heldout_loss_rise"] for r in rows[1:]]
+    assert sum("held-out diffusion loss" in m for m in logs) == sum(x > 0 for x in rises)
+    assert (out / "samples_final.png").is_file()

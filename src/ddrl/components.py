@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -28,6 +29,8 @@ class Components:
     pool: PairedPool  # where the data term draws x0 from (model space; real or synthetic)
     reward: MultiReward  # every configured reward; calling it gives their weighted sum
     gold: GoldEvaluator | None
+    eval_rewards: MultiReward | None = None  # eval.rewards: out-of-domain, never trained on
+    heldout: PairedPool | None = None  # data.eval_images encoded (model space), for eval
 
 
 def device_of(cfg: RunConfig) -> str:
@@ -151,4 +154,20 @@ def build_components(cfg: RunConfig, log=print) -> Components:
         cfg.data.name, cache_root(cfg.model.cache_dir), r.seed, device, r.model, r.batch, r.frames
     )
     reward = build_rewards(r, ctx)
-    return Components(gen, base_path, data, pool, reward, build_gold(cfg.gold))
+    ood = None
+    if cfg.eval.rewards:
+        ood = build_rewards(dataclasses.replace(r, name=cfg.eval.rewards, weights=""), ctx)
+    heldout = None
+    if cfg.data.eval_images:
+        m = cfg.model
+        heldout = latent_pool(
+            dataclasses.replace(cfg.data, images=cfg.data.eval_images),
+            gen.codec,
+            f"{m.name}:{m.base}@{m.revision}:{m.dtype}",
+            gen.resolution,
+            getattr(gen, "frames", 0),
+            cache_root(m.cache_dir),
+            log,
+            batch=m.vae_batch,
+        )
+    return Components(gen, base_path, data, pool, reward, build_gold(cfg.gold), ood, heldout)

@@ -84,6 +84,8 @@ class RunConfig:
         # Names are checked here, before any model is built or pretrained: a typo fails fast.
         for name in parse_names(self.reward.name):
             reward_factory(self.data.name, name)
+        for name in parse_names(self.eval.rewards) if self.eval.rewards else []:
+            reward_factory(self.data.name, name)
         for f in dataclasses.fields(self):
             sub = getattr(self, f.name)
             if hasattr(sub, "check"):

@@ -34,7 +34,7 @@ from .models import Cond, CondCache, decode_images
 from .reference import make_reference
 from .rng import current_rank, rank_generator, shared_generator
 from .rollout import Rollout, rollout
-from .runlog import RunLogger
+from .runlog import RunLogger, read_jsonl
 from .train_state import TrainState
 
 
@@ -171,6 +171,8 @@ def train(
     prepare = getattr(gen.conditioner, "prepare", None)  # plugins may not have it
     if prepare is not None:  # every prompt encoded once; text encoders may be freed after
         captions = [] if paired else sorted(set(c.pool.prompts))
+        if c.heldout is not None:  # the held-out loss conditions on the held-out captions
+            captions = sorted({*captions, *c.heldout.prompts})
         prepare([*c.data.prompts, *c.data.eval_prompts, *captions])
     # Which weights train (all, or LoRA adapters only) is the generator's choice.
     denoiser = gen.denoiser
@@ -202,14 +204,33 @@ def train(
     tc, P, G = cfg.train, cfg.train.prompts_per_iter, cfg.train.group_size
     micro, rank, encode = tc.micro_batch or P * G, current_rank(), CondCache(gen.conditioner)
 
+    # The held-out diffusion loss at iteration 0 (also after a resume): the reference for the
+    # hacking warning.
+    hdl0 = [
+        r["heldout_diffusion_loss"]
+        for r in read_jsonl(run_dir / "eval.jsonl")
+        if r.get("iteration") == 0 and r.get("heldout_diffusion_loss")
+    ][:1]
+
     def run_eval(it: int, final: bool = False) -> None:
         with shipped():
             m, raw, _ = evaluate_components(gen, c, cfg, dev)
+        hdl = m.get("heldout_diffusion_loss")
+        if hdl is not None:
+            hdl0[:] = hdl0 or [hdl]
+            m["heldout_loss_rise"] = rise = hdl / hdl0[0] - 1
+            if rise > cfg.eval.loss_warn:
+                log(
+                    f"warning: iteration {it}: held-out diffusion loss {rise:+.0%} over "
+                    f"iteration 0 (eval.loss_warn {cfg.eval.loss_warn:.0%}): the paper's sign "
+                    "of reward hacking"
+                )
         logger.eval({"iteration": it, **m})
         if final:
             title = f"{cfg.algorithm} after {it} iterations"
             n_prompts = len(c.data.eval_prompts or c.data.prompts)
-            save_prompt_grid(raw, n_prompts, run_dir / "samples_final.png", title)
+            frames = raw[:, :, 0] if raw.dim() == 5 else raw  # videos: their first frames
+            save_prompt_grid(frames, n_prompts, run_dir / "samples_final.png", title)
 
     if cfg.eval.every and start == 0:
         run_eval(0)

@@ -22,6 +22,8 @@ class DataConfig:
     prompts: str = ""  # files: training prompt file (.txt, .jsonl, .json, .csv, .parquet)
     eval_prompts: str = ""  # files: held-out prompt file, same formats; "" = data.prompts
     images: str = ""  # files: real data for source=real: caption folder or .jsonl/.csv/.parquet
+    eval_images: str = ""  # files: held-out image/video-caption set (same formats) for the
+    # held-out diffusion loss in evaluation; "" = none
     synthetic_per_prompt: int = 8  # files: samples per prompt when the synthetic set is
     # generated (by `ddrl synth`, or by the first `ddrl train` that needs it)
 
@@ -31,7 +33,9 @@ class DataConfig:
 
         check_choice("data.name", self.name, DATA_NAMES)
         check_choice("data.source", self.source, ("real", "synthetic"))
-        given = [k for k in ("prompts", "eval_prompts", "images") if getattr(self, k)]
+        given = [
+            k for k in ("prompts", "eval_prompts", "images", "eval_images") if getattr(self, k)
+        ]
         if self.name != "files":
             if given:
                 raise DDRLError(

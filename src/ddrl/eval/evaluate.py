@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..data import TaskData
+from ..data import PairedPool, TaskData
 from ..errors import check_choice, check_range
 from ..flow import GRIDS
 from ..models import Generator, clamp_images
-from ..rewards import GoldEvaluator, Reward
+from ..rewards import GoldEvaluator, MultiReward, Reward
 from ..rollout import SamplerConfig, sample_ode
 from .metrics import (
     default_t_grid,
@@ -42,12 +42,17 @@ class EvalConfig:
     loss_t_points: int = 10  # t grid (midpoints) of the held-out diffusion loss
     grid: str = "scheduler"  # ODE grid of evaluation samples, the same for every algorithm
     # (a preset's training grid, e.g. DanceGRPO's "linear", does not change how it is judged)
+    rewards: str = ""  # out-of-domain rewards scored but never trained on ("clipscore,pickscore":
+    # the paper checks they do not fall), logged as ood_<name>
+    loss_warn: float = 0.10  # warn when the held-out diffusion loss rises by more than this
+    # fraction over iteration 0's (the paper's warning sign of hacking: +10%)
 
     def check(self) -> None:
         check_range("eval.every", self.every, 0)
         check_range("eval.samples_per_prompt", self.samples_per_prompt, 2)
         check_range("eval.loss_t_points", self.loss_t_points, 1)
         check_choice("eval.grid", self.grid, GRIDS)
+        check_range("eval.loss_warn", self.loss_warn, 0.0)
 
 
 @torch.no_grad()
@@ -59,10 +64,14 @@ def evaluate(
     cfg: EvalConfig,
     sampler: SamplerConfig,
     device="cpu",
+    ood: MultiReward | None = None,
+    held_latents: PairedPool | None = None,
 ) -> tuple[dict[str, float], Tensor, list[str]]:
     """Returns (metrics, raw decoded samples [P·n, ...], their prompts). Rewards and the gold
     evaluator see decoded images clamped to the codec's range; the held-out diffusion loss is
-    taken in model space. Without a gold evaluator its metrics are left out."""
+    taken in model space, on ``held_latents`` (already encoded) or the data's held-out images.
+    ``ood``: rewards never trained on, each logged as ood_<name>. Without a gold evaluator or
+    held-out data their metrics are left out."""
     den = gen.denoiser
     was_training = den.training
     den.eval()
@@ -79,10 +88,18 @@ def evaluate(
         "diversity": pairwise_diversity(images, groups),
         "out_of_range_rate": out_of_range_rate(raw, lo, hi),
     }
+    if ood is not None:
+        scores = ood.each(images.to(device), prompts)
+        for k, name in enumerate(ood.names):
+            col = scores[:, k]
+            metrics[f"ood_{name}"] = col[torch.isfinite(col)].mean().item()
     held = data.heldout
-    if held is not None:  # user data sets (data.name = "files") may have no held-out images
-        held_x = gen.codec.encode(held.x.to(device)).cpu()
-        held_cond = gen.conditioner.encode(held.prompts).to(device)
+    if held_latents is not None or held is not None:  # a user's set may have no held-out data
+        if held_latents is not None:
+            held_x, held_prompts = held_latents.x, held_latents.prompts
+        else:
+            held_x, held_prompts = gen.codec.encode(held.x.to(device)).cpu(), held.prompts
+        held_cond = gen.conditioner.encode(held_prompts).to(device)
 
         def velocity(x_t: Tensor, t: Tensor, index: Tensor) -> Tensor:
             c = held_cond.index(index.to(device))
@@ -107,7 +124,9 @@ def evaluate(
 
 def evaluate_components(gen: Generator, c, cfg, device="cpu"):
     """``evaluate`` with a run's components (data, reward, gold) and its eval/sampler config."""
-    return evaluate(gen, c.data, c.reward, c.gold, cfg.eval, cfg.sampler, device)
+    return evaluate(
+        gen, c.data, c.reward, c.gold, cfg.eval, cfg.sampler, device, c.eval_rewards, c.heldout
+    )
 
 
 def save_prompt_grid(raw: Tensor, n_prompts: int, path, title: str | None = None):
