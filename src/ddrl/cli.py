@@ -1,4 +1,5 @@
-"""The `ddrl` command: pretrain, synth, train, eval, export, demo, compare, long, config, presets.
+"""The `ddrl` command: pretrain, synth, train, eval, export, score, reward-server, demo, compare,
+long, config, presets.
 
 Every subcommand takes config files (``--config``) and ``key=value`` overrides; user errors
 print one line (``ddrl: error: ...``) and exit with status 2. On SIGTERM, ``train`` finishes and
@@ -143,6 +144,58 @@ def cmd_export(args) -> None:
     print(f"exported to {out}")
 
 
+def _reward_from_args(args):
+    """(reward config, reward) from --reward/--data and reward.* key=value overrides."""
+    from .config import _set, parse_overrides
+    from .pretrain import cache_root
+    from .rewards import RewardConfig, RewardContext, build_reward
+
+    rc = RewardConfig(name=args.reward)
+    for key, value in parse_overrides(args.overrides).items():
+        if not key.startswith("reward."):
+            raise DDRLError(f"ddrl {args.command} takes reward.* settings only; got {key!r}")
+        _set(rc, key.removeprefix("reward."), value, "reward.")
+    rc.check()
+    device = "cpu" if rc.device == "auto" else rc.device
+    ctx = RewardContext.from_config(rc, args.data, cache_root(""), device)
+    return rc, ctx, build_reward(args.reward, ctx)
+
+
+def cmd_score(args) -> None:
+    from .rewards.score import read_prompt_args, score_files
+
+    # argparse hands key=value items after the images to them: they are overrides.
+    settings = [a for a in args.images if "=" in a and not Path(a).exists()]
+    args.overrides = [*settings, *args.overrides]
+    rc, _, reward = _reward_from_args(args)
+    images = [Path(p) for p in args.images if p not in settings]
+    prompts_file = Path(args.prompts) if args.prompts else None
+    prompts = read_prompt_args(args.prompt, prompts_file, len(images))
+    scores = score_files(reward, images, prompts, batch=rc.batch, name=args.reward)
+    if args.json:
+        rows = [
+            {"image": str(p), "prompt": q, "score": s}
+            for p, q, s in zip(images, prompts, scores, strict=True)
+        ]
+        print(json.dumps(rows, indent=1))
+    else:
+        for p, s in zip(images, scores, strict=True):
+            print(f"{s:.6g}\t{p}")
+
+
+def cmd_reward_server(args) -> None:
+    from .rewards.service import serve
+
+    _, _, reward = _reward_from_args(args)
+    serve(
+        reward,
+        args.host,
+        args.port,
+        ready=lambda url: print(f"serving {args.reward} at {url}", flush=True),
+        name=args.reward,
+    )
+
+
 def cmd_config(args) -> None:
     from .config import describe
 
@@ -256,6 +309,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("config", cmd_config, "print every config key: type, value (and default), meaning")
     add("presets", cmd_presets, "list every preset with a one-line description", config=False)
+    s = add("score", cmd_score, "score image files with a reward (one line each)", False)
+    s.add_argument("--reward", required=True, help="reward name (or module:factory)")
+    s.add_argument("--prompt", default=None, help="one prompt for every image")
+    s.add_argument("--prompts", default=None, help="a file with one prompt per image, in order")
+    s.add_argument("--data", default="files", help="the data set the reward belongs to")
+    s.add_argument("--json", action="store_true", help="JSON rows instead of lines")
+    s.add_argument("images", nargs="+", help="image files")
+    s = add(
+        "reward-server", cmd_reward_server, "serve a reward over HTTP (reward.name=remote)", False
+    )
+    s.add_argument("--reward", required=True, help="reward name (or module:factory)")
+    s.add_argument("--data", default="files", help="the data set the reward belongs to")
+    s.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    s.add_argument("--port", type=int, default=0, help="port (0 = a free one, printed)")
     s = add("export", cmd_export, "write a run's trained weights for the plain pipeline", False)
     s.add_argument("run", help="run folder (RUN/final, or --step) or a saved model folder")
     s.add_argument("--out", required=True, help="new output folder")

@@ -150,9 +150,7 @@ def build_components(cfg: RunConfig, log=print) -> Components:
     pool = build_pool(cfg, gen, base_path, data, log)
     r = cfg.reward
     device = device_of(cfg) if r.device == "auto" else r.device
-    ctx = RewardContext(
-        cfg.data.name, cache_root(cfg.model.cache_dir), r.seed, device, r.model, r.batch, r.frames
-    )
+    ctx = RewardContext.from_config(r, cfg.data.name, cache_root(cfg.model.cache_dir), device)
     reward = build_rewards(r, ctx)
     ood = None
     if cfg.eval.rewards:

@@ -15,16 +15,22 @@ from .base import (
 )
 from .digits import ClassifierReward, DigitsGold, InkReward
 from .multi import MultiReward, parse_names, parse_weights
+from .ocr import OCRReward
 from .pixels import BrightnessReward
+from .service import remote_factory
 from .toy2d import RightReward, Toy2DGold
 
 # name -> (data set it applies to, factory(ctx) -> Reward); "files" = a user's own image/video
-# data (the diffusers families)
+# data (the diffusers families), "*" = any
 REWARDS = {
     "ink": ("digits", lambda ctx: InkReward()),
     "classifier": ("digits", ClassifierReward),
     "right": ("toy2d", lambda ctx: RightReward()),
     "brightness": ("files", lambda ctx: BrightnessReward()),
+    # the paper's SD3.5 text-rendering reward (flow_grpo's ocr.py)
+    "ocr": ("files", OCRReward),
+    # any reward served by `ddrl reward-server` (reward.url), for every data set
+    "remote": ("*", remote_factory),
 }
 GOLD = {"digits": DigitsGold, "toy2d": lambda seed=0: Toy2DGold()}
 
@@ -48,7 +54,7 @@ __all__ = [
 
 def reward_factory(data: str, name: str):
     """The factory(ctx) -> Reward for a built-in name that applies to ``data``, or "module:attr"."""
-    table = {n: factory for n, (d, factory) in REWARDS.items() if d == data}
+    table = {n: factory for n, (d, factory) in REWARDS.items() if d in (data, "*")}
     factory = lookup(f"reward for data {data!r}", name, table)
     kind = f"allowed: {', '.join(table)} or 'module:attr' naming a factory(ctx) -> Reward"
     if not callable(factory):

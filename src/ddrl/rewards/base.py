@@ -26,11 +26,18 @@ class RewardConfig:
     batch: int = 16  # images per reward-model call
     device: str = "auto"  # where a reward model runs: auto (the run's device) | cpu | cuda
     frames: str = "mean"  # video → image reward: "mean" over frames, or frame indices "0,-1"
+    url: str = ""  # http://host:port of a `ddrl reward-server` (used when reward.name = remote)
+    timeout: float = 60.0  # seconds the client waits on the server (connect, send, answer)
+    retries: int = 3  # extra attempts after a connection failure, timeout or HTTP 502/503/504
+    backoff: float = 0.5  # seconds before the first retry, doubled before each further one
 
     def check(self) -> None:
         check_range("reward.scale", self.scale, -1e12, 1e12)
         check_range("reward.seed", self.seed, 0, 2**32 - 1)
         check_range("reward.batch", self.batch, 1)
+        check_range("reward.timeout", self.timeout, 1e-3)
+        check_range("reward.retries", self.retries, 0, 100)
+        check_range("reward.backoff", self.backoff, 0.0)
         from ..advantages import AGGREGATES
         from .multi import parse_names, parse_weights
 
@@ -69,6 +76,27 @@ class RewardContext:
     model: str = ""  # reward.model: hub id or folder of a learned reward ("" = its default)
     batch: int = 16  # reward.batch: images per model call
     frames: str = "mean"  # reward.frames: how an image reward scores a video
+    url: str = ""  # reward.url: a reward service (reward.name = remote)
+    timeout: float = 60.0  # reward.timeout
+    retries: int = 3  # reward.retries
+    backoff: float = 0.5  # reward.backoff
+
+    @classmethod
+    def from_config(cls, cfg: RewardConfig, data: str, cache_dir: Path, device: str):
+        """The context of ``reward.*`` settings for a run on ``data``."""
+        return cls(
+            data,
+            cache_dir,
+            cfg.seed,
+            device,
+            cfg.model,
+            cfg.batch,
+            cfg.frames,
+            cfg.url,
+            cfg.timeout,
+            cfg.retries,
+            cfg.backoff,
+        )
 
 
 @runtime_checkable
