@@ -263,3 +263,41 @@ def test_evaluation_on_real_models_reports_hacking_diagnostics(tmp_path, preset)
     rises = [r["heldout_loss_rise"] for r in rows[1:]]
     assert sum("held-out diffusion loss" in m for m in logs) == sum(x > 0 for x in rises)
     assert (out / "samples_final.png").is_file()
+
+
+def test_published_presets_resolve_with_the_cited_values(tmp_path):
+    """The real presets carry the peers' values, and they mean the same here (given the user's
+    prompt file and data; weights are never loaded by resolving a config)."""
+    prompts = tmp_path / "train.txt"
+    prompts.write_text('a sign that says "hello"\n')
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    data = [f"data.prompts={prompts}", f"data.eval_prompts={prompts}"]
+    fg = build_config(overrides=["preset=sd35-medium-ocr-flow-grpo", *data])
+    assert fg.algorithm == "flow_grpo" and (fg.loss.beta_kl, fg.loss.clip_range) == (0.04, 1e-4)
+    assert (fg.model.lora.rank, fg.model.lora.alpha, fg.model.resolution) == (32, 64, 512)
+    assert (fg.sampler.num_steps, fg.sampler.eval_steps, fg.sampler.cfg_scale) == (10, 40, 4.5)
+    assert (fg.train.timestep_fraction, fg.advantage.std) == (0.99, "global")
+    dd = build_config(overrides=["preset=sd35-medium-ocr-ddrl", *data])
+    assert dd.algorithm == "ddrl" and dd.data.source == "synthetic" and dd.reward.name == "ocr"
+    dance = build_config(overrides=["preset=sd35-medium-ocr-dance-grpo", *data])
+    assert (dance.sampler.sde.kind, dance.sampler.sde.eta, dance.sampler.grid) == (
+        "dance",
+        0.3,
+        "linear",
+    )
+    cosmos = build_config(
+        overrides=[
+            "preset=cosmos-predict2.5-2b-t2v-ddrl",
+            f"data.images={videos}",
+            "reward.name=remote",  # videoalign is served, not built in
+        ]
+    )
+    assert (cosmos.loss.data_beta, cosmos.loss.clip_range, cosmos.optim.lr) == (0.01, 1e-4, 1e-5)
+    assert (cosmos.sampler.num_steps, cosmos.sampler.cfg_scale, cosmos.train.group_size) == (
+        20,
+        1.0,
+        8,
+    )
+    assert (cosmos.train.timestep_selection, cosmos.train.timestep_fraction) == ("strided", 0.5)
+    assert (cosmos.model.height, cosmos.model.width, cosmos.model.frames) == (720, 1280, 93)
