@@ -6,10 +6,12 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from .config import RunConfig
 from .data import PairedPool, TaskData, latent_pool, load_data
@@ -18,7 +20,14 @@ from .errors import DDRLError
 from .models import DIFFUSERS_FAMILIES, Generator, load_generator, resolve
 from .models.hf import ensure_tiny
 from .pretrain import cache_root, ensure_base
-from .rewards import GoldEvaluator, MultiReward, RewardContext, build_gold, build_rewards
+from .rewards import (
+    GoldEvaluator,
+    MultiReward,
+    RewardContext,
+    build_gold,
+    build_reward,
+    build_rewards,
+)
 
 
 @dataclass
@@ -31,6 +40,7 @@ class Components:
     gold: GoldEvaluator | None
     eval_rewards: MultiReward | None = None  # eval.rewards: out-of-domain, never trained on
     heldout: PairedPool | None = None  # data.eval_images encoded (model space), for eval
+    embed: Callable[[Tensor], Tensor] | None = None  # eval.features: images → features [B, D]
 
 
 def device_of(cfg: RunConfig) -> str:
@@ -150,7 +160,8 @@ def build_components(cfg: RunConfig, log=print) -> Components:
     pool = build_pool(cfg, gen, base_path, data, log)
     r = cfg.reward
     device = device_of(cfg) if r.device == "auto" else r.device
-    ctx = RewardContext.from_config(r, cfg.data.name, cache_root(cfg.model.cache_dir), device)
+    ctx_args = (cfg.data.name, cache_root(cfg.model.cache_dir), device)
+    ctx = RewardContext.from_config(r, *ctx_args)
     reward = build_rewards(r, ctx)
     ood = None
     if cfg.eval.rewards:
@@ -168,4 +179,14 @@ def build_components(cfg: RunConfig, log=print) -> Components:
             log,
             batch=m.vae_batch,
         )
-    return Components(gen, base_path, data, pool, reward, build_gold(cfg.gold), ood, heldout)
+    embed = None
+    if cfg.eval.features:
+        fr = dataclasses.replace(r, name=cfg.eval.features, model=cfg.eval.features_model)
+        model = build_reward(cfg.eval.features, RewardContext.from_config(fr, *ctx_args))
+        if not hasattr(model, "features"):
+            raise DDRLError(
+                f"eval.features={cfg.eval.features!r} has no image features; allowed: "
+                "clipscore, pickscore, hpsv2 (CLIP image towers)"
+            )
+        embed = model.features
+    return Components(gen, base_path, data, pool, reward, build_gold(cfg.gold), ood, heldout, embed)

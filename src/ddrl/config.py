@@ -86,6 +86,8 @@ class RunConfig:
             reward_factory(self.data.name, name)
         for name in parse_names(self.eval.rewards) if self.eval.rewards else []:
             reward_factory(self.data.name, name)
+        if self.eval.features:
+            reward_factory(self.data.name, self.eval.features)
         for f in dataclasses.fields(self):
             sub = getattr(self, f.name)
             if hasattr(sub, "check"):

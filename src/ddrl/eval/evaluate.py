@@ -44,6 +44,9 @@ class EvalConfig:
     # (a preset's training grid, e.g. DanceGRPO's "linear", does not change how it is judged)
     rewards: str = ""  # out-of-domain rewards scored but never trained on ("clipscore,pickscore":
     # the paper checks they do not fall), logged as ood_<name>
+    features: str = ""  # a reward whose model embeds images ("clipscore", "pickscore",
+    # "hpsv2"): diversity and Fréchet distance in its space for real models; "" = pixels only
+    features_model: str = ""  # that model's hub id or folder ("" = its default)
     loss_warn: float = 0.10  # warn when the held-out diffusion loss rises by more than this
     # fraction over iteration 0's (the paper's warning sign of hacking: +10%)
 
@@ -66,12 +69,14 @@ def evaluate(
     device="cpu",
     ood: MultiReward | None = None,
     held_latents: PairedPool | None = None,
+    embed=None,
 ) -> tuple[dict[str, float], Tensor, list[str]]:
     """Returns (metrics, raw decoded samples [P·n, ...], their prompts). Rewards and the gold
     evaluator see decoded images clamped to the codec's range; the held-out diffusion loss is
     taken in model space, on ``held_latents`` (already encoded) or the data's held-out images.
-    ``ood``: rewards never trained on, each logged as ood_<name>. Without a gold evaluator or
-    held-out data their metrics are left out."""
+    ``ood``: rewards never trained on, each logged as ood_<name>. ``embed``: images → features
+    [B, D] (a CLIP image tower) for feature-space diversity and, with held-out data, Fréchet
+    distance. Without a gold evaluator or held-out data their metrics are left out."""
     den = gen.denoiser
     was_training = den.training
     den.eval()
@@ -108,6 +113,12 @@ def evaluate(
         metrics["heldout_diffusion_loss"] = heldout_diffusion_loss(
             velocity, held_x, default_t_grid(cfg.loss_t_points).float(), seed=cfg.seed
         )
+    if embed is not None:
+        feats = embed(_frames(images))
+        metrics["diversity_feature"] = pairwise_diversity(feats, groups)
+        if held_latents is not None:  # decoded once: the real data as the model space holds it
+            real = clamp_images(gen.codec, gen.codec.decode(held_latents.x.to(device))).cpu()
+            metrics["fd_feature"] = frechet_distance(feats, embed(_frames(real)))
     if gen.codec.value_range is not None:
         metrics["saturation_rate"] = saturation_rate(raw, hi, low=lo)
     if gold is not None:
@@ -122,10 +133,24 @@ def evaluate(
     return metrics, raw, prompts
 
 
+def _frames(x: Tensor) -> Tensor:
+    """Videos [B, 3, F, H, W] → their frames [B·F, 3, H, W] (per-frame features); images pass."""
+    return x.permute(0, 2, 1, 3, 4).flatten(0, 1) if x.dim() == 5 else x
+
+
 def evaluate_components(gen: Generator, c, cfg, device="cpu"):
     """``evaluate`` with a run's components (data, reward, gold) and its eval/sampler config."""
     return evaluate(
-        gen, c.data, c.reward, c.gold, cfg.eval, cfg.sampler, device, c.eval_rewards, c.heldout
+        gen,
+        c.data,
+        c.reward,
+        c.gold,
+        cfg.eval,
+        cfg.sampler,
+        device,
+        c.eval_rewards,
+        c.heldout,
+        c.embed,
     )
 
 

@@ -13,6 +13,7 @@ from .base import (
     RewardContext,
     checked_reward,
 )
+from .clip_rewards import FACTORIES as CLIP_FACTORIES
 from .digits import ClassifierReward, DigitsGold, InkReward
 from .multi import MultiReward, parse_names, parse_weights
 from .ocr import OCRReward
@@ -32,6 +33,8 @@ REWARDS = {
     # any reward served by `ddrl reward-server` (reward.url), for every data set
     "remote": ("*", remote_factory),
 }
+# The CLIP family (clipscore, pickscore, aesthetic, hpsv2) on a user's images; models load lazily.
+REWARDS |= {n: ("files", f) for n, f in CLIP_FACTORIES.items()}
 GOLD = {"digits": DigitsGold, "toy2d": lambda seed=0: Toy2DGold()}
 
 __all__ = [
