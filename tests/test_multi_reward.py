@@ -110,3 +110,18 @@ def test_bad_multi_reward_settings_are_one_line(override, says):
     with pytest.raises(DDRLError, match=says) as e:
         build_config(overrides=[override])
     assert "\n" not in str(e.value)
+
+
+def test_a_whole_video_reward_gets_the_videos_unsplit():
+    seen = []
+
+    class WholeVideo:
+        accepts_video = True
+
+        def __call__(self, videos, prompts):
+            seen.append(videos.shape)
+            return videos.flatten(1).mean(1)
+
+    videos = torch.rand(2, 3, 5, 4, 4)
+    got = MultiReward(["v"], [WholeVideo()], [1.0]).each(videos, ["a", "b"])[:, 0]
+    assert seen == [(2, 3, 5, 4, 4)] and torch.allclose(got, videos.flatten(1).mean(1))

@@ -333,6 +333,8 @@ class RemoteReward:
     """A Reward served by ``ddrl reward-server`` at ``url``: images [B, ...] in [-1, 1] and B
     prompts → Tensor [B] (float32, CPU). See the module docstring for the wire and the policy."""
 
+    accepts_video = True  # videos go whole to the service (a VideoAlign-type model there)
+
     def __init__(
         self,
         url: str,
