@@ -18,17 +18,16 @@ import pytest
 import torch
 
 from ddrl.errors import DDRLError
-from ddrl.rewards import service
+from ddrl.rewards import remote
 from ddrl.rewards.pixels import BrightnessReward
+from ddrl.rewards.remote import RemoteReward, remote_factory
 from ddrl.rewards.service import (
     RemoteConfig,
-    RemoteReward,
     decode_request,
     dequantize,
     encode_request,
     make_server,
     quantize,
-    remote_factory,
     server_url,
 )
 
@@ -93,13 +92,13 @@ def dead_url() -> str:
 
 def count_attempts(monkeypatch) -> list:
     calls = []
-    real = service._open
+    real = remote._open
 
     def counting(request, timeout):
         calls.append(request.full_url)
         return real(request, timeout)
 
-    monkeypatch.setattr(service, "_open", counting)
+    monkeypatch.setattr(remote, "_open", counting)
     return calls
 
 
@@ -281,7 +280,7 @@ def test_the_server_rejects_bad_requests_with_json_errors():
         ]:
             req = urllib.request.Request(url + path, data=data, method="POST")
             with pytest.raises(urllib.error.HTTPError) as e:
-                service._open(req, 5)
+                remote._open(req, 5)
             assert e.value.code == code
             answer = json.loads(e.value.read())
             assert match in answer["error"] and answer["version"] == 1
@@ -302,7 +301,7 @@ def test_remote_config_checks_and_factory():
         with pytest.raises(DDRLError, match=match):
             cfg.check()
     with pytest.raises(DDRLError, match="reward.url=''"):
-        service.FACTORIES["remote"](SimpleNamespace(batch=4))  # no reward.url yet
+        remote.FACTORIES["remote"](SimpleNamespace(batch=4))  # no reward.url yet
     ctx = SimpleNamespace(batch=4, url="http://h:1/", timeout=2.5, retries=0)
     r = remote_factory(ctx)
     assert (r.url, r.timeout, r.retries, r.backoff, r.batch) == ("http://h:1", 2.5, 0, 0.5, 4)

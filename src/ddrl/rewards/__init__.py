@@ -18,7 +18,7 @@ from .digits import ClassifierReward, DigitsGold, InkReward
 from .multi import MultiReward, parse_names, parse_weights
 from .ocr import OCRReward
 from .pixels import BrightnessReward
-from .service import remote_factory
+from .remote import remote_factory
 from .toy2d import RightReward, Toy2DGold
 
 # name -> (data set it applies to, factory(ctx) -> Reward); "files" = a user's own image/video

@@ -1,0 +1,200 @@
+"""The client of ``ddrl reward-server`` (``reward.name = remote``): see ``ddrl.rewards.service``
+for the wire format and the retry policy."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+import urllib.error
+import urllib.request
+
+import torch
+from torch import Tensor
+
+from ..errors import DDRLError, check_range
+from .base import RewardContext
+from .service import (
+    CONTENT_TYPE,
+    MAX_ANSWER_BYTES,
+    RETRY_STATUS,
+    WIRE_VERSION,
+    RemoteConfig,
+    _one_line,
+    encode_request,
+    quantize,
+)
+
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _open(request: urllib.request.Request, timeout: float):
+    """One HTTP exchange (a module function so tests can count attempts)."""
+    return _OPENER.open(request, timeout=timeout)
+
+
+class _Retry(Exception):
+    """A failure worth another attempt (its message says what happened)."""
+
+
+class RemoteReward:
+    """A Reward served by ``ddrl reward-server`` at ``url``: images [B, ...] in [-1, 1] and B
+    prompts → Tensor [B] (float32, CPU). See the module docstring for the wire and the policy."""
+
+    accepts_video = True  # videos go whole to the service (a VideoAlign-type model there)
+
+    def __init__(
+        self,
+        url: str,
+        timeout: float = 60.0,
+        retries: int = 3,
+        backoff: float = 0.5,
+        batch: int = 16,
+    ):
+        RemoteConfig(url, timeout, retries, backoff).check()
+        check_range("reward.batch", batch, 1)
+        self.url = url.rstrip("/")
+        self.timeout = float(timeout)
+        self.retries = int(retries)
+        self.backoff = float(backoff)
+        self.batch = int(batch)
+
+    def __repr__(self) -> str:
+        return f"RemoteReward({self.url!r}, timeout={self.timeout}, retries={self.retries})"
+
+    def __call__(self, images: Tensor, prompts: list[str]) -> Tensor:
+        if not isinstance(images, Tensor) or images.ndim < 2:
+            raise DDRLError(
+                f"remote reward {self.url}: images must be a Tensor [B, 3, H, W] or "
+                f"[B, 3, F, H, W]; got {getattr(images, 'shape', type(images).__name__)}"
+            )
+        prompts = list(prompts)
+        if len(prompts) != images.shape[0]:
+            raise DDRLError(
+                f"remote reward {self.url}: {len(prompts)} prompts for {images.shape[0]} images"
+            )
+        if images.shape[0] == 0:
+            return torch.zeros(0)
+        finite = images.detach().flatten(1).isfinite().all(1).cpu()
+        u8 = quantize(images).cpu()
+        parts = [
+            self._score(u8[i : i + self.batch], prompts[i : i + self.batch])
+            for i in range(0, u8.shape[0], self.batch)
+        ]
+        scores = torch.cat(parts)
+        scores[~finite] = float("nan")
+        return scores
+
+    def health(self) -> dict:
+        """The server's /health answer (one attempt; DDRLError if it does not answer)."""
+        req = urllib.request.Request(self.url + "/health", method="GET")
+        try:
+            with _open(req, self.timeout) as resp:
+                return json.loads(resp.read(MAX_ANSWER_BYTES))
+        except (OSError, ValueError) as e:
+            raise DDRLError(f"reward service {self.url} is not healthy: {_one_line(e)}") from None
+
+    # one request, with retries ---------------------------------------------------------------
+
+    def _score(self, u8: Tensor, prompts: list[str]) -> Tensor:
+        body = encode_request(u8, prompts)
+        attempts = self.retries + 1
+        start = time.monotonic()
+        last = ""
+        for k in range(attempts):
+            if k:
+                time.sleep(self.backoff * 2 ** (k - 1))
+            try:
+                return self._post(body, u8.shape[0])
+            except _Retry as e:
+                last = str(e)
+        raise DDRLError(
+            f"reward service {self.url} did not answer after {attempts} attempts "
+            f"({time.monotonic() - start:.1f} s; reward.retries={self.retries}): {last}"
+        )
+
+    def _post(self, body: bytes, n: int) -> Tensor:
+        req = urllib.request.Request(
+            self.url + "/score",
+            data=body,
+            method="POST",
+            headers={"Content-Type": CONTENT_TYPE},
+        )
+        try:
+            with _open(req, self.timeout) as resp:
+                raw = resp.read(MAX_ANSWER_BYTES + 1)
+        except urllib.error.HTTPError as e:  # the server answered, with an error status
+            message = _error_message(e)
+            if e.code in RETRY_STATUS:
+                raise _Retry(f"HTTP {e.code}: {message}") from None
+            if e.code == 500:
+                raise DDRLError(
+                    f"reward service {self.url} failed on {n} images: {message}"
+                ) from None
+            raise DDRLError(
+                f"reward service {self.url} refused /score (HTTP {e.code}): {message}; "
+                "is it a `ddrl reward-server` of this version?"
+            ) from None
+        except TimeoutError:
+            raise _Retry(f"timed out after {self.timeout:g} s (reward.timeout)") from None
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, TimeoutError):
+                raise _Retry(f"timed out after {self.timeout:g} s (reward.timeout)") from None
+            raise _Retry(f"cannot connect: {_one_line(e.reason)}") from None
+        except (OSError, ConnectionError) as e:  # reset, refused mid-way, closed early
+            raise _Retry(_one_line(e)) from None
+        except http.client.HTTPException as e:  # a mangled status line or headers
+            raise _Retry(f"broken HTTP answer: {_one_line(e)}") from None
+        return self._parse(raw, n)
+
+    def _parse(self, raw: bytes, n: int) -> Tensor:
+        def bad(what: str) -> DDRLError:
+            return DDRLError(f"reward service {self.url} gave a bad answer to /score: {what}")
+
+        if len(raw) > MAX_ANSWER_BYTES:
+            raise bad(f"more than {MAX_ANSWER_BYTES} bytes")
+        try:
+            obj = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise bad(f"not JSON (starts {raw[:40]!r})") from None
+        if not isinstance(obj, dict) or "scores" not in obj:
+            keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+            raise bad(f"no 'scores' (got {keys})")
+        if obj.get("version") != WIRE_VERSION:
+            raise bad(f"version {obj.get('version')!r}; this client speaks {WIRE_VERSION}")
+        scores = obj["scores"]
+        if not isinstance(scores, list) or len(scores) != n:
+            got = len(scores) if isinstance(scores, list) else type(scores).__name__
+            raise bad(f"{got} scores for {n} images")
+        for i, s in enumerate(scores):
+            if s is not None and (isinstance(s, bool) or not isinstance(s, (int, float))):
+                raise bad(f"scores[{i}] = {s!r}; expected a number or null")
+        return torch.tensor(
+            [float("nan") if s is None else float(s) for s in scores], dtype=torch.float32
+        )
+
+
+def _error_message(e: urllib.error.HTTPError) -> str:
+    """The one-line "error" of a JSON error answer, else the start of the body or the reason."""
+    try:
+        raw = e.read(MAX_ANSWER_BYTES)
+    except Exception:
+        raw = b""
+    try:
+        obj = json.loads(raw)
+        if isinstance(obj, dict) and isinstance(obj.get("error"), str):
+            return _one_line(obj["error"])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        pass
+    text = _one_line(raw[:200].decode("utf-8", "replace")) if raw else ""
+    return text or str(e.reason)
+
+
+def remote_factory(ctx: RewardContext) -> RemoteReward:
+    """reward.name = "remote": the service at reward.url (reward.batch images per request)."""
+    cfg = RemoteConfig.from_context(ctx)
+    cfg.check()
+    return RemoteReward(cfg.url, cfg.timeout, cfg.retries, cfg.backoff, batch=ctx.batch)
+
+
+FACTORIES = {"remote": remote_factory}
