@@ -34,8 +34,8 @@ Client policy (``ddrl.rewards.remote.RemoteReward``): a batch of more than ``bat
 is split into requests of at most ``batch`` and the scores concatenated in order. A connection
 failure, a timeout (no answer within ``timeout`` seconds) or HTTP 502/503/504 is retried
 ``retries`` times, sleeping ``backoff * 2**k`` seconds before retry k (0.5, 1, 2, ... s; no
-jitter: a handful of trainer ranks, not a fleet); then a one-line DDRLError names the URL, the number
-of attempts and the last failure. A reward error (HTTP 500), a rejected request (4xx) or a
+jitter: a handful of trainer ranks, not a fleet); then a one-line DDRLError names the URL, the
+number of attempts and the last failure. A reward error (HTTP 500), a rejected request (4xx) or a
 garbled answer (not JSON, no "scores", wrong length, wrong version) is not retried: the same
 images would fail the same way, so it is a one-line DDRLError at once. Proxy environment
 variables are ignored (the service is on the trainer's network). The server scores one
