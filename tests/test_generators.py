@@ -301,3 +301,25 @@ def test_published_presets_resolve_with_the_cited_values(tmp_path):
     )
     assert (cosmos.train.timestep_selection, cosmos.train.timestep_fraction) == ("strided", 0.5)
     assert (cosmos.model.height, cosmos.model.width, cosmos.model.frames) == (720, 1280, 93)
+
+
+def test_report_of_real_model_runs(tmp_path, capsys):
+    held = _image_folder(tmp_path / "held", n=3)
+    ov = [
+        f"data.eval_images={held}",
+        "eval.every=1",
+        "eval.samples_per_prompt=2",
+        "eval.rewards=brightness",
+        "train.iterations=2",
+    ]
+    for alg in ("ddrl", "flow_grpo"):
+        _train(tmp_path, alg, "tiny-sd3", f"algorithm={alg}", *ov)
+    runs = [str(tmp_path / "ddrl"), str(tmp_path / "flow_grpo")]
+    assert main(["report", *runs, "--out", str(tmp_path / "rep")]) == 0
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert "ood_brightness" in page and "no gold evaluator" in page
+    metrics = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    assert [a["label"] for a in metrics["arms"]] == ["ddrl", "flow_grpo"]
+    assert metrics["base"]["iteration"] == 0 and len(metrics["arms"][0]["curve"]) == 3
+    assert main(["report", str(held), "--out", str(tmp_path / "x")]) == 2
+    assert "not an evaluated run" in capsys.readouterr().err

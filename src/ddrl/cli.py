@@ -196,6 +196,12 @@ def cmd_reward_server(args) -> None:
     )
 
 
+def cmd_report(args) -> None:
+    from .eval.runs_report import report_runs
+
+    print(report_runs([Path(r) for r in args.runs], Path(args.out)))
+
+
 def cmd_config(args) -> None:
     from .config import describe
 
@@ -316,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", default="files", help="the data set the reward belongs to")
     s.add_argument("--json", action="store_true", help="JSON rows instead of lines")
     s.add_argument("images", nargs="+", help="image files")
+    s = add("report", cmd_report, "the comparison report (report.html) of run folders", False)
+    s.add_argument("runs", nargs="+", help="run folders trained with eval.every > 0")
+    s.add_argument("--out", required=True, help="report folder")
     s = add(
         "reward-server", cmd_reward_server, "serve a reward over HTTP (reward.name=remote)", False
     )
@@ -377,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     args.overrides = [*args.overrides, *extra]
-    if args.command in ("train", "demo", "compare", "long", "export") and not args.out.strip():
+    commands_with_out = ("train", "demo", "compare", "long", "export", "report")
+    if args.command in commands_with_out and not args.out.strip():
         # Path("") is the current folder: --overwrite would move it aside.
         print(f"ddrl: error: --out {args.out!r} is empty; allowed: a folder path", file=sys.stderr)
         return 2

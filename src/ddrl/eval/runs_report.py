@@ -1,0 +1,49 @@
+"""`ddrl report`: the comparison report (docs format of `ddrl compare`) from any run folders.
+
+Each run's ``eval.jsonl`` is its curve (``eval.every``), its last row its final metrics, its
+iteration-0 row the base; ``samples_final.png`` its sample grid. Real-model runs have no gold
+evaluator: the report then judges by the held-out diffusion loss and lists the out-of-domain
+rewards (``eval.rewards`` → ``ood_<name>``) in the metrics table beside the training reward.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..config import load_config
+from ..errors import DDRLError
+from ..runlog import read_jsonl
+from .report import write_report
+
+
+def runs_metrics(runs: list[Path]) -> tuple[dict, dict[str, Path]]:
+    """(metrics.json-style dict, sample grids by caption) for ``runs``."""
+    arms, grids, base = [], {}, None
+    for run in map(Path, runs):
+        curve = read_jsonl(run / "eval.jsonl")
+        if not (run / "config.json").is_file() or not curve:
+            raise DDRLError(
+                f"{run} is not an evaluated run (needs config.json and eval.jsonl: train it "
+                "with eval.every > 0)"
+            )
+        cfg = load_config(run / "config.json")
+        zero = next((r for r in curve if r.get("iteration") == 0), None)
+        if base is None and zero is not None:
+            base = zero
+        arm = {"algorithm": cfg.algorithm, "setting": {}, "label": run.name}
+        arms.append({**arm, "final": curve[-1], "curve": curve, "run": str(run)})
+        if (run / "samples_final.png").is_file():
+            grids[run.name] = run / "samples_final.png"
+    reward = load_config(Path(runs[0]) / "config.json").reward.name
+    return {"base": base or {}, "reward": reward, "arms": arms}, grids
+
+
+def report_runs(runs: list[Path], out: Path, loss_rise: float = 0.10) -> Path:
+    """Write ``out/report.html`` (+ figures and ``metrics.json``) comparing ``runs``."""
+    metrics, grids = runs_metrics(runs)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    names = ", ".join(a["label"] for a in metrics["arms"])
+    return write_report(metrics, out, grids, title=f"ddrl runs: {names}", loss_rise=loss_rise)
