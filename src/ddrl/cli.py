@@ -94,12 +94,23 @@ def train_summary(run: Path, row: dict) -> str:
 
 
 def cmd_train(args) -> None:
-    from .components import build_components, device_of
-    from .config import load_config
-    from .runlog import prepare_run_dir
-    from .train import train
+    """Under ``torchrun`` every rank runs this (data parallel, ``ddrl.distributed``): each reads
+    the same config; rank 0 builds the components first (it may fill the cache) and alone
+    writes the run folder."""
+    from .components import device_of
+    from .distributed import process_group
 
     out = Path(args.out)
+    cfg = _train_config(args, out)
+    with process_group(device_of(cfg)):  # device_of: e.g. no CUDA, before an old run moves
+        _train(cfg, args, out)
+
+
+def _train_config(args, out: Path):
+    """The run's config, after checking the folder (every rank checks, none writes yet)."""
+    from .config import load_config
+    from .runlog import prepare_run_dir
+
     if args.resume:
         if args.overwrite:
             raise DDRLError(
@@ -112,19 +123,29 @@ def cmd_train(args) -> None:
             )
         prepare_run_dir(out, resume=True, overwrite=False)  # only checks the folder
         # Only the length of a run may change on resume.
-        cfg = load_config(out / "config.json", args.overrides, ("train.iterations",), "--resume")
-    else:
-        cfg = _cfg(args)
-        prepare_run_dir(out, resume=False, overwrite=args.overwrite, check_only=True)
-    device_of(cfg)  # e.g. no CUDA: fail before an old run is moved aside
+        return load_config(out / "config.json", args.overrides, ("train.iterations",), "--resume")
+    cfg = _cfg(args)
+    prepare_run_dir(out, resume=False, overwrite=args.overwrite, check_only=True)
+    return cfg
+
+
+def _train(cfg, args, out: Path) -> None:
+    from .components import build_components
+    from .distributed import barrier, batch_slice, is_main, main_first
+    from .runlog import prepare_run_dir
+    from .train import train
+
+    batch_slice(cfg.train.prompts_per_iter * cfg.train.group_size)  # splits over the ranks?
     # Base, data and reward (a plugin's kind of output) are built, or fail, before the run
     # folder is created or an old one is moved aside.
-    c = build_components(cfg)
-    if not args.resume:
+    with main_first():
+        c = build_components(cfg)
+    if not args.resume and is_main():
         prepare_run_dir(out, resume=False, overwrite=args.overwrite)
+    barrier()
     with sigterm_requested() as stop:
         row = train(cfg, out, resume=args.resume, stop=stop, components=c)
-    if row or not args.resume:  # a resume with nothing to do has said so
+    if is_main() and (row or not args.resume):  # a resume with nothing to do has said so
         print(train_summary(out, row))
 
 

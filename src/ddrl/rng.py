@@ -2,7 +2,11 @@
 
 - shared (seed, iteration): the same on every rank — prompts and the trained-timestep subsets,
   so all ranks agree on the iteration's plan;
-- own (seed, iteration, rank): the rank's noise — initial noise, SDE noise, data pairing.
+- own (seed, iteration, rank): the rank's noise. The noise of the trajectories (initial noise,
+  SDE noise, data pairing) comes from rank 0's key on every rank (``noise_generator``): each rank
+  draws the whole global batch's noise and keeps its own rows, so a trajectory is the same
+  whatever the number of ranks, and a single-process run is what it always was. Only noise drawn
+  later, per micro-batch (the "random" data timesteps), comes from each rank's own key.
 """
 
 from __future__ import annotations
@@ -26,6 +30,11 @@ def shared_generator(seed: int, iteration: int) -> torch.Generator:
 def rank_generator(seed: int, iteration: int, rank: int) -> torch.Generator:
     """Stream for this rank's noise."""
     return _generator(seed, (OWN, iteration, rank))
+
+
+def noise_generator(seed: int, iteration: int) -> torch.Generator:
+    """Stream for the global batch's trajectory noise, the same on every rank (see above)."""
+    return rank_generator(seed, iteration, 0)
 
 
 def current_rank() -> int:

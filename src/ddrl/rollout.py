@@ -89,38 +89,44 @@ def rollout(
     generator: torch.Generator,
     device: str | torch.device = "cpu",
     encode: CondCache | None = None,
+    rows: slice | None = None,
 ) -> Rollout:
     """Roll out ``group_size`` samples per prompt with the stochastic step ``cfg.sde``.
 
     All noise (initial and per step) comes from ``generator``, drawn on the CPU so that a run
-    is reproducible across devices.
+    is reproducible across devices. ``rows``: only these trajectories of the whole batch (one
+    rank's share); the noise of the whole batch is drawn and sliced, so a trajectory does not
+    depend on the split. Its group ids stay global.
     """
     p = len(prompts)
-    rep = [q for q in prompts for _ in range(group_size)]
+    rows = rows or slice(None)
+    rep = [q for q in prompts for _ in range(group_size)][rows]
     cond = (encode or gen.conditioner.encode)(rep).to(device)
     null = gen.conditioner.null(len(rep)).to(device) if cfg.cfg_scale != 1.0 else None
     x0 = initial_noise(p, group_size, gen.sample_shape, cfg.shared_noise, generator)
+    full = x0.shape
+    x0 = x0[rows]
     ts = cfg.grid_for(gen, cfg.num_steps).to(device)
     # All noise is drawn first, in the order of an unchunked rollout, so ``cfg.batch`` changes
     # memory only, never the samples.
-    zs = [torch.randn(x0.shape, generator=generator) for _ in range(cfg.num_steps)]
+    zs = [torch.randn(full, generator=generator)[rows].clone() for _ in range(cfg.num_steps)]
     n, chunk = len(rep), cfg.batch or len(rep)
     states = torch.empty((cfg.num_steps + 1, *x0.shape), device=device)
     logps = torch.empty((cfg.num_steps, n), device=device)
     for s in range(0, n, chunk):
-        rows = slice(s, s + chunk)
-        idx = torch.arange(n, device=device)[rows]
+        part = slice(s, s + chunk)
+        idx = torch.arange(n, device=device)[part]
         c, u = cond.index(idx), null.index(idx) if null is not None else None
-        x = x0[rows].to(device)
-        states[0, rows] = x
+        x = x0[part].to(device)
+        states[0, part] = x
         for i in range(cfg.num_steps):
             t = ts[i].expand(x.shape[0])
             v = guided_velocity(gen.denoiser, x, t, c, u, cfg.cfg_scale)
-            step = cfg.sde.step(x, v, t, ts[i + 1].expand(x.shape[0]), noise=zs[i][rows].to(device))
+            step = cfg.sde.step(x, v, t, ts[i + 1].expand(x.shape[0]), noise=zs[i][part].to(device))
             x = step.x_next
-            states[i + 1, rows] = x
-            logps[i, rows] = step.log_prob
-    gid = torch.arange(p, device=device).repeat_interleave(group_size)
+            states[i + 1, part] = x
+            logps[i, part] = step.log_prob
+    gid = torch.arange(p, device=device).repeat_interleave(group_size)[rows]
     return Rollout(states, logps, ts, cond, null, rep, gid)
 
 

@@ -96,3 +96,16 @@ class RunLogger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+class NullLogger:
+    """What ranks other than 0 log to: nothing (rank 0 writes the run's logs)."""
+
+    def metrics(self, row: dict) -> None:
+        pass
+
+    def eval(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -2,8 +2,10 @@
 
 Algorithms differ only in the loss object and its config (plus sampler and loop settings in
 their presets); the loop never asks which algorithm it runs. Simplifications, stated up front:
-- one process here (the distributed wrapper comes later; the randomness and the loss
-  denominators are already split into what every rank shares and what each rank owns);
+- data parallel over ``torchrun`` ranks (``ddrl.distributed``): each rank rolls out, scores and
+  trains its contiguous slice of the iteration's P·G trajectories; rewards are gathered so
+  groups normalise whole, loss denominators and gradients are summed over ranks once per
+  optimizer step, so W ranks take the single-process step; rank 0 alone writes the run folder;
 - each inner update is one optimizer step, gradients accumulated over every trained timestep
   and micro-batch, each loss term averaged over the whole iteration (``LossOut``);
 - the denoiser is trained in place; the conditioner and codec are frozen;
@@ -23,18 +25,28 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .advantages import combine_advantages
 from .components import Components, build_components, device_of
 from .config import RunConfig, save_config
+from .distributed import (
+    all_reduce_sum,
+    any_rank,
+    barrier,
+    batch_slice,
+    gathered_advantages,
+    is_main,
+    main_first,
+    reduce_metrics,
+    sync_grads,
+)
 from .ema import EMA
 from .errors import DDRLError, Terminated
 from .eval.evaluate import evaluate_components, save_prompt_grid
 from .losses import LossContext, StepBatch, build_loss
 from .models import Cond, CondCache, decode_images
 from .reference import make_reference
-from .rng import current_rank, rank_generator, shared_generator
+from .rng import current_rank, noise_generator, rank_generator, shared_generator
 from .rollout import Rollout, rollout
-from .runlog import RunLogger, read_jsonl
+from .runlog import NullLogger, RunLogger, read_jsonl
 from .train_state import TrainState
 
 
@@ -109,13 +121,16 @@ def optimizer_step(loss_fn, denoiser, batches: list[StepBatch], params, opt, gra
     Each term's loss is Σ_batches Σ_b mask·value / (its mask's count over all batches), so the
     gradient is the same however the iteration is split. Statistics (ratio deviation, clipped
     fraction) are averaged over the policy term's samples and maxed. Returns (metrics as
-    tensors, whether the step was finite and taken).
+    tensors, whether the step was finite and taken). Over several ranks the counts, gradients
+    and metrics are summed (maxima maxed) across them, so every rank takes the same step.
     """
     masks = [loss_fn.masks(b) for b in batches]
     counts: dict[str, torch.Tensor] = {}
     for m in masks:
         for k, v in m.items():
             counts[k] = counts.get(k, 0) + v.sum()
+    names = sorted(counts)  # the same terms on every rank: one all-reduce of the counts
+    counts = dict(zip(names, all_reduce_sum(torch.stack([counts[k] for k in names])), strict=True))
     opt.zero_grad(set_to_none=True)
     sums: dict[str, torch.Tensor] = {}
     total = torch.zeros(())
@@ -134,6 +149,9 @@ def optimizer_step(loss_fn, denoiser, batches: list[StepBatch], params, opt, gra
             sums[f"{k}_mean"] = sums.get(f"{k}_mean", 0) + _masked_sum(v, pm) / n
             vmax = torch.where(pm, v, torch.zeros_like(v)).max()
             sums[f"{k}_max"] = torch.maximum(sums.get(f"{k}_max", vmax), vmax)
+    sync_grads(params)
+    sums = reduce_metrics({"loss": total, **sums})
+    total = sums.pop("loss")
     max_norm = grad_clip if grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     finite = bool(torch.isfinite(grad_norm) & torch.isfinite(total))  # one sync per step
@@ -158,6 +176,9 @@ def train(
     ``components``: already built from ``cfg`` (the CLI builds them before touching the disk)."""
     run_dir = Path(run_dir)
     dev = device_of(cfg)
+    main = is_main()  # rank 0 (or the only process): the one that writes the run folder
+    if not main:
+        log = lambda *a, **k: None  # noqa: E731  (rank 0 says it once)
     c = components or build_components(cfg, log)
     gen = c.gen.to(dev)
     if isinstance(gen.conditioner, torch.nn.Module):
@@ -185,7 +206,8 @@ def train(
     opt = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
     ema = EMA(denoiser, o.ema_decay) if o.ema_decay > 0 else None
     state = TrainState(run_dir, denoiser, opt, ema, cfg.algorithm, log)
-    start = state.restore() if resume else 0
+    with main_first():  # rank 0 removes a killed write's orphans before the others read
+        start = state.restore() if resume else 0
     shipped = (lambda: ema.applied(denoiser)) if ema else contextlib.nullcontext
     if resume and start >= cfg.train.iterations:
         n = cfg.train.iterations
@@ -194,14 +216,17 @@ def train(
             if start == n
             else f"nothing to do: run is at iteration {start}, beyond train.iterations={n}"
         )
-        if not (run_dir / "final").is_dir():  # killed between the last checkpoint and the save
+        if main and not (run_dir / "final").is_dir():  # killed between checkpoint and save
             with shipped():
                 gen.save_pretrained(run_dir / "final")
+        barrier()
         return {}
     # Also on resume: a changed train.iterations is the run's length from now on.
-    save_config(cfg, run_dir / "config.json")
-    logger = RunLogger(run_dir, start, cfg.train.tensorboard)
+    if main:
+        save_config(cfg, run_dir / "config.json")
+    logger = RunLogger(run_dir, start, cfg.train.tensorboard) if main else NullLogger()
     tc, P, G = cfg.train, cfg.train.prompts_per_iter, cfg.train.group_size
+    rows = batch_slice(P * G)  # this rank's trajectories of the iteration
     micro, rank, encode = tc.micro_batch or P * G, current_rank(), CondCache(gen.conditioner)
 
     # The held-out diffusion loss at iteration 0 (also after a resume): the reference for the
@@ -232,31 +257,43 @@ def train(
             frames = raw[:, :, 0] if raw.dim() == 5 else raw  # videos: their first frames
             save_prompt_grid(frames, n_prompts, run_dir / "samples_final.png", title)
 
+    def maybe_eval(it: int, final: bool = False) -> None:  # rank 0 evaluates, the others wait
+        if main:
+            run_eval(it, final)
+        barrier()
+
     if cfg.eval.every and start == 0:
-        run_eval(0)
+        maybe_eval(0)
     row: dict = {}
     bad_steps = all_skipped = 0
     its = range(start, tc.iterations)
-    bar = tqdm(its, initial=start, total=tc.iterations, disable=not tc.progress, desc=cfg.algorithm)
+    show = tc.progress and main
+    bar = tqdm(its, initial=start, total=tc.iterations, disable=not show, desc=cfg.algorithm)
     for it in bar:
         t0 = time.perf_counter()
-        g_shared, g_own = shared_generator(cfg.seed, it), rank_generator(cfg.seed, it, rank)
+        # The trajectories' noise (and data pairing) is drawn for the whole batch on every
+        # rank and sliced (``ddrl.rng``); rank 0's own stream continues it, other ranks own theirs.
+        g_shared, g_noise = shared_generator(cfg.seed, it), noise_generator(cfg.seed, it)
+        g_own = g_noise if rank == 0 else rank_generator(cfg.seed, it, rank)
         prompts = c.data.sample_prompts(P, g_shared)
         denoiser.eval()
-        ro = rollout(gen, prompts, G, cfg.sampler, g_own, dev, encode)
+        ro = rollout(gen, prompts, G, cfg.sampler, g_noise, dev, encode, rows)
         denoiser.train()
         t1 = time.perf_counter()
         images = decode_images(gen.codec, ro.final)
-        each = c.reward.each(images, ro.prompts).to(dev) * cfg.reward.scale  # [B, K]
-        adv, valid = combine_advantages(
-            each, c.reward.weights, ro.group_ids, cfg.advantage, cfg.reward.aggregate
+        mine = c.reward.each(images, ro.prompts).to(dev) * cfg.reward.scale  # [B/W, K]
+        # [B, K] and [B]: groups normalise whole, whichever ranks hold their samples
+        each, adv_all, valid_all = gathered_advantages(
+            mine, c.reward.weights, G, cfg.advantage, cfg.reward.aggregate
         )
+        adv, valid = adv_all[rows], valid_all[rows]
         rewards = each @ c.reward.weights.to(each)
+        every_prompt = [q for q in prompts for _ in range(G)]
         if paired:
-            x0_data, data_cond = c.pool.paired(ro.prompts, g_own).to(dev), None
+            x0_data, data_cond = c.pool.paired(every_prompt, g_noise)[rows].to(dev), None
         else:
-            x0_data, captions = c.pool.sample(len(ro.prompts), g_own)
-            x0_data, data_cond = x0_data.to(dev), encode(captions).to(dev)
+            x0_data, captions = c.pool.sample(P * G, g_noise)
+            x0_data, data_cond = x0_data[rows].to(dev), encode(captions[rows]).to(dev)
         steps = select_timesteps(
             cfg.sampler.num_steps,
             tc.timestep_fraction,
@@ -264,7 +301,7 @@ def train(
             P * G,
             g_shared,
             tc.skip_last_step,
-        ).to(dev)
+        )[rows].to(dev)
         batches = list(iter_step_batches(ro, adv, valid, x0_data, steps, micro, g_own, data_cond))
         t2 = time.perf_counter()
         lr = o.lr * min(1.0, (it + 1) / max(o.warmup, 1))
@@ -288,7 +325,7 @@ def train(
         scalars = {
             "reward_mean": rewards[fin].mean() if fin.any() else torch.tensor(float("nan")),
             "reward_std": rewards[fin].std() if fin.sum() > 1 else torch.tensor(0.0),
-            "skipped_groups": (~valid).sum() // G,
+            "skipped_groups": (~valid_all).sum() // G,
             **m,
         }
         if each.shape[1] > 1:  # several rewards: each one's raw mean, logged every iteration
@@ -319,16 +356,19 @@ def train(
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.3f}")
         done = it + 1 == tc.iterations
         if cfg.eval.every and ((it + 1) % cfg.eval.every == 0 or done):
-            run_eval(it + 1, final=done)
-        stopping = stop is not None and stop.is_set() and not done
+            maybe_eval(it + 1, final=done)
+        stopping = any_rank(stop is not None and stop.is_set()) and not done  # all stop together
         if (it + 1) % tc.checkpoint_every == 0 or done or stopping:
-            path = state.save(it + 1, tc.keep_checkpoints)
+            path = state.save(it + 1, tc.keep_checkpoints) if main else None
+            barrier()
         if stopping:
             bar.close()
             logger.close()
             raise Terminated(path)
     bar.close()
     logger.close()
-    with shipped():
-        gen.save_pretrained(run_dir / "final")
+    if main:
+        with shipped():
+            gen.save_pretrained(run_dir / "final")
+    barrier()
     return row

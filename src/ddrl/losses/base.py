@@ -2,7 +2,7 @@
 
 A loss sees one trained timestep of a micro-batch (``StepBatch``) and returns per-sample terms
 [B]; the loop reduces each term with a whole-iteration denominator, the number of samples its
-mask covers over all trained timesteps and micro-batches (all ranks, later). So the gradient does
+mask covers over all trained timesteps, micro-batches and ranks. So the gradient does
 not depend on how the iteration is split into micro-batches, and a skipped group never changes
 the weight of the others. The masks depend only on the batch, never on the model, so the loop
 counts them before the first forward (``Loss.masks``).

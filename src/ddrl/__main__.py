@@ -1,0 +1,7 @@
+"""``python -m ddrl …`` (and ``torchrun -m ddrl …``): the ``ddrl`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
