@@ -21,7 +21,7 @@ from .base import Cond
 from .config import ModelConfig
 from .hf import DiffusersGenerator
 from .hf_parts import HFDenoiser, TextConditioner, VAECodec
-from .sd3 import latent_shape, tiny_vae
+from .sd3 import SD3Generator, latent_shape, tiny_vae
 
 FLUX_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale
 FLUX_MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default T5 length
@@ -103,17 +103,8 @@ class FluxGenerator(DiffusersGenerator):
     family = "flux"
     pipeline_class = "FluxPipeline"
     # flow_grpo's / diffusers' FLUX DreamBooth LoRA attention targets (double-stream blocks:
-    # image and context projections; single-stream blocks: to_q/k/v).
-    lora_default_targets = (
-        "attn.add_k_proj",
-        "attn.add_q_proj",
-        "attn.add_v_proj",
-        "attn.to_add_out",
-        "attn.to_k",
-        "attn.to_out.0",
-        "attn.to_q",
-        "attn.to_v",
-    )
+    # image and context projections; single-stream blocks: to_q/k/v): the same names as SD3's.
+    lora_default_targets = SD3Generator.lora_default_targets
 
     def build_parts(self, pipe, cfg: ModelConfig) -> None:
         tc = pipe.transformer.config
