@@ -118,10 +118,12 @@ def test_two_processes_take_the_single_process_steps(tmp_path):
 
     rows1, rows2 = read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl")
     assert [r["iteration"] for r in rows2] == [1, 2, 3]
-    # Iteration 1 rolls out the same weights: identical rewards; later ones differ by the
-    # float32 rounding of the previous steps only.
-    assert rows1[0]["reward_mean"] == rows2[0]["reward_mean"]
-    assert rows1[0]["reward_std"] == rows2[0]["reward_std"]
+    # Iteration 1 rolls out the same weights and noise: the same rewards up to the float32
+    # rounding of scoring 6 images at a time instead of 12 (measured: a 2e-9 relative
+    # difference in the std on one machine, none on another); later iterations add the
+    # rounding of the previous steps' gradient sums.
+    for k in ("reward_mean", "reward_std"):
+        assert rows2[0][k] == pytest.approx(rows1[0][k], rel=1e-6), k
     for a, b in zip(rows1, rows2, strict=True):
         for k in ("reward_mean", "reward_std", "loss", "grad_norm", "loss_data"):
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["iteration"], k)
