@@ -17,7 +17,7 @@ from helpers_quick import quick
 from safetensors.torch import load_file
 
 from ddrl.advantages import AdvantageConfig, combine_advantages
-from ddrl.config import build_config
+from ddrl.config import build_config, load_config
 from ddrl.distributed import batch_slice, gathered_advantages, sync_grads
 from ddrl.errors import DDRLError
 from ddrl.runlog import prepare_run_dir, read_jsonl
@@ -144,3 +144,11 @@ def test_two_processes_take_the_single_process_steps(tmp_path):
     _torchrun("train", "--out", str(three), "--resume", "train.iterations=3")
     assert [r["iteration"] for r in read_jsonl(three / "metrics.jsonl")] == [1, 2, 3]
     assert _max_diff(_params(two), _params(three)) == 0  # same ranks, same steps: exact
+    # A run started on two ranks continues on one: the trajectories' noise does not depend on
+    # the layout, so it ends where the one-process run ends (to the rounding of the sums).
+    four = tmp_path / "four"
+    _torchrun("train", "--out", str(four), *quick(*SETUP, "train.iterations=2"))
+    resumed = load_config(four / "config.json", ["train.iterations=3"], ("train.iterations",))
+    train(resumed, four, resume=True, log=lambda *a: None)
+    assert [r["iteration"] for r in read_jsonl(four / "metrics.jsonl")] == [1, 2, 3]
+    assert _max_diff(_params(one), _params(four)) < PARAM_TOL
