@@ -11,6 +11,7 @@ model's fingerprint, both verified on load.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -33,6 +34,27 @@ def save_file_atomic(
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     save_file(tensors, tmp, metadata=metadata)
     tmp.replace(path)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path, race_ok: bool = True):
+    """Yields a fresh temporary sibling folder; when the block finishes it is renamed to
+    ``path``, so a crash never leaves half a folder there. If ``path`` appeared meanwhile
+    (another process built the same thing) the temporary folder is dropped (``race_ok``) or
+    that is a one-line error."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    yield tmp
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.rename(path)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not race_ok:
+            raise DDRLError(
+                f"{path} appeared while it was written; nothing was overwritten"
+            ) from None
 
 
 def sha256(path: Path) -> str:

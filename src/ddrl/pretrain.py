@@ -10,7 +10,6 @@ import copy
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .checkpoint import atomic_dir
 from .data import load_data
 from .ema import ema_update
 from .errors import check_range
@@ -111,15 +111,9 @@ def ensure_base(
         return load_generator(path), path
     t0 = time.time()
     gen = pretrain(model, data, cfg, log)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    gen.save_pretrained(tmp)
-    info = {"model": model, "data": data, "config": asdict(cfg), "seconds": time.time() - t0}
-    (tmp / "pretrain.json").write_text(json.dumps(info))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        tmp.rename(path)  # atomic: a crash never leaves a half-written base behind
-    except OSError:  # another process won the race; theirs is identical
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_dir(path) as tmp:  # a race lost to another process: theirs is identical
+        gen.save_pretrained(tmp)
+        info = {"model": model, "data": data, "config": asdict(cfg), "seconds": time.time() - t0}
+        (tmp / "pretrain.json").write_text(json.dumps(info))
     log(f"saved base model to {path} ({time.time() - t0:.0f}s)")
     return load_generator(path), path

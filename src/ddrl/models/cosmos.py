@@ -53,13 +53,11 @@ from torch import Tensor
 from ..errors import DDRLError
 from .base import Cond
 from .config import ModelConfig
-from .hf import DiffusersGenerator
+from .hf import DEFAULTS_FILE, DiffusersGenerator
 from .hf_parts import HFDenoiser
 from .wan import (
-    DEFAULTS_FILE,
     TINY_DEFAULTS,
     WanConditioner,
-    copy_defaults,
     tiny_wan_vae,
     video_sample_shape,
     wan_vae_codec,
@@ -200,11 +198,6 @@ class CosmosGenerator(DiffusersGenerator):
                 "sigmas (sigma_min/sigma_max); leave sampler.shift = 0"
             )
         return super().timestep_grid(num_steps, shift)
-
-    def export(self, out: str | Path) -> Path:
-        out = super().export(out)
-        copy_defaults(self.source, out)
-        return out
 
     @classmethod
     def build_tiny(cls, path: Path) -> None:

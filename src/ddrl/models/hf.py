@@ -22,10 +22,13 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..checkpoint import atomic_dir
 from ..errors import DDRLError
 from .config import LoraConfig, ModelConfig
 from .hf_parts import TORCH_DTYPES
 
+DEFAULTS_FILE = "ddrl_defaults.json"  # optional {"height", "width", "frames"} in a pipeline
+# folder: replaces the family's native size (the tiny video pipelines are 16×16 × 5 frames)
 TINY_VERSION = 1  # bump when a tiny builder changes: the cache folder name includes it
 
 
@@ -96,6 +99,19 @@ def load_pipeline(family: type[DiffusersGenerator], source: str, cfg: ModelConfi
             f"cannot load {family.pipeline_class} from {source!r}: {first_line(e)}"
         ) from e
     return pipe
+
+
+def transformer_class(source: str) -> type:
+    """The diffusers class of a pipeline's transformer, read from its model_index.json (hub id
+    or folder) without loading any weights."""
+    import diffusers
+
+    local = Path(os.path.expanduser(source))
+    try:
+        index = diffusers.DiffusionPipeline.load_config(str(local) if local.exists() else source)
+        return getattr(diffusers, index["transformer"][1])
+    except Exception as e:  # no model_index.json, no network for a hub id, no transformer
+        raise DDRLError(f"cannot read the transformer class of {source!r}: {first_line(e)}") from e
 
 
 def lora_targets(transformer: nn.Module, cfg: LoraConfig, default: tuple[str, ...]) -> list[str]:
@@ -241,8 +257,8 @@ class DiffusersGenerator(nn.Module):
             raise DDRLError(f"corrupt {meta_path}: {e}") from e
         saved = meta_path.parent
         parts = {}
-        if meta.get("finetune") == "full":
-            tcls = type(load_pipeline(cls, meta["base"], cfg).transformer)
+        if meta.get("finetune") == "full":  # the class from the base's model_index.json
+            tcls = transformer_class(meta["base"])
             parts["transformer"] = tcls.from_pretrained(saved / "transformer")
         gen = cls(load_pipeline(cls, meta["base"], cfg, **parts), cfg, meta["base"])
         if meta.get("finetune") == "lora":
@@ -285,10 +301,11 @@ class DiffusersGenerator(nn.Module):
             set_peft_model_state_dict(base_tr, self.lora_state())
             base_tr.fuse_lora()
             base_tr.unload_lora()
-        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        tmp.rename(out)
+        with atomic_dir(out, race_ok=False) as tmp:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            defaults = Path(os.path.expanduser(self.source)) / DEFAULTS_FILE
+            if defaults.is_file():  # a base folder's own native size travels with it
+                shutil.copy(defaults, tmp / DEFAULTS_FILE)
         return out
 
 
@@ -306,16 +323,9 @@ def ensure_tiny(family: type[DiffusersGenerator], cache: Path, log=print) -> Pat
     path = Path(cache) / "tiny" / f"{family.family}-v{TINY_VERSION}"
     if (path / "model_index.json").is_file():
         return path
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with torch.random.fork_rng(devices=[]):
+    with atomic_dir(path) as tmp, torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         with quiet_loading():
             family.build_tiny(tmp)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        tmp.rename(path)  # atomic: a crash never leaves half a pipeline behind
-    except OSError:  # another process built it first
-        shutil.rmtree(tmp, ignore_errors=True)
     log(f"built the tiny {family.family} pipeline into {path}")
     return path

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -40,10 +39,9 @@ from torch import Tensor
 from ..errors import DDRLError
 from .base import Cond
 from .config import ModelConfig
-from .hf import DiffusersGenerator
+from .hf import DEFAULTS_FILE, DiffusersGenerator
 from .hf_parts import TORCH_DTYPES, HFDenoiser, TextConditioner, VAECodec
 
-DEFAULTS_FILE = "ddrl_defaults.json"  # optional {"height", "width", "frames"} in a pipeline folder
 TINY_DEFAULTS = {"height": 16, "width": 16, "frames": 5}
 NATIVE = (480, 832, 81)  # WanPipeline's default height, width, num_frames
 
@@ -92,13 +90,6 @@ def video_sample_shape(
             f"{mult} (VAE factor {s} × patch {patch}); set model.resolution or height/width"
         )
     return (channels, (frames - 1) // tf + 1, height // s, width // s)
-
-
-def copy_defaults(source: str, out: Path) -> None:
-    """Carry a base folder's ``ddrl_defaults.json`` into an exported pipeline folder."""
-    src = Path(os.path.expanduser(source)) / DEFAULTS_FILE
-    if src.is_file():
-        shutil.copy(src, Path(out) / DEFAULTS_FILE)
 
 
 class WanDenoiser(HFDenoiser):
@@ -162,11 +153,6 @@ class WanGenerator(DiffusersGenerator):
         self.codec = wan_vae_codec(pipe.vae, cfg.vae_batch)
         patch = tr.config.patch_size[1]
         self.sample_shape = video_sample_shape(self, cfg, tr.config.in_channels, patch, NATIVE)
-
-    def export(self, out: str | Path) -> Path:
-        out = super().export(out)
-        copy_defaults(self.source, out)
-        return out
 
     @classmethod
     def build_tiny(cls, path: Path) -> None:
