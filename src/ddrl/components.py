@@ -123,8 +123,30 @@ def synthesize_for(cfg: RunConfig, gen: Generator, data: TaskData, path: Path, l
         path,
         device=device_of(cfg),
         log=log,
-        model_id=f"{cfg.model.name}:{cfg.model.base}:{cfg.model.dtype}",
+        model_id=model_id(cfg),
         progress=cfg.train.progress,
+    )
+
+
+def model_id(cfg: RunConfig) -> str:
+    """What identifies the base's weights and precision in cache keys (latents, synthetic
+    shards): family, base, revision, dtype."""
+    m = cfg.model
+    return f"{m.name}:{m.base}@{m.revision}:{m.dtype}"
+
+
+def encoded_set(cfg: RunConfig, gen: Generator, images: str, log=print) -> PairedPool:
+    """A user's image/video-caption set (``images``) VAE-encoded once into cached latents."""
+    m = cfg.model
+    return latent_pool(
+        dataclasses.replace(cfg.data, images=images),
+        gen.codec,
+        model_id(cfg),
+        gen.resolution,
+        getattr(gen, "frames", 0),
+        cache_root(m.cache_dir),
+        log,
+        batch=m.vae_batch,
     )
 
 
@@ -132,23 +154,12 @@ def build_pool(cfg: RunConfig, gen: Generator, base_path: Path, data: TaskData, 
     """The data term's p̃_data in model space: the task's real data (embedded sets encoded
     now; a user's image/video-caption set VAE-encoded once into cached latents), or the
     synthetic set (generated on first use for the diffusers families)."""
-    m = cfg.model
     if cfg.data.source == "real":
         if data.train is not None:
             return PairedPool(gen.codec.encode(data.train.x), data.train.prompts)
-        codec_id = f"{m.name}:{m.base}:{m.dtype}"
-        return latent_pool(
-            cfg.data,
-            gen.codec,
-            codec_id,
-            gen.resolution,
-            getattr(gen, "frames", 0),
-            cache_root(m.cache_dir),
-            log,
-            batch=m.vae_batch,
-        )
+        return encoded_set(cfg, gen, cfg.data.images, log)
     path = synthetic_path(cfg, base_path)
-    if not path.is_file() and m.name in DIFFUSERS_FAMILIES:
+    if not path.is_file() and cfg.model.name in DIFFUSERS_FAMILIES:
         log(f"no synthetic data at {path}: generating it from the base model once (ddrl synth)")
         return synthesize_for(cfg, gen, data, path, log)
     return load_pool(path)
@@ -166,19 +177,7 @@ def build_components(cfg: RunConfig, log=print) -> Components:
     ood = None
     if cfg.eval.rewards:
         ood = build_rewards(dataclasses.replace(r, name=cfg.eval.rewards, weights=""), ctx)
-    heldout = None
-    if cfg.data.eval_images:
-        m = cfg.model
-        heldout = latent_pool(
-            dataclasses.replace(cfg.data, images=cfg.data.eval_images),
-            gen.codec,
-            f"{m.name}:{m.base}@{m.revision}:{m.dtype}",
-            gen.resolution,
-            getattr(gen, "frames", 0),
-            cache_root(m.cache_dir),
-            log,
-            batch=m.vae_batch,
-        )
+    heldout = encoded_set(cfg, gen, cfg.data.eval_images, log) if cfg.data.eval_images else None
     embed = None
     if cfg.eval.features:
         fr = dataclasses.replace(r, name=cfg.eval.features, model=cfg.eval.features_model)

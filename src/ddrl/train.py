@@ -44,6 +44,7 @@ from .eval.evaluate import evaluate_components, save_prompt_grid
 from .losses import LossContext, StepBatch, build_loss
 from .models import Cond, CondCache, decode_images
 from .reference import make_reference
+from .rewards.base import finite_mean
 from .rng import current_rank, noise_generator, rank_generator, shared_generator
 from .rollout import Rollout, rollout
 from .runlog import NullLogger, RunLogger, read_jsonl
@@ -323,18 +324,14 @@ def train(
         t3 = time.perf_counter()
         fin = torch.isfinite(rewards)
         scalars = {
-            "reward_mean": rewards[fin].mean() if fin.any() else torch.tensor(float("nan")),
+            "reward_mean": finite_mean(rewards),
             "reward_std": rewards[fin].std() if fin.sum() > 1 else torch.tensor(0.0),
             "skipped_groups": (~valid_all).sum() // G,
             **m,
         }
         if each.shape[1] > 1:  # several rewards: each one's raw mean, logged every iteration
             for k, name in enumerate(c.reward.names):
-                col = each[:, k]
-                ok = torch.isfinite(col)
-                scalars[f"reward_{name}_mean"] = (
-                    col[ok].mean() if ok.any() else col.new_tensor(float("nan"))
-                )
+                scalars[f"reward_{name}_mean"] = finite_mean(each[:, k])
         values = torch.stack(  # one device → host copy per iteration
             [torch.as_tensor(v, dtype=torch.float64, device=dev) for v in scalars.values()]
         )

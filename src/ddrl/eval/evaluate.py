@@ -20,6 +20,8 @@ from ..errors import check_choice, check_range
 from ..flow import GRIDS
 from ..models import Generator, clamp_images
 from ..rewards import GoldEvaluator, MultiReward, Reward
+from ..rewards.base import finite_mean
+from ..rewards.multi import video_frames
 from ..rollout import SamplerConfig, sample_ode
 from .metrics import (
     default_t_grid,
@@ -96,8 +98,7 @@ def evaluate(
     if ood is not None:
         scores = ood.each(images.to(device), prompts)
         for k, name in enumerate(ood.names):
-            col = scores[:, k]
-            metrics[f"ood_{name}"] = col[torch.isfinite(col)].mean().item()
+            metrics[f"ood_{name}"] = finite_mean(scores[:, k]).item()
     held = data.heldout
     if held_latents is not None or held is not None:  # a user's set may have no held-out data
         if held_latents is not None:
@@ -114,11 +115,11 @@ def evaluate(
             velocity, held_x, default_t_grid(cfg.loss_t_points).float(), seed=cfg.seed
         )
     if embed is not None:
-        feats = embed(_frames(images))
+        feats = embed(video_frames(images))
         metrics["diversity_feature"] = pairwise_diversity(feats, groups)
         if held_latents is not None:  # decoded once: the real data as the model space holds it
             real = clamp_images(gen.codec, gen.codec.decode(held_latents.x.to(device))).cpu()
-            metrics["fd_feature"] = frechet_distance(feats, embed(_frames(real)))
+            metrics["fd_feature"] = frechet_distance(feats, embed(video_frames(real)))
     if gen.codec.value_range is not None:
         metrics["saturation_rate"] = saturation_rate(raw, hi, low=lo)
     if gold is not None:
@@ -131,11 +132,6 @@ def evaluate(
         )
     den.train(was_training)
     return metrics, raw, prompts
-
-
-def _frames(x: Tensor) -> Tensor:
-    """Videos [B, 3, F, H, W] → their frames [B·F, 3, H, W] (per-frame features); images pass."""
-    return x.permute(0, 2, 1, 3, 4).flatten(0, 1) if x.dim() == 5 else x
 
 
 def evaluate_components(gen: Generator, c, cfg, device="cpu"):

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+import torch
 from torch import Tensor
 
 from ..errors import DDRLError, check_choice, check_range
@@ -104,6 +105,13 @@ class Reward(Protocol):
     """r(x0, c): images [B, ...] (clamped to the valid range) and prompts [B] → Tensor [B]."""
 
     def __call__(self, images: Tensor, prompts: list[str]) -> Tensor: ...
+
+
+def finite_mean(x: Tensor) -> Tensor:
+    """Mean of the finite entries of ``x`` (a scalar tensor; NaN when none is finite): rewards
+    may be NaN/inf for skipped samples."""
+    ok = torch.isfinite(x)
+    return x[ok].mean() if ok.any() else x.new_tensor(float("nan"))
 
 
 def checked_reward(reward: Reward, name: str, images: Tensor, prompts: list[str]) -> Tensor:

@@ -50,13 +50,19 @@ def frame_indices(spec: str, n_frames: int) -> list[int] | None:
     return idx
 
 
+def video_frames(x: Tensor) -> Tensor:
+    """Videos [B, 3, F, H, W] → their frames [B·F, 3, H, W] (each sample's frames together);
+    images [B, 3, H, W] pass unchanged."""
+    return x.permute(0, 2, 1, 3, 4).flatten(0, 1) if x.dim() == 5 else x
+
+
 def per_frame(reward: Reward, name: str, videos: Tensor, prompts: list[str], spec: str) -> Tensor:
     """An image reward on videos [B, 3, F, H, W]: the mean of its per-frame scores → [B]."""
     b, f = videos.shape[0], videos.shape[2]
     idx = frame_indices(spec, f)
     frames = videos if idx is None else videos[:, :, idx]
     k = frames.shape[2]
-    flat = frames.permute(0, 2, 1, 3, 4).reshape(b * k, *frames.shape[1:2], *frames.shape[3:])
+    flat = video_frames(frames)
     scores = checked_reward(reward, name, flat, [p for p in prompts for _ in range(k)])
     return scores.view(b, k).mean(1)
 
