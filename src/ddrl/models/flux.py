@@ -19,7 +19,7 @@ from torch import Tensor
 from ..errors import DDRLError
 from .base import Cond
 from .config import ModelConfig
-from .hf import DiffusersGenerator
+from .hf import DiffusersGenerator, dynamic_mu
 from .hf_parts import HFDenoiser, TextConditioner, VAECodec
 from .sd3 import SD3Generator, latent_shape, tiny_vae
 
@@ -130,21 +130,13 @@ class FluxGenerator(DiffusersGenerator):
     def timestep_grid(self, num_steps: int, shift: float = 0.0) -> Tensor:
         """FluxPipeline's sigmas [N + 1]: shift(linspace(1, 1/N, N)) then 0, with mu from the
         image token count (dynamic shifting, FLUX.1-dev); ``shift`` > 0: a static shift."""
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
         from ..flow import scheduler_grid
 
         sc, sched = self.scheduler.config, self.scheduler
         if shift > 0:
             sched = type(sched).from_config(sc, shift=shift, use_dynamic_shifting=False)
         seq = (self.sample_shape[1] // 2) * (self.sample_shape[2] // 2)
-        mu = calculate_shift(
-            seq,
-            sc.get("base_image_seq_len", 256),
-            sc.get("max_image_seq_len", 4096),
-            sc.get("base_shift", 0.5),
-            sc.get("max_shift", 1.15),
-        )
+        mu = dynamic_mu(sc, seq, max_shift=1.15)  # FluxPipeline's default
         return scheduler_grid(num_steps, mu=mu, scheduler=sched)
 
     @classmethod

@@ -101,6 +101,22 @@ def load_pipeline(family: type[DiffusersGenerator], source: str, cfg: ModelConfi
     return pipe
 
 
+def dynamic_mu(scheduler_config, image_seq_len: int, max_shift: float) -> float:
+    """μ of the resolution-dependent shift, as SD3's and FLUX's pipelines compute it
+    (``calculate_shift``) from the scheduler's config; ``max_shift``: the pipeline's own default
+    when the config has none (SD3 1.16, FLUX 1.15)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    sc = scheduler_config
+    return calculate_shift(
+        image_seq_len,
+        sc.get("base_image_seq_len", 256),
+        sc.get("max_image_seq_len", 4096),
+        sc.get("base_shift", 0.5),
+        sc.get("max_shift", max_shift),
+    )
+
+
 def transformer_class(source: str) -> type:
     """The diffusers class of a pipeline's transformer, read from its model_index.json (hub id
     or folder) without loading any weights."""

@@ -17,7 +17,7 @@ from torch import Tensor
 from ..errors import DDRLError
 from .base import Cond
 from .config import ModelConfig
-from .hf import DiffusersGenerator
+from .hf import DiffusersGenerator, dynamic_mu
 from .hf_parts import HFDenoiser, TextConditioner, VAECodec
 
 SD3_MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default T5 length
@@ -108,19 +108,9 @@ class SD3Generator(DiffusersGenerator):
         sc = self.scheduler.config
         if shift > 0 or not sc.get("use_dynamic_shifting"):
             return super().timestep_grid(num_steps, shift)
-        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
-            calculate_shift,
-        )
-
         p = self.denoiser.transformer.config.patch_size
         seq = (self.sample_shape[1] // p) * (self.sample_shape[2] // p)
-        mu = calculate_shift(
-            seq,
-            sc.get("base_image_seq_len", 256),
-            sc.get("max_image_seq_len", 4096),
-            sc.get("base_shift", 0.5),
-            sc.get("max_shift", 1.16),
-        )
+        mu = dynamic_mu(sc, seq, max_shift=1.16)  # StableDiffusion3Pipeline's default
         sched = type(self.scheduler).from_config(sc)
         sched.set_timesteps(num_steps, mu=mu)
         return sched.sigmas.float().cpu()
