@@ -9,6 +9,7 @@ import torch
 from helpers_quick import quick
 
 from ddrl.cli import main
+from ddrl.runlog import read_jsonl
 
 SCHEMA_KEYS = {"proxy_reward", "gold_accuracy", "diversity", "heldout_diffusion_loss", "fd"}
 
@@ -152,7 +153,7 @@ def test_run_folder_never_overwritten_and_checkpoints_checked(tmp_path, capsys):
     assert len(list(tmp_path.glob("run.bak-*"))) == 1
     ckpt = run_dir / "checkpoints" / "step-000002"
     # A damaged file is caught by its SHA-256 before it is parsed; a torn state.json as corrupt.
-    model_file = ckpt / "model.safetensors"
+    model_file = ckpt / "dcp" / "__0_0.distcp"
     intact = model_file.read_bytes()
     model_file.write_bytes(b"garbage")
     assert "SHA-256 mismatch" in error_line(capsys, "eval", run_dir)
@@ -163,8 +164,14 @@ def test_run_folder_never_overwritten_and_checkpoints_checked(tmp_path, capsys):
     (ckpt / "state.json").write_text("{")
     assert "corrupt" in error_line(capsys, "eval", run_dir)
     assert "no checkpoint for step 7" in error_line(capsys, "eval", run_dir, "--step", "7")
+    assert "--resume step-000009: no such checkpoint; allowed: auto, or one of step-000002" in (
+        error_line(capsys, "train", "--out", run_dir, "--resume", "step-000009")
+    )
+    # Killed before its first checkpoint: `--resume` (auto) starts the run over, in place.
     shutil.rmtree(run_dir / "checkpoints")
-    assert "no checkpoint" in error_line(capsys, "train", "--out", run_dir, "--resume")
+    code, out, err = run(capsys, "train", "--out", run_dir, "--resume")
+    assert code == 0 and f"no checkpoint in {run_dir} yet; starting it" in out, (out, err)
+    assert [r["iteration"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2]
 
 
 def test_synth_then_train_on_synthetic_data(tmp_path, capsys):

@@ -1,9 +1,11 @@
 """Data parallel training (``ddrl.distributed``): two gloo processes on the CPU take the same
 steps as one process on the same global batch."""
 
+import copy
 import glob
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,8 +20,9 @@ from safetensors.torch import load_file
 
 from ddrl.advantages import AdvantageConfig, combine_advantages
 from ddrl.config import build_config, load_config
-from ddrl.distributed import batch_slice, gathered_advantages, sync_grads
+from ddrl.distributed import batch_slice, gathered_advantages
 from ddrl.errors import DDRLError
+from ddrl.parallel import Parallel, ParallelConfig
 from ddrl.runlog import prepare_run_dir, read_jsonl
 from ddrl.train import train
 
@@ -49,12 +52,60 @@ def _check_split_group(rank: int) -> None:
         _check_advantages(rank, how)
     with pytest.raises(DDRLError, match="split evenly over 2 processes"):
         batch_slice(7)
-    # Gradients: summed over ranks; a parameter with a gradient on one rank only gets it.
-    p, q = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
-    p.grad = torch.full((3,), float(rank + 1))
-    q.grad = torch.ones(2) if rank == 0 else None
-    sync_grads([p, q])
-    assert p.grad.tolist() == [3.0] * 3 and q.grad.tolist() == [1.0, 1.0]
+    # DDP sums the gradients over ranks (not the mean), once, in the last backward of a step.
+    den = _Lin()
+    par = Parallel(ParallelConfig(strategy="ddp"), "cpu")
+    wrapped = par.wrap(den)
+    xs = [torch.full((1, 2), float(r + 1)) for r in range(2)]  # rank r's input: r + 1
+    for i, now in enumerate((False, True)):  # two backwards, synchronised in the second
+        with par.sync(now):
+            wrapped.velocity(xs[rank] * (i + 1), None, None).sum().backward()
+        if not now:  # accumulated locally only: 1·x on rank r
+            assert den.lin.weight.grad.tolist() == [[rank + 1.0, rank + 1.0]]
+    # Σ_ranks Σ_backwards: (1 + 2)·(1 + 2) = 9 on every rank
+    assert den.lin.weight.grad.tolist() == [[9.0, 9.0]]
+    for strategy in ("ddp", "fsdp"):
+        _check_accumulated_gradients(rank, strategy)
+
+
+def _check_accumulated_gradients(rank: int, strategy: str) -> None:
+    """The digits transformer: 3 backwards of 2 forwards each (policy and data term), each rank
+    on half the batch, synchronised in the last: every parameter's gradient (FSDP2: gathered
+    from the shards) is the one-process gradient of the whole batch."""
+    from ddrl.models.digits import DigitsGenerator
+
+    torch.manual_seed(0)
+    gen = DigitsGenerator()
+    gen.conditioner.requires_grad_(False)
+    x, t = torch.randn(8, 1, 8, 8), torch.rand(8)
+    cond = gen.conditioner.encode([str(i) for i in range(8)])
+    whole = copy.deepcopy(gen.denoiser)
+    for i in range(3):
+        loss = whole.velocity(x * (i + 1), t, cond).pow(2).sum()
+        (loss + whole.velocity(x / 2, t, cond).pow(2).sum()).backward()
+    want = {n: p.grad for n, p in whole.named_parameters()}
+    par = Parallel(ParallelConfig(strategy=strategy), "cpu")
+    den = gen.denoiser
+    wrapped = par.wrap(den)
+    rows = torch.arange(4 * rank, 4 * rank + 4)
+    for i in range(3):
+        with par.sync(i == 2):
+            loss = wrapped.velocity(x[rows] * (i + 1), t[rows], cond.index(rows)).pow(2).sum()
+            (
+                loss + wrapped.velocity(x[rows] / 2, t[rows], cond.index(rows)).pow(2).sum()
+            ).backward()
+    for n, p in den.named_parameters():
+        got = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        torch.testing.assert_close(got, want[n], rtol=1e-4, atol=1e-4, msg=f"{strategy} {n}")
+
+
+class _Lin(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 1, bias=False)
+
+    def velocity(self, x, t, cond):
+        return self.lin(x)
 
 
 def _check_advantages(rank: int, how: str) -> None:
@@ -88,14 +139,18 @@ def _params(run: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def _torchrun(*args: str) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc_per_node=2 -m ddrl ARGS`` (one CPU thread per rank)."""
+HARNESS = str(Path(__file__).with_name("kill_harness.py"))
+
+
+def _torchrun(*args: str, n: int = 2, ok: bool = True) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=n -m ddrl ARGS`` (one CPU thread per rank);
+    ARGS starting with the harness path run it instead of ``-m ddrl``."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    done = subprocess.run(
-        [*cmd, "-m", "ddrl", *args], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
+    what = list(args) if args[0] == HARNESS else ["-m", "ddrl", *args]
+    done = subprocess.run([*cmd, *what], env=env, capture_output=True, text=True, timeout=300)
+    if ok:
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
 
@@ -104,51 +159,134 @@ def _max_diff(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def test_two_processes_take_the_single_process_steps(tmp_path):
-    """torchrun, 2 gloo ranks vs one process: same rewards, same parameters (to float32
-    rounding of the gradient sum), one run folder written by rank 0."""
-    overrides = quick(*SETUP)
-    cfg = build_config(overrides=overrides)
-    one = prepare_run_dir(tmp_path / "one", resume=False, overwrite=False)
-    train(cfg, one, log=lambda *a: None)  # also fills the session's base-model cache
+def _no_time(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
 
-    two = tmp_path / "two"
-    done = _torchrun("train", "--out", str(two), *overrides)
-    assert done.stdout.count("trained ") == 1  # rank 0 alone reports
 
-    rows1, rows2 = read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl")
-    assert [r["iteration"] for r in rows2] == [1, 2, 3]
-    # Iteration 1 rolls out the same weights and noise: the same rewards up to the float32
-    # rounding of scoring 6 images at a time instead of 12 (measured: a 2e-9 relative
-    # difference in the std on one machine, none on another); later iterations add the
-    # rounding of the previous steps' gradient sums.
+def _same_rows(rows1: list[dict], rows2: list[dict]) -> None:
+    """Rewards of iteration 1 equal up to the float32 rounding of sampling and scoring half the
+    batch at a time (measured: digits, a 2e-9 relative difference in the std; tiny SD3, whose
+    rewards differ by ~1e-3 only, 8e-9 absolute in a std of 6e-4); later iterations add the
+    rounding of the previous steps' gradient sums."""
+    assert [r["iteration"] for r in rows2] == [r["iteration"] for r in rows1]
     for k in ("reward_mean", "reward_std"):
-        assert rows2[0][k] == pytest.approx(rows1[0][k], rel=1e-6), k
+        assert rows2[0][k] == pytest.approx(rows1[0][k], rel=1e-6, abs=1e-7), k
     for a, b in zip(rows1, rows2, strict=True):
-        for k in ("reward_mean", "reward_std", "loss", "grad_norm", "loss_data"):
-            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["iteration"], k)
+        for k in ("reward_mean", "reward_std", "grad_norm", "loss_data", "loss_kl"):
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["iteration"], k)
+        # The policy term is −mean(A·ρ) with ρ ≡ 1: advantages summing to 0 per group, so its
+        # value is their float32 rounding (±1e-5 at these sizes), compared in absolute terms.
+        assert b["loss_policy"] == pytest.approx(a["loss_policy"], abs=1e-4), a["iteration"]
         assert b["skipped_groups"] == a["skipped_groups"]
+
+
+@pytest.fixture(scope="module")
+def one_and_two(tmp_path_factory):
+    """The digits run in one process and with 2 DDP ranks (checkpoint every iteration)."""
+    root = tmp_path_factory.mktemp("dp")
+    overrides = quick(*SETUP, "train.checkpoint_every=1")
+    one = prepare_run_dir(root / "one", resume=False, overwrite=False)
+    train(build_config(overrides=overrides), one, log=lambda *a: None)  # also fills the cache
+    two = root / "two"
+    done = _torchrun("train", "--out", str(two), *overrides, "parallel.strategy=ddp")
+    assert done.stdout.count("trained ") == 1  # rank 0 alone reports
+    return overrides, one, two
+
+
+def test_two_ddp_processes_take_the_single_process_steps(one_and_two):
+    """torchrun, 2 gloo ranks under torch DDP vs one process: same rewards, same parameters
+    (to float32 rounding of the gradient sum), one run folder written by rank 0."""
+    overrides, one, two = one_and_two
+    _same_rows(read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl"))
     print("max |Δparam| one vs two:", _max_diff(_params(one), _params(two)))
     assert _max_diff(_params(one), _params(two)) < PARAM_TOL
-    assert json.loads((two / "config.json").read_text()) == json.loads(
-        (one / "config.json").read_text()
-    )
+    cfg1, cfg2 = (json.loads((r / "config.json").read_text()) for r in (one, two))
+    assert cfg2.pop("parallel") == {**cfg1.pop("parallel"), "strategy": "ddp"}
+    assert cfg1 == cfg2
     assert sorted(p.name for p in (two / "checkpoints").iterdir()) == sorted(
         p.name for p in (one / "checkpoints").iterdir()
     )
-
-    # Resume with two processes: 2 iterations, then --resume to 3 (every rank restores the
-    # checkpoint rank 0 wrote) ends where the uninterrupted run ends.
-    three = tmp_path / "three"
-    _torchrun("train", "--out", str(three), *quick(*SETUP, "train.iterations=2"))
-    _torchrun("train", "--out", str(three), "--resume", "train.iterations=3")
-    assert [r["iteration"] for r in read_jsonl(three / "metrics.jsonl")] == [1, 2, 3]
-    assert _max_diff(_params(two), _params(three)) == 0  # same ranks, same steps: exact
+    state = json.loads((two / "checkpoints" / "step-000003" / "state.json").read_text())
+    assert state["world_size"] == 2 and state["strategy"] == "ddp" and state["samples"] == 36
     # A run started on two ranks continues on one: the trajectories' noise does not depend on
     # the layout, so it ends where the one-process run ends (to the rounding of the sums).
-    four = tmp_path / "four"
-    _torchrun("train", "--out", str(four), *quick(*SETUP, "train.iterations=2"))
-    resumed = load_config(four / "config.json", ["train.iterations=3"], ("train.iterations",))
+    four = two.with_name("four")
+    shutil.copytree(two, four)
+    shutil.rmtree(four / "final")
+    shutil.rmtree(four / "checkpoints" / "step-000003")
+    resumed = load_config(four / "config.json", ["parallel.strategy=none"], ("parallel.",))
     train(resumed, four, resume=True, log=lambda *a: None)
     assert [r["iteration"] for r in read_jsonl(four / "metrics.jsonl")] == [1, 2, 3]
     assert _max_diff(_params(one), _params(four)) < PARAM_TOL
+
+
+@pytest.mark.parametrize("where", ["iteration", "checkpoint"])
+def test_sigkill_then_resume_equals_the_uninterrupted_run(one_and_two, where):
+    """SIGKILL rank 1 in iteration 2 (after its rollout), or while checkpoint 2 is written
+    (its shard on disk, the folder not yet renamed); `--resume` on 2 ranks then ends exactly
+    where the uninterrupted 2-rank run ends: same metrics, bit-identical parameters."""
+    overrides, _, two = one_and_two
+    run = two.with_name(f"killed-{where}")
+    args = ("train", "--out", str(run), *overrides, "parallel.strategy=ddp")
+    died = _torchrun(HARNESS, where, "2", "1", "--", *args[1:], ok=False)
+    assert died.returncode != 0
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-000001"]
+    if where == "checkpoint":  # the killed write left its temporary folder, not a checkpoint
+        assert (ckpts / ".tmp-step-000002").is_dir()
+    done = _torchrun("train", "--out", str(run), "--resume", "auto")
+    assert f"resuming from {ckpts / 'step-000001'}" in done.stdout
+    assert _no_time(read_jsonl(run / "metrics.jsonl")) == _no_time(
+        read_jsonl(two / "metrics.jsonl")
+    )
+    assert _max_diff(_params(two), _params(run)) == 0
+    assert not list(ckpts.glob(".tmp-*"))
+
+
+TINY_SD3 = [
+    "--preset",
+    "tiny-sd3",
+    "train.iterations=3",
+    "train.checkpoint_every=1",
+    "train.progress=false",
+]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["model.finetune=lora"],  # DDRL, LoRA on every block; the data term on synthetic data
+        ["model.finetune=full", "algorithm=flow_grpo"],  # the frozen reference sharded too
+    ],
+    ids=["lora-ddrl", "full-flow_grpo"],
+)
+def test_two_fsdp2_processes_take_the_single_process_steps(tmp_path, extra):
+    """FSDP2 (fully_shard per transformer block, gloo) on the tiny SD3 over 2 ranks vs one
+    process: same rewards, losses and final parameters to float32 rounding; a sharded DCP
+    checkpoint resumes on one rank (resharded) and ends where the 2-rank run ends."""
+    one = tmp_path / "one"
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "ddrl", "train", "--out", str(one), *TINY_SD3, *extra],
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            capture_output=True,
+            timeout=300,
+        ).returncode
+        == 0
+    )
+    two = tmp_path / "two"
+    _torchrun("train", "--out", str(two), *TINY_SD3, *extra, "parallel.strategy=fsdp")
+    _same_rows(read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl"))
+    print("max |Δparam| one vs two (fsdp):", _max_diff(_params(one), _params(two)))
+    assert _max_diff(_params(one), _params(two)) < PARAM_TOL
+    shards = sorted(p.name for p in (two / "checkpoints" / "step-000003" / "dcp").iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    # Resume the 2-rank checkpoint of iteration 2 on one FSDP2 rank: DCP reshards.
+    three = tmp_path / "three"
+    shutil.copytree(two, three)
+    shutil.rmtree(three / "final")
+    shutil.rmtree(three / "checkpoints" / "step-000003")
+    done = _torchrun("train", "--out", str(three), "--resume", n=1)
+    assert "continuing on 1 rank(s)" in done.stdout
+    assert _max_diff(_params(two), _params(three)) < PARAM_TOL

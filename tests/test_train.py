@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from helpers_quick import quick
-from safetensors.torch import load_file
 
 from ddrl.checkpoint import latest_checkpoint, load_checkpoint
 from ddrl.components import load_base
@@ -129,8 +129,8 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     # compared. Everything the run's future depends on is, bit for bit.
     for name in ("model", "ema", "optimizer"):
         _assert_same(a[name], b[name], name)
-        # The files themselves are identical too, so their recorded SHA-256 agree.
-        assert meta_a["sha256"][name] == meta_b["sha256"][name], name
+    # The tensor file itself is identical too, so its recorded SHA-256 agrees.
+    assert meta_a["sha256"]["dcp/__0_0.distcp"] == meta_b["sha256"]["dcp/__0_0.distcp"]
     assert meta_a["base_fingerprint"] == meta_b["base_fingerprint"]
     assert meta_a["iteration"] == meta_b["iteration"] == 4
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time")} for r in rows]  # noqa: E731
@@ -207,12 +207,18 @@ def test_corrupted_checkpoint_file_is_detected_by_its_checksum(tmp_path, tiny_mo
     state = _tiny_state(tmp_path, tiny_model)
     path = state.save(1, keep=2)
     load_checkpoint(path)  # intact: loads
-    model_file = path / "model.safetensors"
-    before = {k: v.clone() for k, v in load_file(model_file).items()}
-    raw = bytearray(model_file.read_bytes())
-    raw[-1] ^= 0x01  # one bit of the last tensor's data: still a well-formed safetensors file
-    model_file.write_bytes(bytes(raw))
-    after = load_file(model_file)
+    shard = path / "dcp" / "__0_0.distcp"
+    md = dcp.FileSystemReader(path / "dcp").read_metadata().state_dict_metadata
+    read = lambda: {k: torch.zeros(v.size, dtype=v.properties.dtype) for k, v in md.items()}  # noqa: E731
+    before = read()
+    dcp.load(before, checkpoint_id=path / "dcp", no_dist=True)
+    meta = dcp.FileSystemReader(path / "dcp").read_metadata()
+    item = max(meta.storage_data.values(), key=lambda info: info.length)  # the largest tensor
+    raw = bytearray(shard.read_bytes())
+    raw[item.offset + item.length // 2] ^= 0x01  # one bit of its data: still well-formed
+    shard.write_bytes(bytes(raw))
+    after = read()
+    dcp.load(after, checkpoint_id=path / "dcp", no_dist=True)  # DCP alone does not notice
     assert any(not torch.equal(before[k], after[k]) for k in before)  # only the hash can tell
     with pytest.raises(DDRLError, match="SHA-256"):
         load_checkpoint(path)

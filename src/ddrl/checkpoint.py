@@ -1,12 +1,15 @@
-"""Atomic checkpoints of stateful objects keyed by parameter name (safetensors + JSON only).
+"""Atomic checkpoints of stateful objects keyed by parameter name: torch.distributed.checkpoint
+(DCP) for the tensors, JSON for the rest, safetensors for each rank's RNG state.
 
-Layout: ``<run>/checkpoints/step-000040/{model,ema,optimizer,rng}.safetensors + state.json``
-and ``<run>/checkpoints/latest`` naming the newest. Every tensor is keyed by its parameter's
-fully qualified name (the optimizer's state through torch.distributed.checkpoint's
-``get_optimizer_state_dict``), which is the layout DCP shards when runs go multi-GPU. A
-checkpoint is written under a temporary name and renamed into place, so a crash mid-write
-never leaves a checkpoint that looks whole; state.json holds each file's SHA-256 and the base
-model's fingerprint, both verified on load.
+Layout: ``<run>/checkpoints/step-000040/{state.json, dcp/, rng-rank<r>.safetensors}`` and
+``<run>/checkpoints/latest`` naming the newest. Every tensor is keyed by its parameter's fully
+qualified name (the optimizer's state through DCP's ``get_optimizer_state_dict``), so DCP
+saves each rank's shards under FSDP2 and reshards them on load for another world size, and an
+unsharded run's checkpoint loads into a sharded one and back. Every rank writes into one
+temporary folder that rank 0 renames into place once state.json (each file's SHA-256, hashed
+by all ranks in parallel) is written, so a kill mid-write never leaves a checkpoint that looks
+whole. The pickle DCP keeps in ``dcp/.metadata`` holds torch's own metadata classes only: the
+non-tensor state (optimizer hyper-parameters) is JSON in state.json.
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import distributed as dist
+from torch.distributed import checkpoint as dcp
 
 from .errors import DDRLError
 
@@ -75,12 +81,13 @@ def fingerprint(module: torch.nn.Module) -> str:
 
 
 def split_tensors(state: dict[str, Any], prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
-    """A nested state dict → (flat tensors keyed by dotted path, the rest as JSON-able data)."""
+    """A nested state dict → (flat tensors keyed by /-path, the rest as JSON-able data). The
+    tensors are the state's own (detached, same storage): DCP loads into them in place."""
     tensors: dict[str, torch.Tensor] = {}
 
     def walk(x: Any, key: str) -> Any:
         if isinstance(x, torch.Tensor):
-            tensors[key] = x.detach().contiguous().cpu()
+            tensors[key] = x.detach()
             return {"__tensor__": key}
         if isinstance(x, dict):
             return {str(k): walk(v, f"{key}/{k}") for k, v in x.items()}
@@ -102,31 +109,97 @@ def join_tensors(tensors: dict[str, torch.Tensor], skeleton: Any) -> Any:
     return skeleton
 
 
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (a collective; [obj] in one process)."""
+    if _rank_world()[1] == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+@contextlib.contextmanager
+def _single_process_ok():
+    """DCP warns whenever it runs without a process group; one process is a normal run here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _barrier() -> None:
+    if _rank_world()[1] > 1:
+        dist.barrier()
+
+
+def _share(names: list[str]) -> list[str]:
+    """This rank's share of the files to hash: every rank hashes 1/W of them."""
+    rank, world = _rank_world()
+    return names[rank::world]
+
+
+def _tensor_keys(skeleton: Any) -> set[str]:
+    if isinstance(skeleton, dict):
+        if set(skeleton) == {"__tensor__"}:
+            return {skeleton["__tensor__"]}
+        return set().union(*map(_tensor_keys, skeleton.values())) if skeleton else set()
+    if isinstance(skeleton, list):
+        return set().union(*map(_tensor_keys, skeleton)) if skeleton else set()
+    return set()
+
+
 def save_checkpoint(
-    run_dir: Path, iteration: int, parts: dict[str, dict[str, Any]], meta: dict, keep: int = 2
+    run_dir: Path,
+    iteration: int,
+    parts: dict[str, dict[str, Any]],
+    meta: dict,
+    keep: int = 2,
+    rng: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``parts`` (name → state dict) as checkpoint ``step-<iteration>`` atomically and
-    prune to the newest ``keep``. Tensors go to <name>.safetensors, the rest to state.json."""
+    """Write ``parts`` (name → state dict; DTensors are saved as this rank's shards) and this
+    rank's ``rng`` tensors as checkpoint ``step-<iteration>``, atomically, and prune to the
+    newest ``keep``. A collective: every rank calls it; rank 0 writes state.json and renames."""
+    rank, world = _rank_world()
     root = Path(run_dir) / "checkpoints"
-    final = root / f"step-{iteration:06d}"
-    tmp = root / f".tmp-step-{iteration:06d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    skeletons, digests = {}, {}
+    final, tmp = root / f"step-{iteration:06d}", root / f".tmp-step-{iteration:06d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    tensors, skeletons = {}, {}
     for name, state in parts.items():
-        tensors, skeletons[name] = split_tensors(state)
-        save_file(tensors, tmp / f"{name}.safetensors")
-        digests[name] = sha256(tmp / f"{name}.safetensors")
-    state_json = {"iteration": iteration, **meta, "skeletons": skeletons, "sha256": digests}
-    (tmp / "state.json").write_text(json.dumps(state_json, indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    latest_tmp = root / f".latest-{os.getpid()}"
-    latest_tmp.write_text(final.name)
-    latest_tmp.replace(root / "latest")
-    for old in sorted(root.glob("step-*"))[:-keep]:
+        t, skeletons[name] = split_tensors(state, name)
+        tensors.update(t)
+    with _single_process_ok():
+        dcp.save(tensors, checkpoint_id=tmp / "dcp", no_dist=world == 1)
+    save_file(
+        {k: v.contiguous() for k, v in (rng or {}).items()}, tmp / f"rng-rank{rank}.safetensors"
+    )
+    _barrier()
+    names = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+    digests: dict[str, str] = {}
+    for part in _gather({n: sha256(tmp / n) for n in _share(names)}):
+        digests.update(part)
+    if rank == 0:
+        state = {"iteration": iteration, **meta, "world_size": world, "skeletons": skeletons}
+        state["sha256"] = dict(sorted(digests.items()))
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        old = root / f".old-step-{iteration:06d}"  # a re-save of this iteration (a resumed run)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
+        latest_tmp = root / ".latest-tmp"
+        latest_tmp.write_text(final.name)
+        latest_tmp.replace(root / "latest")
+        for stale in sorted(root.glob("step-*"))[:-keep]:
+            shutil.rmtree(stale, ignore_errors=True)
+    _barrier()
     return final
 
 
@@ -142,32 +215,57 @@ def latest_checkpoint(run_dir: Path) -> Path:
     return path
 
 
-def load_newest_valid(run_dir: Path, log=print) -> tuple[Path, dict[str, Any], dict[str, Any]]:
-    """(path, state.json, parts) of the newest kept checkpoint that loads intact. A damaged
-    newer one (checksum, truncation, missing files) is passed over with a warning naming both,
-    so one bad write costs checkpoint_every iterations, not the run; DDRLError if none is valid."""
-    root = Path(run_dir) / "checkpoints"
-    found = sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True)
-    if not found:
-        raise DDRLError(f"no checkpoint in {run_dir} (no {root}/step-*)")
-    errors = []
-    for path in found:
-        try:
-            state, parts = load_checkpoint(path)
-        except DDRLError as e:
-            errors.append(str(e))
-            continue
-        if errors:
-            log(f"warning: checkpoint {found[0]} is damaged ({errors[0]}); resuming from {path}")
-        return path, state, parts
-    raise DDRLError(f"no valid checkpoint in {root}: {'; '.join(errors)}")
+def _is_legacy(state: dict) -> bool:
+    """Written before DCP: one <part>.safetensors per part, digests keyed by part."""
+    return "world_size" not in state
+
+
+def _files_of(state: dict) -> dict[str, str]:
+    """file (relative to the checkpoint) → its recorded SHA-256."""
+    if _is_legacy(state):
+        return {f"{k}.safetensors": v for k, v in state["sha256"].items()}
+    return dict(state["sha256"])
+
+
+def _check_files(path: Path, names: list[str], digests: dict[str, str]) -> str | None:
+    try:
+        for n in names:
+            if sha256(path / n) != digests[n]:
+                return f"checkpoint file {path / n} is damaged (SHA-256 mismatch)"
+    except OSError as e:
+        return f"corrupt or incompatible checkpoint {path}: {str(e).splitlines()[0]}"
+    return None
+
+
+def read_state(path: Path) -> dict:
+    try:
+        state = json.loads((Path(path) / "state.json").read_text())
+        _files_of(state), state["skeletons"], state["iteration"]  # noqa: B018 (complete?)
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DDRLError(f"corrupt or incompatible checkpoint {path}: {msg}") from e
+    return state
+
+
+def verify(path: Path) -> str | None:
+    """None if checkpoint ``path`` is whole, else why not. A collective: each rank hashes its
+    share of the files and every rank gets the same answer."""
+    try:
+        files = _files_of(read_state(path))
+        err = _check_files(Path(path), _share(sorted(files)), files)
+    except DDRLError as e:
+        err = str(e)
+    errors = [e for e in _gather(err) if e]
+    return errors[0] if errors else None
 
 
 def remove_orphans(run_dir: Path) -> list[Path]:
-    """Delete what a write killed midway left behind (.tmp-step-* folders, .latest-* files);
-    only one process writes a run's checkpoints, so none of them is in use. Returns them."""
+    """Delete what a write killed midway left behind (.tmp-step-*, .old-step-* folders,
+    .latest-* files); only one run writes a run's checkpoints, so none is in use."""
     root = Path(run_dir) / "checkpoints"
-    orphans = sorted([*root.glob(".tmp-step-*"), *root.glob(".latest-*")])
+    orphans = sorted(
+        [*root.glob(".tmp-step-*"), *root.glob(".old-step-*"), *root.glob(".latest-*")]
+    )
     for p in orphans:
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
@@ -176,21 +274,74 @@ def remove_orphans(run_dir: Path) -> list[Path]:
     return orphans
 
 
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoints, newest first (as rank 0 sees them, on every rank)."""
+    root = Path(run_dir) / "checkpoints"
+    found = sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True)
+    return [Path(p) for p in _gather([str(p) for p in found])[0]]
+
+
 def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(state.json, name → state dict) of a checkpoint, every file's SHA-256 verified."""
+    """(state.json, name → state dict of full CPU tensors) of a checkpoint, in one process
+    (export, evaluation); every file's SHA-256 verified. ``parts["rng"]``: rank 0's RNG."""
     path = Path(path)
+    state = read_state(path)
+    files = _files_of(state)
+    err = _check_files(path, sorted(files), files)
+    if err:
+        raise DDRLError(err)
     try:
-        state = json.loads((path / "state.json").read_text())
-        parts = {}
-        for name, skeleton in state["skeletons"].items():
-            file = path / f"{name}.safetensors"
-            if sha256(file) != state["sha256"][name]:
-                raise DDRLError(f"checkpoint file {file} is damaged (SHA-256 mismatch)")
-            parts[name] = join_tensors(load_file(file), skeleton)
-    except (OSError, json.JSONDecodeError, SafetensorError, KeyError) as e:
+        if _is_legacy(state):
+            parts = {
+                n: join_tensors(load_file(path / f"{n}.safetensors"), sk)
+                for n, sk in state["skeletons"].items()
+            }
+            return state, parts
+        md = dcp.FileSystemReader(path / "dcp").read_metadata().state_dict_metadata
+        tensors = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in md.items()}
+        with _single_process_ok():
+            dcp.load(tensors, checkpoint_id=path / "dcp", no_dist=True)
+        parts = {n: join_tensors(tensors, sk) for n, sk in state["skeletons"].items()}
+        rng = path / "rng-rank0.safetensors"
+        parts["rng"] = load_file(rng) if rng.is_file() else {}
+    except (OSError, SafetensorError, KeyError, AttributeError, RuntimeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DDRLError(f"corrupt or incompatible checkpoint {path}: {msg}") from e
     return state, parts
+
+
+def restore_into(path: Path, parts: dict[str, Any]) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+    """Load checkpoint ``path`` (verified) into the live state ``parts`` (name → state dict
+    whose tensors are the run's own: parameters, EMA shadow, optimizer state; DTensors under
+    FSDP2) in place, resharding for this world size. A collective. Returns (state.json, the
+    parts rebuilt with the saved non-tensor values, this rank's RNG tensors or {})."""
+    path, (rank, _) = Path(path), _rank_world()
+    state = read_state(path)
+    live: dict[str, torch.Tensor] = {}
+    for name, st in parts.items():
+        live.update(split_tensors(st, name)[0])
+    if _is_legacy(state):
+        raise DDRLError(
+            f"checkpoint {path} is in the format before sharded checkpoints (one safetensors "
+            "file per part): `ddrl eval` and `ddrl export` read it, training cannot resume it"
+        )
+    saved = set().union(*(_tensor_keys(state["skeletons"].get(n, {})) for n in parts))
+    if saved != set(live):
+        missing, extra = sorted(set(live) - saved), sorted(saved - set(live))
+        raise DDRLError(
+            f"checkpoint {path} does not match the model: missing {missing[:3]}, "
+            f"unexpected {extra[:3]}"
+        )
+    try:
+        with _single_process_ok():
+            dcp.load(live, checkpoint_id=path / "dcp", no_dist=_rank_world()[1] == 1)
+        file = path / f"rng-rank{rank}.safetensors"
+        rng = load_file(file) if file.is_file() else {}
+    except (RuntimeError, ValueError, SafetensorError, OSError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DDRLError(f"checkpoint {path} does not fit the model: {msg}") from e
+    rebuilt = {n: join_tensors(live, state["skeletons"][n]) for n in parts}
+    return state, rebuilt, rng
 
 
 def load_into(

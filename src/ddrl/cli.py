@@ -107,26 +107,74 @@ def cmd_train(args) -> None:
 
 
 def _train_config(args, out: Path):
-    """The run's config, after checking the folder (every rank checks, none writes yet)."""
-    from .config import load_config
+    """The run's config, after checking the folder (every rank checks, none writes yet).
+    ``--resume auto`` on a folder with no run yet starts it: one command line serves the first
+    launch and every restart after a preemption."""
     from .runlog import prepare_run_dir
 
+    if args.resume and "=" in args.resume:  # `--resume key=value`: an override, not a name
+        args.overrides, args.resume = [args.resume, *args.overrides], "auto"
     if args.resume:
         if args.overwrite:
             raise DDRLError(
                 "--resume continues the run in --out and --overwrite moves it aside; pick one"
             )
-        if args.config or args.preset:
-            raise DDRLError(
-                "--resume uses the run's own config.json; --config and --preset do not apply "
-                "(train.iterations=N may be changed)"
-            )
-        prepare_run_dir(out, resume=True, overwrite=False)  # only checks the folder
-        # Only the length of a run may change on resume.
-        return load_config(out / "config.json", args.overrides, ("train.iterations",), "--resume")
+        empty = not out.exists() or (out.is_dir() and not any(out.iterdir()))
+        if args.resume == "auto" and empty:
+            print(f"ddrl: no run in {out} yet; starting it", file=sys.stderr)
+            args.resume = None
+        else:
+            prepare_run_dir(out, resume=True, overwrite=False)  # only checks the folder
+            return _resume_config(args, out)
     cfg = _cfg(args)
     prepare_run_dir(out, resume=False, overwrite=args.overwrite, check_only=True)
     return cfg
+
+
+def _resume_config(args, out: Path):
+    """The run's own config.json; only train.iterations may change. A --config, --preset or
+    other override must resolve to what the run was started with (a restart script repeats
+    the first command), else a one-line error naming the first difference."""
+    from .config import load_config, to_dict
+
+    length = [o for o in args.overrides if o.split("=", 1)[0].strip() == "train.iterations"]
+    others = [o for o in args.overrides if o not in length]
+    saved = load_config(out / "config.json", length, ("train.iterations",), "--resume")
+    if args.config or args.preset or others:
+        given = _flat(to_dict(_cfg(args)))
+        had = _flat(to_dict(saved))
+        diff = [k for k in sorted(given) if k != "train.iterations" and given[k] != had.get(k)]
+        if diff:
+            k = diff[0]
+            raise DDRLError(
+                f"--resume may only change train.iterations; {out} has {k}={had.get(k)!r}, "
+                f"the command line gives {k}={given[k]!r}"
+            )
+    return saved
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _checkpoint_arg(spec: str, out: Path) -> Path | bool:
+    """``--resume``'s value: "auto" (the newest valid checkpoint: True for ``train``), or one
+    checkpoint: a folder, or a name in OUT/checkpoints (step-000040, or just 40)."""
+    if spec == "auto":
+        return True
+    root = out / "checkpoints"
+    for cand in (Path(spec), root / spec, root / f"step-{spec:0>6}"):
+        if (cand / "state.json").is_file():
+            return cand
+    have = sorted(p.name for p in root.glob("step-*")) if root.is_dir() else []
+    have_s = ", ".join(have) or "(none)"
+    raise DDRLError(f"--resume {spec}: no such checkpoint; allowed: auto, or one of {have_s}")
 
 
 def _train(cfg, args, out: Path) -> None:
@@ -143,8 +191,9 @@ def _train(cfg, args, out: Path) -> None:
     if not args.resume and is_main():
         prepare_run_dir(out, resume=False, overwrite=args.overwrite)
     barrier()
+    resume = _checkpoint_arg(args.resume, out) if args.resume else False
     with sigterm_requested() as stop:
-        row = train(cfg, out, resume=args.resume, stop=stop, components=c)
+        row = train(cfg, out, resume=resume, stop=stop, components=c)
     if is_main() and (row or not args.resume):  # a resume with nothing to do has said so
         print(train_summary(out, row))
 
@@ -366,7 +415,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="", help="output .safetensors (default: in the cache)")
     s = add("train", cmd_train, "train one run")
     s.add_argument("--out", required=True, help="run folder")
-    s.add_argument("--resume", action="store_true", help="continue the run in --out")
+    s.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="auto|CHECKPOINT",
+        help="continue the run in --out from its newest valid checkpoint (auto, the default; "
+        "starts the run if --out has none yet) or from the one named (step-000040, or a folder)",
+    )
     s.add_argument("--overwrite", action="store_true", help="move an existing --out aside")
     s = add("eval", cmd_eval, "evaluate a run (latest checkpoint, or --step) into eval.json")
     s.add_argument("run", help="run folder, or a saved model folder")

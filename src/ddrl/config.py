@@ -34,6 +34,7 @@ from .eval.evaluate import EvalConfig
 from .losses import loss_class
 from .losses.ddrl import DDRLConfig
 from .models import ModelConfig
+from .parallel import ParallelConfig
 from .pretrain import PretrainConfig
 from .rewards import GoldConfig, RewardConfig, parse_names, reward_factory
 from .rollout import SamplerConfig
@@ -75,6 +76,7 @@ class RunConfig:
     loss: Any = field(default_factory=DDRLConfig)  # the algorithm's own config (its Config)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def check(self) -> None:

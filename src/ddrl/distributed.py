@@ -39,8 +39,8 @@ def is_main() -> bool:
 @contextlib.contextmanager
 def process_group(device: str) -> Iterator[None]:
     """Join torchrun's process group (gloo on CPU, nccl on CUDA: one GPU per local rank) for the
-    duration; without torchrun, or with one process, do nothing."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+    duration (also a group of one: FSDP2 on one GPU needs it); without torchrun, do nothing."""
+    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ or dist.is_initialized():
         yield
         return
     backend = "gloo"
@@ -135,25 +135,6 @@ def reduce_metrics(m: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             dist.all_reduce(t, op=op)
             out.update(zip(keys, t.unbind(), strict=True))
     return out
-
-
-def sync_grads(params: list[torch.nn.Parameter]) -> None:
-    """Sum the gradients over ranks (one flat all-reduce). A parameter without a gradient on
-    some rank takes zeros there; one without a gradient on every rank keeps None."""
-    if world_size() == 1:
-        return
-    has = torch.tensor([float(p.grad is not None) for p in params], device=_device())
-    dist.all_reduce(has, op=dist.ReduceOp.MAX)
-    live = [p for p, h in zip(params, has.tolist(), strict=True) if h]
-    for p in live:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    if not live:
-        return
-    flat = torch.cat([p.grad.reshape(-1) for p in live])
-    dist.all_reduce(flat)
-    for p, g in zip(live, flat.split([p.numel() for p in live]), strict=True):
-        p.grad.copy_(g.view_as(p.grad))
 
 
 def _device() -> str:

@@ -25,10 +25,11 @@ class Reference(Protocol):
 
 
 class FrozenCopy:
-    """A deep copy of the denoiser taken before training starts, frozen and in eval mode."""
+    """A deep copy of the denoiser taken before training starts, frozen and in eval mode;
+    ``place``: lays it out like the policy (FSDP2 shards it, ``ddrl.parallel``)."""
 
-    def __init__(self, denoiser: nn.Module):
-        self.model = copy.deepcopy(denoiser).eval().requires_grad_(False)
+    def __init__(self, denoiser: nn.Module, place=lambda m: m):
+        self.model = place(copy.deepcopy(denoiser).eval().requires_grad_(False))
 
     @torch.no_grad()
     def velocity(self, x_t, t, cond, null, scale):
@@ -38,8 +39,8 @@ class FrozenCopy:
 class AdapterDisabled:
     """The LoRA denoiser with its peft adapters disabled for the call: the base model."""
 
-    def __init__(self, denoiser: nn.Module):
-        self.model = denoiser
+    def __init__(self, denoiser: nn.Module, place=None):
+        self.model = denoiser  # the policy itself: already laid out
 
     @torch.no_grad()
     def velocity(self, x_t, t, cond, null, scale):
@@ -63,9 +64,9 @@ def has_adapters(denoiser: nn.Module) -> bool:
 REFERENCES = {"auto": None, "frozen_copy": FrozenCopy, "adapter_disabled": AdapterDisabled}
 
 
-def make_reference(denoiser: nn.Module, kind: str = "auto") -> Reference:
+def make_reference(denoiser: nn.Module, kind: str = "auto", place=lambda m: m) -> Reference:
     """The reference (built before any update or resume): "auto" is AdapterDisabled under
-    LoRA, else a FrozenCopy."""
+    LoRA, else a FrozenCopy laid out by ``place``."""
     if kind == "auto":
         kind = "adapter_disabled" if has_adapters(denoiser) else "frozen_copy"
     if kind == "adapter_disabled" and not has_adapters(denoiser):
@@ -73,4 +74,4 @@ def make_reference(denoiser: nn.Module, kind: str = "auto") -> Reference:
             "loss.reference='adapter_disabled' needs model.finetune=lora; allowed here: "
             "auto, frozen_copy"
         )
-    return REFERENCES[kind](denoiser)
+    return REFERENCES[kind](denoiser, place)

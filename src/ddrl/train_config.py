@@ -51,6 +51,8 @@ class TrainConfig:
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda"
     tensorboard: bool = False  # also log scalars to <run>/tb (needs the tensorboard package)
     progress: bool = True  # tqdm progress bar on the terminal
+    sync_timing: bool = False  # synchronise the GPU around every timed phase (exact time_<phase>
+    # per phase, at the cost of the syncs; `ddrl bench` turns it on); CPU timings are exact
 
     def check(self) -> None:
         check_range("train.iterations", self.iterations, 0)

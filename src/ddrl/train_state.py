@@ -1,9 +1,13 @@
 """Everything a run needs to continue exactly, as stateful objects keyed by parameter name.
 
 Saved: the denoiser's trainable parameters, the EMA shadow, the optimizer state (by parameter
-name, through torch.distributed.checkpoint's state-dict helpers), the torch RNG state, the
-iteration, and the base model's fingerprint: a resumed run must start from the same base it
-was launched from, or it would silently continue a different model.
+name, through torch.distributed.checkpoint's state-dict helpers), every rank's torch (and
+CUDA) RNG state, the iteration, the samples seen, the world size and strategy, and the base
+model's fingerprint: a resumed run must start from the same base it was launched from, or it
+would silently continue a different model. The rest of the run's state is a function of the
+iteration and needs no saving: the learning-rate schedule (``ddrl.train``), the prompt sampler
+and every noise stream (generators keyed by (seed, iteration[, rank]), ``ddrl.rng``), and the
+reward normalisation (per-group statistics of the iteration's own rewards, no running state).
 """
 
 from __future__ import annotations
@@ -17,56 +21,133 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from .checkpoint import (
+    checkpoints,
     fingerprint,
-    load_checkpoint,
-    load_into,
-    load_newest_valid,
+    read_state,
     remove_orphans,
+    restore_into,
     save_checkpoint,
+    verify,
 )
 from .ema import EMA, trainable
 from .errors import DDRLError
 
 
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's default generators: CPU, and the current CUDA device's when there is one."""
+    out = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+class NoCheckpoint(DDRLError):
+    """The run has no checkpoint at all (not even a damaged one)."""
+
+
+def _world() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 class TrainState:
-    def __init__(self, run_dir: Path, denoiser, opt, ema: EMA | None, algorithm: str, log=print):
+    """Saves and restores one run's state; ``meta`` goes into state.json as well. Under FSDP2
+    the parameters, EMA shadow and optimizer state are this rank's shards (DTensors)."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        denoiser,
+        opt,
+        ema: EMA | None,
+        algorithm: str,
+        log=print,
+        base_fingerprint: str | None = None,
+        **meta,
+    ):
         self.run_dir, self.denoiser, self.opt, self.ema = Path(run_dir), denoiser, opt, ema
-        self.algorithm, self.log = algorithm, log
-        self.base_fingerprint = fingerprint(denoiser)  # taken before any update
+        self.algorithm, self.log, self.meta = algorithm, log, meta
+        # Of the base, before any update; pass it in when the denoiser is sharded already.
+        self.base_fingerprint = base_fingerprint or fingerprint(denoiser)
 
     def _remove_orphans(self) -> None:
-        for p in remove_orphans(self.run_dir):
-            self.log(f"removed {p}, left by a checkpoint write that was killed")
+        """Rank 0 deletes a killed write's leftovers while the others wait (a collective)."""
+        dist = torch.distributed
+        up = dist.is_available() and dist.is_initialized()
+        if not up or dist.get_rank() == 0:
+            for p in remove_orphans(self.run_dir):
+                self.log(f"removed {p}, left by a checkpoint write that was killed")
+        if up:
+            dist.barrier()
 
-    def save(self, iteration: int, keep: int) -> Path:
-        self._remove_orphans()
+    def _parts(self) -> dict:
         parts = {
             "model": {k: p.detach() for k, p in trainable(self.denoiser).items()},
             "optimizer": get_optimizer_state_dict(self.denoiser, self.opt),
-            "rng": {"torch": torch.get_rng_state()},
         }
         if self.ema is not None:
             parts["ema"] = self.ema.state_dict()
+        return parts
+
+    def save(self, iteration: int, keep: int, **extra) -> Path:
+        """Write checkpoint ``iteration`` (a collective: every rank calls it)."""
+        self._remove_orphans()
         meta = {"algorithm": self.algorithm, "base_fingerprint": self.base_fingerprint}
-        return save_checkpoint(self.run_dir, iteration, parts, meta, keep)
+        return save_checkpoint(
+            self.run_dir,
+            iteration,
+            self._parts(),
+            {**meta, **self.meta, **extra},
+            keep,
+            rng_state(),
+        )
 
     def restore(self, path: Path | None = None) -> int:
-        """Load the newest valid (or the given) checkpoint in place; returns its iteration."""
+        """Load the newest valid (or the given) checkpoint in place and say which; returns its
+        iteration. A damaged newer one is passed over with a warning. A collective."""
         self._remove_orphans()
-        if path is None:
-            path, meta, parts = load_newest_valid(self.run_dir, self.log)
+        found = [Path(path)] if path is not None else checkpoints(self.run_dir)
+        if not found:
+            raise NoCheckpoint(
+                f"no checkpoint in {self.run_dir} (no {self.run_dir}/checkpoints/step-*)"
+            )
+        errors = []
+        for cand in found:
+            err = verify(cand)
+            if err is None:
+                break
+            errors.append(err)
         else:
-            meta, parts = load_checkpoint(path)
+            raise DDRLError(f"no valid checkpoint in {self.run_dir}: {'; '.join(errors)}")
+        if errors:
+            self.log(
+                f"warning: checkpoint {found[0]} is damaged ({errors[0]}); resuming from {cand}"
+            )
+        meta, parts, rng = restore_into(cand, self._checked(cand))
+        set_optimizer_state_dict(self.denoiser, self.opt, parts["optimizer"])
+        if rng:  # none for a rank the writing run did not have (another world size)
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+        world, now = meta["world_size"], _world()
+        self.log(
+            f"resuming from {cand} (iteration {meta['iteration']}, written by {world} rank(s))"
+        )
+        if world != now:  # the noise streams are keyed by (seed, iteration[, rank]): unchanged
+            self.log(
+                f"note: continuing on {now} rank(s); the model, EMA and optimizer state were "
+                "resharded, and the trajectories' noise does not depend on the world size"
+            )
+        return int(meta["iteration"])
+
+    def _checked(self, path: Path) -> dict:
+        """The live state to load ``path`` into, once its base is known to be this run's."""
+        meta = read_state(path)
         if meta.get("base_fingerprint") != self.base_fingerprint:
             raise DDRLError(
                 f"checkpoint {path} was trained from base {meta.get('base_fingerprint')}, but the "
                 f"configured base is {self.base_fingerprint}; resume with the run's own base"
             )
-        load_into(trainable(self.denoiser), parts["model"], f"checkpoint {path}")
-        set_optimizer_state_dict(self.denoiser, self.opt, parts["optimizer"])
-        if self.ema is not None:
-            if "ema" not in parts:
-                raise DDRLError(f"checkpoint {path} has no EMA but optim.ema_decay > 0")
-            self.ema.load_state_dict(parts["ema"])
-        torch.set_rng_state(parts["rng"]["torch"])
-        return int(meta["iteration"])
+        if self.ema is not None and "ema" not in meta["skeletons"]:
+            raise DDRLError(f"checkpoint {path} has no EMA but optim.ema_decay > 0")
+        return self._parts()

@@ -20,6 +20,7 @@ from torch import Tensor
 from ..errors import check_choice, check_range
 from ..flow import flow_matching_loss, interpolate, sample_training_t
 from ..models import Cond, guided_velocity
+from ..phases import phase
 from ..sde import Step
 
 
@@ -70,6 +71,9 @@ class Loss(Protocol):
 
     def __call__(self, denoiser: torch.nn.Module, b: StepBatch) -> LossOut: ...
 
+    # Optional: ``active(b) -> bool``, False where ``__call__`` returns no term for ``b`` (no
+    # backward), so the loop knows which backward is the step's last and synchronises there.
+
 
 def clipped_policy_loss(
     logp: Tensor, logp_old: Tensor, adv: Tensor, clip: float
@@ -88,7 +92,8 @@ def policy_transition(denoiser, b: StepBatch, ctx: LossContext) -> Step:
 
 def policy_term(denoiser, b: StepBatch, ctx: LossContext, clip: float) -> tuple[Tensor, Step, dict]:
     """Clipped surrogate [B], the recomputed step, and ratio statistics [B]."""
-    step = policy_transition(denoiser, b, ctx)
+    with phase("policy"):
+        step = policy_transition(denoiser, b, ctx)
     per, ratio = clipped_policy_loss(step.log_prob, b.logp_old, b.advantages, clip)
     dev = (ratio.detach() - 1).abs()
     return per, step, {"ratio_dev": dev, "clipped": (dev > clip).float()}
@@ -129,5 +134,6 @@ def data_term(denoiser, b: StepBatch, cfg: DataTermConfig) -> Tensor:
         t = sample_training_t(n, b.generator).to(dev)
         noise = torch.randn(b.x0_data.shape, generator=b.generator).to(dev)
     cond = b.cond if b.data_cond is None else b.data_cond
-    v = denoiser.velocity(interpolate(b.x0_data, noise, t), t, cond)
-    return flow_matching_loss(v, b.x0_data, noise)
+    with phase("data"):
+        v = denoiser.velocity(interpolate(b.x0_data, noise, t), t, cond)
+        return flow_matching_loss(v, b.x0_data, noise)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..errors import check_choice, check_range
+from ..phases import phase
 from ..reference import REFERENCES
 from .base import LossOut, policy_term
 
@@ -53,7 +54,7 @@ class FlowGRPOLoss:
         pg, step, stats = policy_term(denoiser, b, self.ctx, self.cfg.clip_range)
         terms = {"policy": (pg, 1.0)}
         if self.ref is not None:
-            with torch.no_grad():
+            with torch.no_grad(), phase("reference"):
                 v_ref = self.ref.velocity(b.x_t, b.t, b.cond, b.null, self.ctx.cfg_scale)
                 ref = self.ctx.sde.step(b.x_t, v_ref, b.t, b.t_next, prev_sample=b.x_next)
             terms["kl"] = (flow_grpo_kl(step.mean, ref.mean, step.sigma), self.cfg.beta_kl)

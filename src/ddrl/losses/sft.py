@@ -26,6 +26,9 @@ class SFTLoss:
     def masks(self, b):
         return {"data": torch.ones_like(b.valid)}
 
+    def active(self, b):  # data_on_first_only: later steps have no term (and no backward)
+        return data_applies(self.cfg, b)
+
     def __call__(self, denoiser, b):
         if not data_applies(self.cfg, b):
             return LossOut({}, {})

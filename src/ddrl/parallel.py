@@ -1,0 +1,202 @@
+"""How the trained denoiser is spread over ranks: torch DDP or FSDP2, behind one small object.
+
+- ``none``: one process, the denoiser as it is.
+- ``ddp``: ``torch.nn.parallel.DistributedDataParallel`` around the denoiser's velocity
+  (bucketed all-reduce overlapped with the backward). Every rank keeps the whole model.
+- ``fsdp``: FSDP2 (``torch.distributed.fsdp.fully_shard``) on every transformer block (each
+  child of a ``*blocks`` ModuleList) and on the root, with a mixed-precision policy (bf16
+  compute on CUDA, float32 master weights and gradient reduction); ``velocity`` is registered
+  as an FSDP forward method so the root's parameters are gathered for it. The Flow-GRPO frozen
+  copy is sharded the same way; under LoRA the reference is the adapter-disabled base itself.
+
+Both reduce gradients by SUM, not the usual mean: each rank's loss is already its share of
+the whole iteration's mean (``ddrl.train.optimizer_step``), so the sum is the one-process
+gradient. Gradients are synchronised once per optimizer step: every backward but the step's
+last runs under ``no_sync`` (DDP) / ``set_requires_gradient_sync(False)`` (FSDP2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .errors import DDRLError, check_choice
+
+STRATEGIES = ("auto", "none", "ddp", "fsdp")
+PARAM_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class ParallelConfig:
+    """How the denoiser is spread over torchrun's ranks (one process: ignored)."""
+
+    strategy: str = "auto"  # auto | none | ddp | fsdp; auto: none for one process, else fsdp
+    # on CUDA and ddp on CPU (gloo)
+    param_dtype: str = "auto"  # FSDP2 compute dtype of the gathered weights: auto = bfloat16 on
+    # CUDA, float32 on CPU; master weights and gradient reduction stay float32
+    reshard_after_forward: bool = True  # FSDP2: free each block's gathered weights after its
+    # forward (ZeRO-3); false keeps them until the backward (fewer all-gathers, more memory)
+
+    def check(self) -> None:
+        check_choice("parallel.strategy", self.strategy, STRATEGIES)
+        check_choice("parallel.param_dtype", self.param_dtype, PARAM_DTYPES)
+
+
+def group_up() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def resolve_strategy(cfg: ParallelConfig, device: torch.device | str) -> str:
+    """The strategy this run uses (``auto`` decided); a one-line error when it cannot run."""
+    world = dist.get_world_size() if group_up() else 1
+    if cfg.strategy == "auto":
+        if world == 1:
+            return "none"
+        return "fsdp" if str(device).startswith("cuda") else "ddp"
+    if cfg.strategy != "none" and not group_up():
+        raise DDRLError(
+            f"parallel.strategy={cfg.strategy} needs torchrun (also for one GPU: torchrun "
+            "--standalone --nproc_per_node=1 -m ddrl train ...); allowed without it: auto, none"
+        )
+    return cfg.strategy
+
+
+def shard_units(module: nn.Module) -> list[nn.Module]:
+    """The transformer blocks: every child of a ModuleList whose name ends with "blocks"
+    (SD3/Cosmos ``transformer_blocks``, FLUX also ``single_transformer_blocks``, Wan ``blocks``)."""
+    units = []
+    for name, m in module.named_modules():
+        if isinstance(m, nn.ModuleList) and name.rsplit(".", 1)[-1].endswith("blocks"):
+            units.extend(m)
+    return units
+
+
+class _Velocity(nn.Module):
+    """DDP wraps ``forward``; the loop calls ``velocity``: this routes one to the other."""
+
+    def __init__(self, denoiser: nn.Module):
+        super().__init__()
+        self.inner = denoiser
+
+    def forward(self, x_t, t, cond):
+        return self.inner.velocity(x_t, t, cond)
+
+
+def _sum_hook(state, bucket):
+    fut = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])
+
+
+class DDPDenoiser:
+    """The denoiser whose ``velocity`` runs through torch DDP; everything else is the module's."""
+
+    def __init__(self, denoiser: nn.Module):
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.module = denoiser
+        self.ddp = DistributedDataParallel(_Velocity(denoiser), broadcast_buffers=False)
+        self.ddp.register_comm_hook(None, _sum_hook)
+
+    def velocity(self, x_t, t, cond):
+        return self.ddp(x_t, t, cond)
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+
+class Parallel:
+    """Wraps the denoiser for the loss (``wrap``), shards frozen copies (``frozen``), and
+    decides per backward whether gradients are synchronised (``sync``)."""
+
+    def __init__(self, cfg: ParallelConfig, device: torch.device | str):
+        self.cfg, self.device = cfg, torch.device(device)
+        self.strategy = resolve_strategy(cfg, device)
+        self.sharded = self.strategy == "fsdp"
+        self._wrapped = None
+
+    def _fsdp(self, module: nn.Module) -> nn.Module:
+        from torch.distributed.fsdp import (
+            MixedPrecisionPolicy,
+            fully_shard,
+            register_fsdp_forward_method,
+        )
+
+        dtype = PARAM_DTYPES[self.cfg.param_dtype]
+        if dtype is None:
+            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        kw = {"mp_policy": mp, "reshard_after_forward": self.cfg.reshard_after_forward}
+        for unit in shard_units(module):
+            fully_shard(unit, **kw)
+        fully_shard(module, **kw)
+        register_fsdp_forward_method(module, "velocity")
+        return module
+
+    def frozen(self, module: nn.Module) -> nn.Module:
+        """A frozen copy (the Flow-GRPO reference) laid out like the policy."""
+        return self._fsdp(module) if self.sharded else module
+
+    def wrap(self, denoiser: nn.Module):
+        """What the loss calls ``velocity`` on. FSDP2 shards ``denoiser`` in place (build the
+        optimizer after this: its parameters become DTensors)."""
+        if self.strategy == "ddp":
+            self._wrapped = DDPDenoiser(denoiser)
+        elif self.sharded:
+            self._wrapped = self._fsdp(denoiser)
+            from torch.distributed.fsdp import FSDPModule
+
+            for m in denoiser.modules():  # per FSDP unit: these setters do not recurse
+                if isinstance(m, FSDPModule):
+                    m.set_gradient_divide_factor(1.0)  # sum (see the module docstring)
+                    m.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
+        else:
+            self._wrapped = denoiser
+        return self._wrapped
+
+    @contextlib.contextmanager
+    def sync(self, now: bool):
+        """Gradients of the backward in this block are reduced across ranks only if ``now``."""
+        if self.strategy == "ddp" and not now:
+            with self._wrapped.ddp.no_sync():
+                yield
+            return
+        if self.sharded:
+            self._wrapped.set_requires_gradient_sync(now)
+        yield
+
+    def full_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """Every parameter and buffer of a sharded module as full CPU tensors on rank 0 ({} on
+        the others); a collective. Unsharded: the module's own state dict."""
+        if not self.sharded:
+            return module.state_dict()
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(module, options=opts)
+
+    @staticmethod
+    def unshard_into(module: nn.Module, full: dict[str, torch.Tensor]) -> None:
+        """Replace a sharded module's DTensor parameters by plain ones holding ``full`` (rank 0,
+        at the end of a run: the generator then saves like an unsharded one)."""
+        for name, value in full.items():
+            owner_name, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            if leaf in owner._parameters:
+                old = owner._parameters[leaf]
+                owner._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad)
+            elif leaf in owner._buffers:
+                owner._buffers[leaf] = value
+            else:
+                raise DDRLError(f"cannot place {name} back into the model")
+
+
+def grad_norm_value(norm: torch.Tensor) -> torch.Tensor:
+    """clip_grad_norm_'s result as a plain tensor (a DTensor under FSDP2)."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
