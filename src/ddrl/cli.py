@@ -198,6 +198,25 @@ def _train(cfg, args, out: Path) -> None:
         print(train_summary(out, row))
 
 
+def cmd_bench(args) -> None:
+    """Time each phase of an iteration against the backbone's own compute (``ddrl.bench``)."""
+    from .bench import QUICK, format_table, run_bench, write_json
+
+    algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+    if not algorithms:
+        raise DDRLError(f"--algorithms {args.algorithms!r} names none; e.g. ddrl,flow_grpo")
+    preset = [f"preset={args.preset}"] if args.preset else []
+    overrides = [*preset, *(QUICK if args.quick else []), *args.overrides]
+    iterations, warmup = (1, 1) if args.quick else (args.iterations, args.warmup)
+    report = run_bench(
+        algorithms, args.config, overrides, iterations, warmup, args.reps, args.peak_tflops
+    )
+    print(format_table(report))
+    if args.json:
+        write_json(report, args.json)
+        print(f"json: {args.json}")
+
+
 def cmd_presets(args) -> None:
     from .config import preset_descriptions
 
@@ -425,6 +444,16 @@ def build_parser() -> argparse.ArgumentParser:
         "starts the run if --out has none yet) or from the one named (step-000040, or a folder)",
     )
     s.add_argument("--overwrite", action="store_true", help="move an existing --out aside")
+    s = add("bench", cmd_bench, "time each phase of an iteration against the model's compute")
+    s.add_argument(
+        "--algorithms", default="ddrl,flow_grpo,dance_grpo,grpo,sft", help="comma-separated"
+    )
+    s.add_argument("--iterations", type=int, default=3, help="timed iterations per algorithm")
+    s.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
+    s.add_argument("--reps", type=int, default=3, help="repetitions of each bare-model pass")
+    s.add_argument("--quick", action="store_true", help="toy sizes, 1 + 1 iterations (seconds)")
+    s.add_argument("--json", default="", help="also write the figures to this JSON file")
+    s.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU")
     s = add("eval", cmd_eval, "evaluate a run (latest checkpoint, or --step) into eval.json")
     s.add_argument("run", help="run folder, or a saved model folder")
     s.add_argument("--step", type=int, default=None, help="checkpoint iteration")
