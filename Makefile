@@ -40,8 +40,10 @@ compare: $(STAMP)  ## the full reward-hacking comparison (ink + classifier, ~25-
 long: $(STAMP)  ## slow: DDRL vs Flow-GRPO for 200 iterations, 2 rewards x 2 seeds (~70 min on 2 cores)
 	$(VENV)/bin/ddrl long --out runs/long --overwrite
 
-bench: $(STAMP)  ## speed figures (see docs/BENCHMARKS.md)
-	$(PY) benchmarks/bench.py
+bench: $(STAMP)  ## phase times vs the model's own compute, every algorithm (see docs/BENCHMARKS.md)
+	mkdir -p runs
+	$(VENV)/bin/ddrl bench --json runs/bench-digits.json
+	$(VENV)/bin/ddrl bench --preset tiny-sd3 --algorithms ddrl,flow_grpo --json runs/bench-tiny-sd3.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -500,7 +500,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
-    torch.set_num_threads(int(os.environ.get("DDRL_THREADS", torch.get_num_threads())))
+    if argv is None:  # the command line (not a caller's in-process main([...]))
+        from .threads import default_threads
+
+        threads, why = default_threads()
+        if threads != torch.get_num_threads():
+            print(f"ddrl: {threads} CPU thread(s) ({why})", file=sys.stderr)
+        torch.set_num_threads(threads)
+    elif os.environ.get("DDRL_THREADS"):
+        torch.set_num_threads(int(os.environ["DDRL_THREADS"]))
     t0 = time.time()
     try:
         args.fn(args)
