@@ -218,8 +218,10 @@ def train(
                     g_shared,
                     tc.skip_last_step,
                 )[rows].to(dev)
+                # Drawn after every earlier use of the shared stream, which it leaves as it was.
+                plan = int(torch.randint(2**31 - 1, (1,), generator=g_shared))
                 batches = list(
-                    iter_step_batches(ro, adv, valid, x0_data, steps, micro, g_own, data_cond)
+                    iter_step_batches(ro, adv, valid, x0_data, steps, micro, g_own, data_cond, plan)
                 )
             lr = o.lr * min(1.0, (it + 1) / max(o.warmup, 1))
             for group in opt.param_groups:

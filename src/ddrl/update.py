@@ -50,10 +50,12 @@ def iter_step_batches(
     micro: int,
     g: torch.Generator,
     data_cond: Cond | None = None,
+    plan: int = 0,
 ) -> Iterator[StepBatch]:
     """One StepBatch per (trained-step position j, micro-batch); steps [B, n] from
     ``select_timesteps`` (per-sample step indices); ``data_cond``: the data items' own
-    condition (batch B) when it is not the trajectories' (unpaired caption data)."""
+    condition (batch B) when it is not the trajectories' (unpaired caption data); ``plan``:
+    the iteration's shared seed for per-step choices of the losses."""
     b_total = adv.shape[0]
     for j in range(steps.shape[1]):
         for idx in torch.arange(b_total).split(micro):
@@ -74,6 +76,9 @@ def iter_step_batches(
                 noise0=ro.states[0, dev_idx],
                 first=j == 0,
                 generator=g,
+                position=j,
+                positions=steps.shape[1],
+                plan=plan,
             )
 
 

@@ -17,8 +17,6 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from ..errors import check_choice, check_range
-from ..flow import flow_matching_loss, interpolate, sample_training_t
 from ..models import Cond, guided_velocity
 from ..phases import phase
 from ..sde import Step
@@ -42,6 +40,9 @@ class StepBatch:
     first: bool  # this is the first trained timestep of the iteration
     generator: torch.Generator  # for "random" data timesteps
     data_cond: Cond | None = None  # the data items' own condition; None = ``cond`` (paired)
+    position: int = 0  # which of the iteration's trained steps this is (0 = first)
+    positions: int = 1  # trained steps per trajectory this iteration
+    plan: int = 0  # the iteration's shared seed for per-step choices (same on every rank)
 
 
 @dataclass
@@ -97,43 +98,3 @@ def policy_term(denoiser, b: StepBatch, ctx: LossContext, clip: float) -> tuple[
     per, ratio = clipped_policy_loss(step.log_prob, b.logp_old, b.advantages, clip)
     dev = (ratio.detach() - 1).abs()
     return per, step, {"ratio_dev": dev, "clipped": (dev > clip).float()}
-
-
-@dataclass
-class DataTermConfig:
-    """The flow-matching loss on data (DDRL's forward KL, SFT)."""
-
-    data_beta: float = 0.1  # weight of the flow-matching loss on data (forward KL to p̃_data)
-    data_t: str = "rollout"  # "rollout": the rollout's t and initial noise (release
-    # use_rl_sigma_and_noise); "random": logit-normal t and fresh noise
-    data_on_first_only: bool = False  # computed at the first trained timestep only, still
-    # averaged over items × trained timesteps like the release (so weighted data_beta / n)
-
-    def check(self) -> None:
-        check_range("loss.data_beta", self.data_beta, 0.0)
-        check_choice("loss.data_t", self.data_t, ("rollout", "random"))
-
-
-def data_applies(cfg: DataTermConfig, b: StepBatch) -> bool:
-    """Whether the data term is computed for this batch. Its mask is every sample at every
-    trained step either way: with ``data_on_first_only`` the other steps contribute 0 to the
-    same denominator, which is what the release's per-timestep normalisation does."""
-    return b.first or not cfg.data_on_first_only
-
-
-def data_term(denoiser, b: StepBatch, cfg: DataTermConfig) -> Tensor:
-    """Flow matching on paired data [B]: x_t = (1−t)·x0 + t·ε, ‖v_θ(x_t, t, c) − (ε − x0)‖².
-
-    ``data_t="rollout"`` uses the rollout's own t and initial noise; ``"random"`` draws
-    t ~ logit-normal and fresh ε. The data term is conditional (no CFG), like pretraining.
-    """
-    if cfg.data_t == "rollout":
-        t, noise = b.t, b.noise0
-    else:
-        n, dev = b.x0_data.shape[0], b.x0_data.device
-        t = sample_training_t(n, b.generator).to(dev)
-        noise = torch.randn(b.x0_data.shape, generator=b.generator).to(dev)
-    cond = b.cond if b.data_cond is None else b.data_cond
-    with phase("data"):
-        v = denoiser.velocity(interpolate(b.x0_data, noise, t), t, cond)
-        return flow_matching_loss(v, b.x0_data, noise)

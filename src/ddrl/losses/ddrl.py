@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from ..errors import check_range
-from .base import DataTermConfig, LossOut, data_applies, data_term, policy_term
+from .base import LossOut, policy_term
+from .data import DataTermConfig, data_applies, data_mask, data_term, policy_and_data
 
 
 @dataclass
@@ -34,11 +33,16 @@ class DDRLLoss:
         self.cfg, self.ctx = cfg, ctx
 
     def masks(self, b):
-        return {"policy": b.valid, "data": torch.ones_like(b.valid)}
+        return {"policy": b.valid, "data": data_mask(self.cfg, b)}
 
     def __call__(self, denoiser, b):
-        pg, _, stats = policy_term(denoiser, b, self.ctx, self.cfg.clip_range)
+        c = self.cfg
+        with_data = c.data_beta > 0 and data_applies(c, b)
+        if with_data and c.data_batched:
+            pg, _, stats, fm = policy_and_data(denoiser, b, self.ctx, c, c.clip_range)
+            return LossOut({"policy": (pg, 1.0), "data": (fm, c.data_beta)}, stats)
+        pg, _, stats = policy_term(denoiser, b, self.ctx, c.clip_range)
         terms = {"policy": (pg, 1.0)}
-        if self.cfg.data_beta > 0 and data_applies(self.cfg, b):
-            terms["data"] = (data_term(denoiser, b, self.cfg), self.cfg.data_beta)
+        if with_data:
+            terms["data"] = (data_term(denoiser, b, c), c.data_beta)
         return LossOut(terms, stats)

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from .base import DataTermConfig, LossOut, data_applies, data_term
+from .base import LossOut
+from .data import DataTermConfig, data_applies, data_mask, data_term
 
 
 @dataclass
@@ -24,7 +23,7 @@ class SFTLoss:
         self.cfg = cfg
 
     def masks(self, b):
-        return {"data": torch.ones_like(b.valid)}
+        return {"data": data_mask(self.cfg, b)}
 
     def active(self, b):  # data_on_first_only: later steps have no term (and no backward)
         return data_applies(self.cfg, b)

@@ -1,0 +1,118 @@
+"""The flow-matching loss on data (DDRL's forward KL, SFT) and the ways to compute it.
+
+The release (cosmos-rl) computes it at every trained timestep, paired with the rollout's own t
+and initial noise. Cheaper options that keep its meaning (costs and results: docs/DECISIONS.md):
+- ``data_on_first_only``: once per item, at the first trained step (weighted data_beta / n);
+- ``data_steps`` < 1: on a random subset of the trained steps, the same on every rank, averaged
+  over the chosen steps only: an unbiased estimate of the release's per-step average;
+- ``data_batched``: in the same forward as the policy term (one larger batch; the same numbers
+  to float rounding), which is cheaper per sample where a larger batch is (GPUs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..errors import DDRLError, check_choice, check_range
+from ..flow import flow_matching_loss, interpolate, sample_training_t
+from ..models import Cond
+from ..phases import phase
+from .base import LossContext, StepBatch, clipped_policy_loss
+
+
+@dataclass
+class DataTermConfig:
+    """The flow-matching loss on data (DDRL's forward KL, SFT)."""
+
+    data_beta: float = 0.1  # weight of the flow-matching loss on data (forward KL to p̃_data)
+    data_t: str = "rollout"  # "rollout": the rollout's t and initial noise (release
+    # use_rl_sigma_and_noise); "random": logit-normal t and fresh noise
+    data_on_first_only: bool = False  # computed at the first trained timestep only, still
+    # averaged over items × trained timesteps like the release (so weighted data_beta / n)
+    data_steps: float = 1.0  # fraction of the trained steps with the data term: a random subset
+    # per iteration, averaged over the chosen steps (unbiased); 1 = every step (release)
+    data_batched: bool = False  # data term and policy term in one forward (same numbers)
+
+    def check(self) -> None:
+        check_range("loss.data_beta", self.data_beta, 0.0)
+        check_choice("loss.data_t", self.data_t, ("rollout", "random"))
+        check_range("loss.data_steps", self.data_steps, 1e-6, 1.0)
+        if self.data_on_first_only and self.data_steps < 1:
+            raise DDRLError(
+                "loss.data_on_first_only and loss.data_steps < 1 both thin out the data term; "
+                "allowed: one of them"
+            )
+
+
+def chosen_positions(cfg: DataTermConfig, b: StepBatch) -> Tensor:
+    """The trained-step positions [k] that carry the data term this iteration: k =
+    max(1, round(data_steps · n)) of the n positions, drawn from the iteration's shared plan
+    seed (the same on every rank)."""
+    n = b.positions
+    k = max(1, round(cfg.data_steps * n))
+    g = torch.Generator().manual_seed(b.plan)
+    return torch.randperm(n, generator=g)[:k]
+
+
+def data_applies(cfg: DataTermConfig, b: StepBatch) -> bool:
+    """Whether the data term is computed for this batch."""
+    if cfg.data_on_first_only:
+        return b.first
+    if cfg.data_steps < 1:
+        return bool((chosen_positions(cfg, b) == b.position).any())
+    return True
+
+
+def data_mask(cfg: DataTermConfig, b: StepBatch) -> Tensor:
+    """Samples [B] the data term is averaged over. Every sample at every trained step (with
+    ``data_on_first_only`` the other steps contribute 0 to that denominator, as the release's
+    per-timestep normalisation does); with ``data_steps`` < 1, the chosen steps only."""
+    on = not (cfg.data_steps < 1) or data_applies(cfg, b)
+    return torch.full_like(b.valid, on)
+
+
+def data_inputs(b: StepBatch, cfg: DataTermConfig) -> tuple[Tensor, Tensor, Tensor, Cond]:
+    """(x_t [B, ...], t [B], ε [B, ...], condition) of the data term: x_t = (1−t)·x0 + t·ε with
+    the rollout's t and initial noise (``data_t="rollout"``) or logit-normal t and fresh ε."""
+    if cfg.data_t == "rollout":
+        t, noise = b.t, b.noise0
+    else:
+        n, dev = b.x0_data.shape[0], b.x0_data.device
+        t = sample_training_t(n, b.generator).to(dev)
+        noise = torch.randn(b.x0_data.shape, generator=b.generator).to(dev)
+    cond = b.cond if b.data_cond is None else b.data_cond
+    return interpolate(b.x0_data, noise, t), t, noise, cond
+
+
+def data_term(denoiser, b: StepBatch, cfg: DataTermConfig) -> Tensor:
+    """Flow matching on paired data [B]: ‖v_θ(x_t, t, c) − (ε − x0)‖² (conditional, no CFG,
+    like pretraining)."""
+    x_t, t, noise, cond = data_inputs(b, cfg)
+    with phase("data"):
+        return flow_matching_loss(denoiser.velocity(x_t, t, cond), b.x0_data, noise)
+
+
+def policy_and_data(denoiser, b: StepBatch, ctx: LossContext, cfg: DataTermConfig, clip: float):
+    """``policy_term`` and ``data_term`` from one forward over [policy (cond, null), data]:
+    (clipped surrogate [B], recomputed step, ratio statistics, data loss [B])."""
+    x_d, t_d, noise, cond_d = data_inputs(b, cfg)
+    guided = ctx.cfg_scale != 1.0 and b.null is not None
+    xs = [b.x_t, b.x_t, x_d] if guided else [b.x_t, x_d]
+    ts = [b.t, b.t, t_d] if guided else [b.t, t_d]
+    cond = b.cond.cat(b.null).cat(cond_d) if guided else b.cond.cat(cond_d)
+    n = b.x_t.shape[0]
+    with phase("policy"):
+        v = denoiser.velocity(torch.cat(xs), torch.cat(ts), cond)
+        if guided:  # as flow_grpo: the unconditional branch carries no gradient
+            v_c, v_u = v[:n], v[n : 2 * n].detach()
+            v_pol = v_u + ctx.cfg_scale * (v_c - v_u)
+        else:
+            v_pol = v[:n]
+        step = ctx.sde.step(b.x_t, v_pol, b.t, b.t_next, prev_sample=b.x_next)
+    per, ratio = clipped_policy_loss(step.log_prob, b.logp_old, b.advantages, clip)
+    dev = (ratio.detach() - 1).abs()
+    stats = {"ratio_dev": dev, "clipped": (dev > clip).float()}
+    return per, step, stats, flow_matching_loss(v[-x_d.shape[0] :], b.x0_data, noise)

@@ -1,0 +1,66 @@
+"""DDRL's data-term options (``ddrl.losses.data``): one forward with the policy term gives the
+same terms and gradients; a subset of the trained steps is chosen the same way on every rank
+and makes exactly the recorded backbone calls; a mask averages over the chosen steps only."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from test_advantages_losses import _batch, _ctx
+
+from ddrl.cli import main
+from ddrl.errors import DDRLError
+from ddrl.losses.data import chosen_positions, data_mask
+from ddrl.losses.ddrl import DDRLConfig, DDRLLoss
+
+
+@pytest.mark.parametrize("null", [False, True], ids=["no-cfg", "cfg-4.5"])
+def test_batched_data_term_equals_two_forwards(tiny_digits, null):
+    tiny_digits.conditioner.requires_grad_(False)  # frozen, as in training
+    b = _batch(tiny_digits, prompts=[str(i % 10) for i in range(6)], null=null)
+    ctx = _ctx(cfg_scale=4.5 if null else 1.0)
+    out, grads = {}, {}
+    for batched in (False, True):
+        tiny_digits.denoiser.zero_grad(set_to_none=True)
+        loss = DDRLLoss(DDRLConfig(data_batched=batched), ctx)
+        o = loss(tiny_digits.denoiser, b)
+        sum(v.sum() * c for v, c in o.terms.values()).backward()
+        out[batched] = {k: v.detach() for k, (v, _) in o.terms.items()}
+        grads[batched] = {n: p.grad.clone() for n, p in tiny_digits.denoiser.named_parameters()}
+    for k in ("policy", "data"):
+        torch.testing.assert_close(out[True][k], out[False][k], rtol=1e-5, atol=1e-6)
+    for n, g in grads[False].items():
+        torch.testing.assert_close(grads[True][n], g, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_data_steps_subset_is_shared_and_averaged_over_itself(tiny_digits):
+    b = _batch(tiny_digits, prompts=["3"] * 6)
+    cfg = DDRLConfig(data_steps=0.5)
+    at = lambda j, plan=7: dataclasses.replace(b, position=j, positions=4, plan=plan)  # noqa: E731
+    chosen = chosen_positions(cfg, at(0))
+    assert len(chosen) == 2 and torch.equal(chosen, chosen_positions(cfg, at(3)))  # per plan
+    masks = [data_mask(cfg, at(j)) for j in range(4)]
+    assert [bool(m.all()) for m in masks] == [j in chosen.tolist() for j in range(4)]
+    assert sum(int(m.sum()) for m in masks) == 2 * b.valid.numel()  # denominator: chosen only
+    plans = {tuple(sorted(chosen_positions(cfg, at(0, p)).tolist())) for p in range(20)}
+    assert len(plans) > 1  # the subset changes from iteration to iteration
+    with pytest.raises(DDRLError, match="one of them"):
+        DDRLConfig(data_steps=0.5, data_on_first_only=True).check()
+
+
+def _calls(tmp_path, capsys, *overrides):
+    out = tmp_path / "b.json"
+    argv = ["bench", "--quick", "--algorithms", "ddrl", "--json", str(out), *overrides]
+    assert main(argv) == 0, capsys.readouterr().err
+    (r,) = json.loads(out.read_text())["results"]
+    return sorted((p["batch_shape"][0], p["grad"], p["calls"]) for p in r["passes"])
+
+
+def test_data_options_make_the_expected_backbone_calls(tmp_path, capsys):
+    """--quick: 8 trajectories, 4 steps all trained; rollout = 4 forwards at batch 8."""
+    roll = (8, False, 4.0)
+    assert _calls(tmp_path, capsys) == [roll, (8, True, 8.0)]  # 4 policy + 4 data
+    assert _calls(tmp_path, capsys, "loss.data_steps=0.5") == [roll, (8, True, 6.0)]
+    assert _calls(tmp_path, capsys, "loss.data_on_first_only=true") == [roll, (8, True, 5.0)]
+    assert _calls(tmp_path, capsys, "loss.data_batched=true") == [roll, (16, True, 4.0)]
