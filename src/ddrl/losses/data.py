@@ -31,7 +31,8 @@ class DataTermConfig:
     data_t: str = "rollout"  # "rollout": the rollout's t and initial noise (release
     # use_rl_sigma_and_noise); "random": logit-normal t and fresh noise
     data_on_first_only: bool = False  # computed at the first trained timestep only, still
-    # averaged over items × trained timesteps like the release (so weighted data_beta / n)
+    # averaged over items × trained timesteps like the release (so weighted data_beta / n; on
+    # digits at data_beta 0.1 this no longer prevents hacking: docs/DECISIONS.md)
     data_steps: float = 1.0  # fraction of the trained steps with the data term: a random subset
     # per iteration, averaged over the chosen steps (unbiased); 1 = every step (release)
     data_batched: bool = False  # data term and policy term in one forward (same numbers)

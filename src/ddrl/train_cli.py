@@ -1,0 +1,165 @@
+"""``ddrl train``: the run's config from the command line or its own folder, resume, data
+parallel under torchrun, SIGTERM handling and the closing summary."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from .errors import DDRLError
+
+
+def _cfg(args, extra: list[str] = ()):
+    from .config import build_config
+
+    preset = [f"preset={args.preset}"] if getattr(args, "preset", "") else []
+    return build_config(args.config, preset + list(extra) + list(args.overrides))
+
+
+@contextlib.contextmanager
+def sigterm_requested():
+    """While inside, SIGTERM (what schedulers send before preemption) only sets the yielded
+    event, so training can finish and checkpoint the iteration in progress."""
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():  # signals: main thread only
+        yield event
+        return
+    old = signal.signal(signal.SIGTERM, lambda signum, frame: event.set())
+    try:
+        yield event
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _num(v) -> str:
+    return "nan" if v is None else f"{v:.4g}"  # None: a non-finite value logged as null
+
+
+def train_summary(run: Path, row: dict) -> str:
+    """A few lines for a person: final reward, last gold accuracy, where the outputs are."""
+    from .runlog import read_jsonl
+
+    lines = [f"trained {run} to iteration {row.get('iteration', 0)}"]
+    if row:
+        lines.append(
+            f"reward mean (last iteration): {_num(row['reward_mean'])} "
+            f"(std {_num(row['reward_std'])})"
+        )
+    evals = [r for r in read_jsonl(run / "eval.jsonl") if "gold_accuracy" in r]
+    if evals:
+        lines.append(
+            f"gold accuracy (last evaluation, iteration {evals[-1]['iteration']}): "
+            f"{_num(evals[-1]['gold_accuracy'])}"
+        )
+    lines += [f"model:   {run / 'final'}", f"metrics: {run / 'metrics.jsonl'}"]
+    if (run / "samples_final.png").is_file():
+        lines.append(f"samples: {run / 'samples_final.png'}")
+    return "\n".join(lines)
+
+
+def cmd_train(args) -> None:
+    """Under ``torchrun`` every rank runs this (data parallel, ``ddrl.distributed``): each reads
+    the same config; rank 0 builds the components first (it may fill the cache) and alone
+    writes the run folder."""
+    from .components import device_of
+    from .distributed import process_group
+
+    out = Path(args.out)
+    cfg = _train_config(args, out)
+    with process_group(device_of(cfg)):  # device_of: e.g. no CUDA, before an old run moves
+        _train(cfg, args, out)
+
+
+def _train_config(args, out: Path):
+    """The run's config, after checking the folder (every rank checks, none writes yet).
+    ``--resume auto`` on a folder with no run yet starts it: one command line serves the first
+    launch and every restart after a preemption."""
+    from .runlog import prepare_run_dir
+
+    if args.resume and "=" in args.resume:  # `--resume key=value`: an override, not a name
+        args.overrides, args.resume = [args.resume, *args.overrides], "auto"
+    if args.resume:
+        if args.overwrite:
+            raise DDRLError(
+                "--resume continues the run in --out and --overwrite moves it aside; pick one"
+            )
+        empty = not out.exists() or (out.is_dir() and not any(out.iterdir()))
+        if args.resume == "auto" and empty:
+            print(f"ddrl: no run in {out} yet; starting it", file=sys.stderr)
+            args.resume = None
+        else:
+            prepare_run_dir(out, resume=True, overwrite=False)  # only checks the folder
+            return _resume_config(args, out)
+    cfg = _cfg(args)
+    prepare_run_dir(out, resume=False, overwrite=args.overwrite, check_only=True)
+    return cfg
+
+
+def _resume_config(args, out: Path):
+    """The run's own config.json; only train.iterations may change. A --config, --preset or
+    other override must resolve to what the run was started with (a restart script repeats
+    the first command), else a one-line error naming the first difference."""
+    from .config import load_config, to_dict
+
+    length = [o for o in args.overrides if o.split("=", 1)[0].strip() == "train.iterations"]
+    others = [o for o in args.overrides if o not in length]
+    saved = load_config(out / "config.json", length, ("train.iterations",), "--resume")
+    if args.config or args.preset or others:
+        given = _flat(to_dict(_cfg(args)))
+        had = _flat(to_dict(saved))
+        diff = [k for k in sorted(given) if k != "train.iterations" and given[k] != had.get(k)]
+        if diff:
+            k = diff[0]
+            raise DDRLError(
+                f"--resume may only change train.iterations; {out} has {k}={had.get(k)!r}, "
+                f"the command line gives {k}={given[k]!r}"
+            )
+    return saved
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _checkpoint_arg(spec: str, out: Path) -> Path | bool:
+    """``--resume``'s value: "auto" (the newest valid checkpoint: True for ``train``), or one
+    checkpoint: a folder, or a name in OUT/checkpoints (step-000040, or just 40)."""
+    if spec == "auto":
+        return True
+    root = out / "checkpoints"
+    for cand in (Path(spec), root / spec, root / f"step-{spec:0>6}"):
+        if (cand / "state.json").is_file():
+            return cand
+    have = sorted(p.name for p in root.glob("step-*")) if root.is_dir() else []
+    have_s = ", ".join(have) or "(none)"
+    raise DDRLError(f"--resume {spec}: no such checkpoint; allowed: auto, or one of {have_s}")
+
+
+def _train(cfg, args, out: Path) -> None:
+    from .components import build_components
+    from .distributed import barrier, batch_slice, is_main, main_first
+    from .runlog import prepare_run_dir
+    from .train import train
+
+    batch_slice(cfg.train.prompts_per_iter * cfg.train.group_size)  # splits over the ranks?
+    # Base, data and reward (a plugin's kind of output) are built, or fail, before the run
+    # folder is created or an old one is moved aside.
+    with main_first():
+        c = build_components(cfg)
+    if not args.resume and is_main():
+        prepare_run_dir(out, resume=False, overwrite=args.overwrite)
+    barrier()
+    resume = _checkpoint_arg(args.resume, out) if args.resume else False
+    with sigterm_requested() as stop:
+        row = train(cfg, out, resume=resume, stop=stop, components=c)
+    if is_main() and (row or not args.resume):  # a resume with nothing to do has said so
+        print(train_summary(out, row))
