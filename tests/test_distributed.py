@@ -257,7 +257,7 @@ TINY_SD3 = [
     "extra",
     [
         ["model.finetune=lora"],  # DDRL, LoRA on every block; the data term on synthetic data
-        ["model.finetune=full", "algorithm=flow_grpo"],  # the frozen reference sharded too
+        ["model.finetune=full", "algorithm=flow_grpo", "optim.ema_decay=0.9"],  # frozen ref + EMA
     ],
     ids=["lora-ddrl", "full-flow_grpo"],
 )

@@ -179,7 +179,17 @@ class Parallel:
         )
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(module, options=opts)
+        full = get_model_state_dict(module, options=opts)
+        # One CPU rank: the "full" tensor is the shard itself. Copy those, or a later change
+        # of the parameters (leaving the EMA weights' context) would show through.
+        live = {
+            p.to_local().untyped_storage().data_ptr()
+            for p in module.parameters()
+            if hasattr(p, "to_local")
+        }
+        return {
+            k: v.clone() if v.untyped_storage().data_ptr() in live else v for k, v in full.items()
+        }
 
     @staticmethod
     def unshard_into(module: nn.Module, full: dict[str, torch.Tensor]) -> None:

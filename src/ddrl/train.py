@@ -93,6 +93,14 @@ def train(
         lambda kind: make_reference(denoiser, kind, par.frozen),
     )
     loss_fn = build_loss(cfg.algorithm, cfg.loss, ctx)  # before resume: the reference is the base
+    if cfg.model.compile:  # after the reference copy was taken; compiled in place
+        backbone = getattr(denoiser, "transformer", None)
+        if backbone is None or par.sharded:
+            raise DDRLError(
+                "model.compile=true needs a transformer backbone (digits, diffusers families) "
+                f"and parallel.strategy none or ddp (here {par.strategy}); allowed: false"
+            )
+        backbone.compile()
     policy = par.wrap(denoiser)  # what the loss calls; FSDP2 shards ``denoiser`` in place
     params = [p for p in denoiser.parameters() if p.requires_grad]
     o = cfg.optim

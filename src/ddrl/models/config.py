@@ -46,6 +46,8 @@ class ModelConfig:
     autocast: str = "none"  # transformer forward under torch.autocast: none | bfloat16 | float16
     # (log-probs, advantages and the optimizer state stay float32)
     gradient_checkpointing: bool = False  # recompute transformer activations in backward
+    compile: bool = False  # torch.compile the transformer's forward in place (one graph per
+    # batch shape: the first iterations compile); not with parallel.strategy=fsdp
     vae_batch: int = 4  # images or videos per VAE encode/decode call (memory)
     guidance: float = 0.0  # FLUX's guidance embedding (FluxPipeline default 3.5); 0 = family
     # default (3.5 where the transformer has a guidance embedding)
