@@ -23,3 +23,24 @@ def test_full_demo_shows_hacking_and_ddrl_preventing_it(tmp_path):
     assert ddrl["proxy_reward"] > base["proxy_reward"]
     assert ddrl["gold_accuracy"] >= 0.9 * base["gold_accuracy"]
     assert ddrl["diversity"] >= 0.8 * base["diversity"]
+
+
+@pytest.mark.slow
+def test_compiled_backbone_takes_the_same_steps(tmp_path):
+    """model.compile=true (torch.compile of the transformer, ~40 s of compiling on 2 CPU cores)
+    trains the same run as eager to float32 rounding."""
+    from helpers_quick import quick
+
+    from ddrl.config import build_config
+    from ddrl.runlog import prepare_run_dir, read_jsonl
+    from ddrl.train import train
+
+    rows = {}
+    for flag in ("false", "true"):
+        cfg = build_config(overrides=quick(f"model.compile={flag}"))
+        run = prepare_run_dir(tmp_path / flag, resume=False, overwrite=False)
+        train(cfg, run, log=lambda *a: None)
+        rows[flag] = read_jsonl(run / "metrics.jsonl")
+    for a, b in zip(rows["false"], rows["true"], strict=True):
+        for k in ("reward_mean", "loss_data", "grad_norm"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["iteration"], k)

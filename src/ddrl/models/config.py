@@ -86,7 +86,7 @@ class ModelConfig:
             odd = [
                 f.name
                 for f in fields(self)
-                if f.name not in ("name", "base", "resolution", "cache_dir")
+                if f.name not in ("name", "base", "resolution", "cache_dir", "compile")
                 and getattr(self, f.name) != getattr(default, f.name)
             ]
             if odd:
