@@ -64,3 +64,30 @@ def test_data_options_make_the_expected_backbone_calls(tmp_path, capsys):
     assert _calls(tmp_path, capsys, "loss.data_steps=0.5") == [roll, (8, True, 6.0)]
     assert _calls(tmp_path, capsys, "loss.data_on_first_only=true") == [roll, (8, True, 5.0)]
     assert _calls(tmp_path, capsys, "loss.data_batched=true") == [roll, (16, True, 4.0)]
+
+
+def test_stacked_trained_steps_take_the_same_step(tmp_path, capsys):
+    """train.steps_per_forward=k: k trained steps in one forward (k× the batch) make the same
+    losses and gradient as one step per forward; the recorded calls show the stacking."""
+    from helpers_quick import quick
+
+    from ddrl.config import build_config
+    from ddrl.runlog import prepare_run_dir, read_jsonl
+    from ddrl.train import train
+
+    rows = {}
+    for k in (1, 2, 4):
+        cfg = build_config(overrides=quick(f"train.steps_per_forward={k}", "optim.ema_decay=0"))
+        run = prepare_run_dir(tmp_path / f"k{k}", resume=False, overwrite=False)
+        train(cfg, run, log=lambda *a: None)
+        rows[k] = read_jsonl(run / "metrics.jsonl")
+    for k in (2, 4):
+        for a, b in zip(rows[1], rows[k], strict=True):
+            for key in ("reward_mean", "loss_data", "grad_norm"):
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (k, key)
+            # −mean(A·ρ) with ρ ≡ 1 is ~0: its value is the rounding of the advantages' sum
+            assert b["loss_policy"] == pytest.approx(a["loss_policy"], abs=1e-5), k
+    roll = (8, False, 4.0)  # 4 trained steps × (policy + data) → 2 stacked forwards of each
+    assert _calls(tmp_path, capsys, "train.steps_per_forward=2") == [roll, (16, True, 4.0)]
+    with pytest.raises(DDRLError, match="stacks trained steps"):
+        build_config(overrides=["train.steps_per_forward=2", "loss.data_steps=0.5"])

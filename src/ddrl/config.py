@@ -94,6 +94,14 @@ class RunConfig:
             sub = getattr(self, f.name)
             if hasattr(sub, "check"):
                 sub.check()
+        per_step = getattr(self.loss, "data_on_first_only", False) or (
+            getattr(self.loss, "data_steps", 1.0) < 1
+        )
+        if self.train.steps_per_forward > 1 and per_step:
+            raise DDRLError(
+                "train.steps_per_forward > 1 stacks trained steps, but loss.data_on_first_only "
+                "/ loss.data_steps choose per step; allowed: steps_per_forward=1 with them"
+            )
 
 
 def _parse(key: str, raw: Any, typ: Any) -> Any:

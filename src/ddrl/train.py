@@ -143,6 +143,7 @@ def train(
         save_config(cfg, run_dir / "config.json")
     logger = RunLogger(run_dir, start, cfg.train.tensorboard) if main else NullLogger()
     micro, rank, encode = tc.micro_batch or P * G, current_rank(), CondCache(gen.conditioner)
+    stack = tc.steps_per_forward  # trained steps per forward (the per-step losses need 1)
 
     # The held-out diffusion loss at iteration 0 (also after a resume): the reference for the
     # hacking warning.
@@ -229,7 +230,9 @@ def train(
                 # Drawn after every earlier use of the shared stream, which it leaves as it was.
                 plan = int(torch.randint(2**31 - 1, (1,), generator=g_shared))
                 batches = list(
-                    iter_step_batches(ro, adv, valid, x0_data, steps, micro, g_own, data_cond, plan)
+                    iter_step_batches(
+                        ro, adv, valid, x0_data, steps, micro, g_own, data_cond, plan, stack
+                    )
                 )
             lr = o.lr * min(1.0, (it + 1) / max(o.warmup, 1))
             for group in opt.param_groups:

@@ -44,6 +44,8 @@ class TrainConfig:
     # "strided" (every k-th from 0: the release's even steps 0, 2, ..., 18 of 20)
     skip_last_step: bool = False  # never train the last step (DanceGRPO permutes steps 0..N−2)
     micro_batch: int = 0  # trajectories per backward pass; 0 = all at once
+    steps_per_forward: int = 1  # trained steps stacked into one forward (k× the batch, 1/k the
+    # forwards; the same gradient): faster where a larger batch is cheaper per sample (GPUs)
     max_bad_steps: int = 3  # consecutive non-finite loss/gradient steps (skipped) before stopping
     max_skipped_iterations: int = 3  # consecutive iterations with every group skipped (NaN reward)
     checkpoint_every: int = 20  # iterations between checkpoints (and one at the end)
@@ -62,6 +64,7 @@ class TrainConfig:
         check_range("train.timestep_fraction", self.timestep_fraction, 1e-6, 1.0)
         check_choice("train.timestep_selection", self.timestep_selection, SELECTIONS)
         check_range("train.micro_batch", self.micro_batch, 0)
+        check_range("train.steps_per_forward", self.steps_per_forward, 1)
         check_range("train.max_bad_steps", self.max_bad_steps, 1)
         check_range("train.max_skipped_iterations", self.max_skipped_iterations, 1)
         check_range("train.checkpoint_every", self.checkpoint_every, 1)

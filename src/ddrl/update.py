@@ -51,33 +51,37 @@ def iter_step_batches(
     g: torch.Generator,
     data_cond: Cond | None = None,
     plan: int = 0,
+    stack: int = 1,
 ) -> Iterator[StepBatch]:
     """One StepBatch per (trained-step position j, micro-batch); steps [B, n] from
     ``select_timesteps`` (per-sample step indices); ``data_cond``: the data items' own
     condition (batch B) when it is not the trajectories' (unpaired caption data); ``plan``:
-    the iteration's shared seed for per-step choices of the losses."""
-    b_total = adv.shape[0]
-    for j in range(steps.shape[1]):
+    the iteration's shared seed for per-step choices of the losses. ``stack`` > 1: that many
+    consecutive positions in one batch (stack × micro rows, position-major), one forward
+    instead of ``stack``; the per-sample t makes it the same computation."""
+    b_total, n = adv.shape[0], steps.shape[1]
+    for j0 in range(0, n, stack):
+        cols = torch.arange(j0, min(j0 + stack, n))
         for idx in torch.arange(b_total).split(micro):
-            s = steps[idx, j]
-            dev_idx = idx.to(ro.states.device)
+            s = steps[idx][:, cols].T.reshape(-1)  # [k·m]: position j0's rows, then j0 + 1's
+            rows = idx.repeat(len(cols)).to(ro.states.device)
             yield StepBatch(
-                x_t=ro.states[s, dev_idx],
-                x_next=ro.states[s + 1, dev_idx],
+                x_t=ro.states[s, rows],
+                x_next=ro.states[s + 1, rows],
                 t=ro.timesteps[s],
                 t_next=ro.timesteps[s + 1],
-                logp_old=ro.log_probs[s, dev_idx],
-                advantages=adv[dev_idx],
-                valid=valid[dev_idx],
-                cond=ro.cond.index(dev_idx),
-                null=ro.null.index(dev_idx) if ro.null is not None else None,
-                x0_data=x0_data[dev_idx],
-                data_cond=data_cond.index(dev_idx) if data_cond is not None else None,
-                noise0=ro.states[0, dev_idx],
-                first=j == 0,
+                logp_old=ro.log_probs[s, rows],
+                advantages=adv[rows],
+                valid=valid[rows],
+                cond=ro.cond.index(rows),
+                null=ro.null.index(rows) if ro.null is not None else None,
+                x0_data=x0_data[rows],
+                data_cond=data_cond.index(rows) if data_cond is not None else None,
+                noise0=ro.states[0, rows],
+                first=j0 == 0,
                 generator=g,
-                position=j,
-                positions=steps.shape[1],
+                position=j0,
+                positions=n,
                 plan=plan,
             )
 
