@@ -98,24 +98,28 @@ def _train_config(args, out: Path):
     return cfg
 
 
+MAY_CHANGE = ("train.iterations", "parallel.")  # the run's length, and its layout over ranks
+
+
 def _resume_config(args, out: Path):
-    """The run's own config.json; only train.iterations may change. A --config, --preset or
-    other override must resolve to what the run was started with (a restart script repeats
-    the first command), else a one-line error naming the first difference."""
+    """The run's own config.json; only train.iterations and parallel.* (how the same run is
+    laid out over ranks) may change. A --config, --preset or other override must resolve to
+    what the run was started with (a restart script repeats the first command), else a
+    one-line error naming the first difference."""
     from .config import load_config, to_dict
 
-    length = [o for o in args.overrides if o.split("=", 1)[0].strip() == "train.iterations"]
-    others = [o for o in args.overrides if o not in length]
-    saved = load_config(out / "config.json", length, ("train.iterations",), "--resume")
+    changes = [o for o in args.overrides if o.split("=", 1)[0].strip().startswith(MAY_CHANGE)]
+    others = [o for o in args.overrides if o not in changes]
+    saved = load_config(out / "config.json", changes, MAY_CHANGE, "--resume")
     if args.config or args.preset or others:
         given = _flat(to_dict(_cfg(args)))
         had = _flat(to_dict(saved))
-        diff = [k for k in sorted(given) if k != "train.iterations" and given[k] != had.get(k)]
+        diff = [k for k in sorted(given) if not k.startswith(MAY_CHANGE) and given[k] != had.get(k)]
         if diff:
             k = diff[0]
             raise DDRLError(
-                f"--resume may only change train.iterations; {out} has {k}={had.get(k)!r}, "
-                f"the command line gives {k}={given[k]!r}"
+                f"--resume may only change train.iterations and parallel.*; {out} has "
+                f"{k}={had.get(k)!r}, the command line gives {k}={given[k]!r}"
             )
     return saved
 
