@@ -346,3 +346,29 @@ def test_every_algorithm_is_evaluated_on_the_same_grid():
     m_dance, raw_dance, _ = evaluate_components(c.gen, c, dance)
     m_ddrl, raw_ddrl, _ = evaluate_components(c.gen, c, ddrl)
     assert torch.equal(raw_dance, raw_ddrl) and m_dance == m_ddrl
+
+
+def test_overlapped_rewards_score_every_chunk_in_order(tmp_path, monkeypatch):
+    """reward.overlap: each rollout chunk (sampler.batch=3 of 8 trajectories: 3, 3, 2) is
+    scored in the worker thread as it finishes; the run is the one without overlap."""
+    from ddrl.rewards import base as reward_base
+
+    seen = []
+    score = reward_base.OverlappedScorer._score
+
+    def spy(self, part, x):
+        seen.append((part.start, part.stop, x.shape[0]))
+        return score(self, part, x)
+
+    monkeypatch.setattr(reward_base.OverlappedScorer, "_score", spy)
+    rows = {}
+    for flag in ("false", "true"):
+        cfg = build_config(overrides=quick("sampler.batch=3", f"reward.overlap={flag}"))
+        run = prepare_run_dir(tmp_path / flag, resume=False, overwrite=False)
+        train(cfg, run, log=lambda *a: None)
+        rows[flag] = [
+            {k: v for k, v in r.items() if not k.startswith("time_")}
+            for r in read_jsonl(run / "metrics.jsonl")
+        ]
+    assert rows["true"] == rows["false"]
+    assert seen == [(0, 3, 3), (3, 6, 3), (6, 9, 2)] * 2  # 2 iterations

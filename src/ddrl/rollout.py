@@ -90,13 +90,16 @@ def rollout(
     device: str | torch.device = "cpu",
     encode: CondCache | None = None,
     rows: slice | None = None,
+    on_chunk=None,
 ) -> Rollout:
     """Roll out ``group_size`` samples per prompt with the stochastic step ``cfg.sde``.
 
     All noise (initial and per step) comes from ``generator``, drawn on the CPU so that a run
     is reproducible across devices. ``rows``: only these trajectories of the whole batch (one
     rank's share); the noise of the whole batch is drawn and sliced, so a trajectory does not
-    depend on the split. Its group ids stay global.
+    depend on the split. Its group ids stay global. ``on_chunk(part, x)``: called with each
+    chunk's rows (a slice of this rank's trajectories) and final samples as soon as they are
+    done (``reward.overlap`` scores them while the next chunk samples).
     """
     p = len(prompts)
     rows = rows or slice(None)
@@ -126,6 +129,8 @@ def rollout(
             x = step.x_next
             states[i + 1, part] = x
             logps[i, part] = step.log_prob
+        if on_chunk is not None:
+            on_chunk(part, x)
     gid = torch.arange(p, device=device).repeat_interleave(group_size)[rows]
     return Rollout(states, logps, ts, cond, null, rep, gid)
 

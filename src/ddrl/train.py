@@ -42,7 +42,7 @@ from .models import CondCache, decode_images
 from .parallel import Parallel
 from .phases import PhaseTimer, phase
 from .reference import make_reference
-from .rewards.base import finite_mean
+from .rewards.base import OverlappedScorer, finite_mean
 from .rng import current_rank, noise_generator, rank_generator, shared_generator
 from .rollout import rollout
 from .runlog import NullLogger, RunLogger, read_jsonl
@@ -199,13 +199,21 @@ def train(
             g_own = g_noise if rank == 0 else rank_generator(cfg.seed, it, rank)
             with phase("rollout"):
                 prompts = c.data.sample_prompts(P, g_shared)
+                mine_prompts = [q for q in prompts for _ in range(G)][rows]
+                scorer = (  # scores each chunk while the next samples (reward.overlap)
+                    OverlappedScorer(gen.codec, c.reward, mine_prompts, dev)
+                    if cfg.reward.overlap
+                    else None
+                )
                 denoiser.eval()
-                ro = rollout(gen, prompts, G, cfg.sampler, g_noise, dev, encode, rows)
+                ro = rollout(gen, prompts, G, cfg.sampler, g_noise, dev, encode, rows, scorer)
                 denoiser.train()
-            with phase("decode"):
-                images = decode_images(gen.codec, ro.final)
-            with phase("reward"):
-                mine = c.reward.each(images, ro.prompts).to(dev) * cfg.reward.scale  # [B/W, K]
+            if scorer is None:
+                with phase("decode"):
+                    images = decode_images(gen.codec, ro.final)
+            with phase("reward"):  # with overlap: waiting for the last chunk's rewards
+                mine = scorer.result() if scorer else c.reward.each(images, ro.prompts).to(dev)
+                mine = mine * cfg.reward.scale  # [B/W, K]
             with phase("advantage"):
                 # [B, K] and [B]: groups normalise whole, whichever ranks hold their samples
                 each, adv_all, valid_all = gathered_advantages(

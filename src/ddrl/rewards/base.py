@@ -31,6 +31,8 @@ class RewardConfig:
     timeout: float = 60.0  # seconds the client waits on the server (connect, send, answer)
     retries: int = 3  # extra attempts after a connection failure, timeout or HTTP 502/503/504
     backoff: float = 0.5  # seconds before the first retry, doubled before each further one
+    overlap: bool = False  # decode and score each rollout chunk (sampler.batch) in a worker
+    # thread while the next chunk samples: hides CPU-side or remote rewards; the same rewards
 
     def check(self) -> None:
         check_range("reward.scale", self.scale, -1e12, 1e12)
@@ -142,3 +144,31 @@ class GoldEvaluator(Protocol):
 
 def flat_numpy(images: Tensor):
     return images.detach().float().cpu().reshape(images.shape[0], -1).numpy()
+
+
+class OverlappedScorer:
+    """Decodes and scores rollout chunks in one worker thread while the next chunk samples
+    (``reward.overlap``); ``result()`` waits for the last one. Per-sample rewards, so the
+    values are those of scoring the whole batch at once (to the rounding of batched kernels)."""
+
+    def __init__(self, codec, reward, prompts: list[str], device):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.codec, self.reward, self.prompts, self.device = codec, reward, prompts, device
+        self.pool, self.jobs = ThreadPoolExecutor(1, thread_name_prefix="ddrl-reward"), []
+
+    def _score(self, part: slice, x: torch.Tensor) -> torch.Tensor:
+        from ..models import decode_images
+
+        with torch.no_grad():  # grad mode is per thread
+            return self.reward.each(decode_images(self.codec, x), self.prompts[part])
+
+    def __call__(self, part: slice, x: torch.Tensor) -> None:
+        self.jobs.append(self.pool.submit(self._score, part, x))
+
+    def result(self) -> torch.Tensor:
+        """Rewards [B, K] of every chunk, in order."""
+        try:
+            return torch.cat([j.result().to(self.device) for j in self.jobs])
+        finally:
+            self.pool.shutdown()
