@@ -2,6 +2,7 @@
 steps as one process on the same global batch."""
 
 import copy
+import gc
 import glob
 import json
 import os
@@ -43,8 +44,14 @@ def _in_group(rank: int, port: int, fn, *args) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         fn(rank, *args)
+        gc.collect()  # DDP / FSDP objects (their comm threads) go before the group does
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Checks passed: leave without the interpreter's teardown, where a C++ thread of the
+    # gloo/DDP machinery once aborted the process ("terminate called without an active
+    # exception", 1 run in ~20) after every assertion had passed.
+    os._exit(0)
 
 
 def _check_split_group(rank: int) -> None:

@@ -17,6 +17,7 @@ identity and a run is exactly the single-process one. With W ranks the loop (``d
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from collections.abc import Iterator
 
@@ -51,6 +52,7 @@ def process_group(device: str) -> Iterator[None]:
     try:
         yield
     finally:
+        gc.collect()  # wrappers holding communication threads (DDP, FSDP) go first
         dist.destroy_process_group()
 
 
