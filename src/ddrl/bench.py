@@ -112,6 +112,12 @@ def replay(den: torch.nn.Module, log: CallLog, per_iteration: int, device, reps:
     return out
 
 
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.machine()})"
+
+
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -154,8 +160,7 @@ def bench_one(
     iteration = statistics.mean(r["time_iteration"] for r in rows)
     b = cfg.train.prompts_per_iter * cfg.train.group_size
     achieved = floor["flops"] / iteration / 1e12
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor()
-    peak = peak or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    peak = peak or next((v for k, v in PEAK_TFLOPS.items() if k in _device_name(dev)), None)
     return {
         "algorithm": cfg.algorithm,
         "phases_s": phases,
@@ -190,12 +195,13 @@ def run_bench(
                 files, [*base_overrides, f"algorithm={alg}"], iterations, warmup, reps, peak_tflops
             )
         )
+    from .components import device_of
+
     cfg = build_config(files, base_overrides)
-    cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
     return {
         "preset": cfg.preset,
         "overrides": base_overrides,
-        "device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.machine()})",
+        "device": _device_name(torch.device(device_of(cfg))),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "iterations": iterations,

@@ -26,10 +26,11 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import distributed as dist
 from torch.distributed import checkpoint as dcp
 
+from .distributed import barrier, gather_objects, world_size
 from .errors import DDRLError
+from .rng import current_rank
 
 
 def save_file_atomic(
@@ -109,21 +110,6 @@ def join_tensors(tensors: dict[str, torch.Tensor], skeleton: Any) -> Any:
     return skeleton
 
 
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _gather(obj: Any) -> list[Any]:
-    """Every rank's ``obj`` (a collective; [obj] in one process)."""
-    if _rank_world()[1] == 1:
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 @contextlib.contextmanager
 def _single_process_ok():
     """DCP warns whenever it runs without a process group; one process is a normal run here."""
@@ -132,15 +118,18 @@ def _single_process_ok():
         yield
 
 
-def _barrier() -> None:
-    if _rank_world()[1] > 1:
-        dist.barrier()
-
-
 def _share(names: list[str]) -> list[str]:
     """This rank's share of the files to hash: every rank hashes 1/W of them."""
-    rank, world = _rank_world()
-    return names[rank::world]
+    return names[current_rank() :: world_size()]
+
+
+def _split_parts(parts: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """name → state dict as (flat tensors keyed "<name>/<path>", name → skeleton)."""
+    tensors, skeletons = {}, {}
+    for name, state in parts.items():
+        t, skeletons[name] = split_tensors(state, name)
+        tensors.update(t)
+    return tensors, skeletons
 
 
 def _tensor_keys(skeleton: Any) -> set[str]:
@@ -164,26 +153,23 @@ def save_checkpoint(
     """Write ``parts`` (name → state dict; DTensors are saved as this rank's shards) and this
     rank's ``rng`` tensors as checkpoint ``step-<iteration>``, atomically, and prune to the
     newest ``keep``. A collective: every rank calls it; rank 0 writes state.json and renames."""
-    rank, world = _rank_world()
+    rank, world = current_rank(), world_size()
     root = Path(run_dir) / "checkpoints"
     final, tmp = root / f"step-{iteration:06d}", root / f".tmp-step-{iteration:06d}"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier()
-    tensors, skeletons = {}, {}
-    for name, state in parts.items():
-        t, skeletons[name] = split_tensors(state, name)
-        tensors.update(t)
+    barrier()
+    tensors, skeletons = _split_parts(parts)
     with _single_process_ok():
         dcp.save(tensors, checkpoint_id=tmp / "dcp", no_dist=world == 1)
     save_file(
         {k: v.contiguous() for k, v in (rng or {}).items()}, tmp / f"rng-rank{rank}.safetensors"
     )
-    _barrier()
+    barrier()
     names = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
     digests: dict[str, str] = {}
-    for part in _gather({n: sha256(tmp / n) for n in _share(names)}):
+    for part in gather_objects({n: sha256(tmp / n) for n in _share(names)}):
         digests.update(part)
     if rank == 0:
         state = {"iteration": iteration, **meta, "world_size": world, "skeletons": skeletons}
@@ -199,7 +185,7 @@ def save_checkpoint(
         latest_tmp.replace(root / "latest")
         for stale in sorted(root.glob("step-*"))[:-keep]:
             shutil.rmtree(stale, ignore_errors=True)
-    _barrier()
+    barrier()
     return final
 
 
@@ -255,7 +241,7 @@ def verify(path: Path) -> str | None:
         err = _check_files(Path(path), _share(sorted(files)), files)
     except DDRLError as e:
         err = str(e)
-    errors = [e for e in _gather(err) if e]
+    errors = [e for e in gather_objects(err) if e]
     return errors[0] if errors else None
 
 
@@ -278,7 +264,7 @@ def checkpoints(run_dir: Path) -> list[Path]:
     """The run's checkpoints, newest first (as rank 0 sees them, on every rank)."""
     root = Path(run_dir) / "checkpoints"
     found = sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True)
-    return [Path(p) for p in _gather([str(p) for p in found])[0]]
+    return [Path(p) for p in gather_objects([str(p) for p in found])[0]]
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -310,16 +296,16 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return state, parts
 
 
-def restore_into(path: Path, parts: dict[str, Any]) -> tuple[dict, dict, dict[str, torch.Tensor]]:
-    """Load checkpoint ``path`` (verified) into the live state ``parts`` (name → state dict
-    whose tensors are the run's own: parameters, EMA shadow, optimizer state; DTensors under
-    FSDP2) in place, resharding for this world size. A collective. Returns (state.json, the
-    parts rebuilt with the saved non-tensor values, this rank's RNG tensors or {})."""
-    path, (rank, _) = Path(path), _rank_world()
-    state = read_state(path)
-    live: dict[str, torch.Tensor] = {}
-    for name, st in parts.items():
-        live.update(split_tensors(st, name)[0])
+def restore_into(
+    path: Path, parts: dict[str, Any], state: dict
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Load checkpoint ``path`` (verified; ``state``: its state.json) into the live state
+    ``parts`` (name → state dict whose tensors are the run's own: parameters, EMA shadow,
+    optimizer state; DTensors under FSDP2) in place, resharding for this world size. A
+    collective. Returns (the parts rebuilt with the saved non-tensor values, this rank's RNG
+    tensors or {})."""
+    path = Path(path)
+    live = _split_parts(parts)[0]
     if _is_legacy(state):
         raise DDRLError(
             f"checkpoint {path} is in the format before sharded checkpoints (one safetensors "
@@ -334,14 +320,14 @@ def restore_into(path: Path, parts: dict[str, Any]) -> tuple[dict, dict, dict[st
         )
     try:
         with _single_process_ok():
-            dcp.load(live, checkpoint_id=path / "dcp", no_dist=_rank_world()[1] == 1)
-        file = path / f"rng-rank{rank}.safetensors"
+            dcp.load(live, checkpoint_id=path / "dcp", no_dist=world_size() == 1)
+        file = path / f"rng-rank{current_rank()}.safetensors"
         rng = load_file(file) if file.is_file() else {}
     except (RuntimeError, ValueError, SafetensorError, OSError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DDRLError(f"checkpoint {path} does not fit the model: {msg}") from e
     rebuilt = {n: join_tensors(live, state["skeletons"][n]) for n in parts}
-    return state, rebuilt, rng
+    return rebuilt, rng
 
 
 def load_into(

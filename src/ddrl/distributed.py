@@ -28,13 +28,27 @@ from .advantages import AdvantageConfig, combine_advantages
 from .errors import DDRLError
 
 
+def group_up() -> bool:
+    """Whether a process group is up (torchrun); without one every helper here is local."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return dist.get_world_size() if group_up() else 1
 
 
 def is_main() -> bool:
     """Rank 0 (or no process group): the one process that writes the run folder."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return not group_up() or dist.get_rank() == 0
+
+
+def gather_objects(obj):
+    """Every rank's picklable ``obj``, in rank order (a collective; [obj] in one process)."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .distributed import group_up, world_size
 from .errors import DDRLError, check_choice
 
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
@@ -46,15 +47,10 @@ class ParallelConfig:
         check_choice("parallel.param_dtype", self.param_dtype, PARAM_DTYPES)
 
 
-def group_up() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
 def resolve_strategy(cfg: ParallelConfig, device: torch.device | str) -> str:
     """The strategy this run uses (``auto`` decided); a one-line error when it cannot run."""
-    world = dist.get_world_size() if group_up() else 1
     if cfg.strategy == "auto":
-        if world == 1:
+        if world_size() == 1:
             return "none"
         return "fsdp" if str(device).startswith("cuda") else "ddp"
     if cfg.strategy != "none" and not group_up():
@@ -168,11 +164,10 @@ class Parallel:
             self._wrapped.set_requires_gradient_sync(now)
         yield
 
-    def full_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
+    @staticmethod
+    def full_state(module: nn.Module) -> dict[str, torch.Tensor]:
         """Every parameter and buffer of a sharded module as full CPU tensors on rank 0 ({} on
-        the others); a collective. Unsharded: the module's own state dict."""
-        if not self.sharded:
-            return module.state_dict()
+        the others); a collective."""
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,

@@ -199,9 +199,9 @@ def train(
             g_own = g_noise if rank == 0 else rank_generator(cfg.seed, it, rank)
             with phase("rollout"):
                 prompts = c.data.sample_prompts(P, g_shared)
-                mine_prompts = [q for q in prompts for _ in range(G)][rows]
+                every_prompt = [q for q in prompts for _ in range(G)]
                 scorer = (  # scores each chunk while the next samples (reward.overlap)
-                    OverlappedScorer(gen.codec, c.reward, mine_prompts, dev)
+                    OverlappedScorer(gen.codec, c.reward, every_prompt[rows], dev)
                     if cfg.reward.overlap
                     else None
                 )
@@ -221,7 +221,6 @@ def train(
                 )
                 adv, valid = adv_all[rows], valid_all[rows]
                 rewards = each @ c.reward.weights.to(each)
-                every_prompt = [q for q in prompts for _ in range(G)]
                 if paired:
                     x0_data, data_cond = c.pool.paired(every_prompt, g_noise)[rows].to(dev), None
                 else:

@@ -29,6 +29,7 @@ from .checkpoint import (
     save_checkpoint,
     verify,
 )
+from .distributed import barrier, is_main, world_size
 from .ema import EMA, trainable
 from .errors import DDRLError
 
@@ -43,11 +44,6 @@ def rng_state() -> dict[str, torch.Tensor]:
 
 class NoCheckpoint(DDRLError):
     """The run has no checkpoint at all (not even a damaged one)."""
-
-
-def _world() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class TrainState:
@@ -72,13 +68,10 @@ class TrainState:
 
     def _remove_orphans(self) -> None:
         """Rank 0 deletes a killed write's leftovers while the others wait (a collective)."""
-        dist = torch.distributed
-        up = dist.is_available() and dist.is_initialized()
-        if not up or dist.get_rank() == 0:
+        if is_main():
             for p in remove_orphans(self.run_dir):
                 self.log(f"removed {p}, left by a checkpoint write that was killed")
-        if up:
-            dist.barrier()
+        barrier()
 
     def _parts(self) -> dict:
         parts = {
@@ -123,13 +116,14 @@ class TrainState:
             self.log(
                 f"warning: checkpoint {found[0]} is damaged ({errors[0]}); resuming from {cand}"
             )
-        meta, parts, rng = restore_into(cand, self._checked(cand))
+        meta = read_state(cand)
+        parts, rng = restore_into(cand, self._checked(cand, meta), meta)
         set_optimizer_state_dict(self.denoiser, self.opt, parts["optimizer"])
         if rng:  # none for a rank the writing run did not have (another world size)
             torch.set_rng_state(rng["torch"])
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])
-        world, now = meta["world_size"], _world()
+        world, now = meta["world_size"], world_size()
         self.log(
             f"resuming from {cand} (iteration {meta['iteration']}, written by {world} rank(s))"
         )
@@ -140,9 +134,9 @@ class TrainState:
             )
         return int(meta["iteration"])
 
-    def _checked(self, path: Path) -> dict:
-        """The live state to load ``path`` into, once its base is known to be this run's."""
-        meta = read_state(path)
+    def _checked(self, path: Path, meta: dict) -> dict:
+        """The live state to load ``path`` (state.json ``meta``) into, once its base is known
+        to be this run's."""
         if meta.get("base_fingerprint") != self.base_fingerprint:
             raise DDRLError(
                 f"checkpoint {path} was trained from base {meta.get('base_fingerprint')}, but the "

@@ -91,10 +91,16 @@ def policy_transition(denoiser, b: StepBatch, ctx: LossContext) -> Step:
     return ctx.sde.step(b.x_t, v, b.t, b.t_next, prev_sample=b.x_next)
 
 
+def surrogate(step: Step, b: StepBatch, clip: float) -> tuple[Tensor, dict]:
+    """Clipped surrogate [B] of a recomputed step, and ratio statistics [B]."""
+    per, ratio = clipped_policy_loss(step.log_prob, b.logp_old, b.advantages, clip)
+    dev = (ratio.detach() - 1).abs()
+    return per, {"ratio_dev": dev, "clipped": (dev > clip).float()}
+
+
 def policy_term(denoiser, b: StepBatch, ctx: LossContext, clip: float) -> tuple[Tensor, Step, dict]:
     """Clipped surrogate [B], the recomputed step, and ratio statistics [B]."""
     with phase("policy"):
         step = policy_transition(denoiser, b, ctx)
-    per, ratio = clipped_policy_loss(step.log_prob, b.logp_old, b.advantages, clip)
-    dev = (ratio.detach() - 1).abs()
-    return per, step, {"ratio_dev": dev, "clipped": (dev > clip).float()}
+    per, stats = surrogate(step, b, clip)
+    return per, step, stats

@@ -20,7 +20,7 @@ from ..errors import DDRLError, check_choice, check_range
 from ..flow import flow_matching_loss, interpolate, sample_training_t
 from ..models import Cond
 from ..phases import phase
-from .base import LossContext, StepBatch, clipped_policy_loss
+from .base import LossContext, StepBatch, surrogate
 
 
 @dataclass
@@ -113,7 +113,5 @@ def policy_and_data(denoiser, b: StepBatch, ctx: LossContext, cfg: DataTermConfi
         else:
             v_pol = v[:n]
         step = ctx.sde.step(b.x_t, v_pol, b.t, b.t_next, prev_sample=b.x_next)
-    per, ratio = clipped_policy_loss(step.log_prob, b.logp_old, b.advantages, clip)
-    dev = (ratio.detach() - 1).abs()
-    stats = {"ratio_dev": dev, "clipped": (dev > clip).float()}
+    per, stats = surrogate(step, b, clip)
     return per, step, stats, flow_matching_loss(v[-x_d.shape[0] :], b.x0_data, noise)
