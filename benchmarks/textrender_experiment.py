@@ -27,9 +27,9 @@ from diffusers import SD3Transformer2DModel
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
 
-from ddrl.ema import ema_update
 from ddrl.flow import flow_matching_loss, interpolate, sample_training_t, timestep_grid
 from ddrl.rewards.ocr import OCRReward
+from ddrl.training.ema import ema_update
 
 DIGITS = 3
 NULL = DIGITS * 10  # token id of the null (CFG) condition

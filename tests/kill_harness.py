@@ -14,8 +14,8 @@ import sys
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-import ddrl.checkpoint
-import ddrl.train
+import ddrl.dist.checkpoint
+import ddrl.training.loop
 from ddrl.cli import main
 
 
@@ -40,9 +40,11 @@ if __name__ == "__main__":
     where, n, rank = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     assert sys.argv[4] == "--"
     if where == "iteration":
-        ddrl.train.optimizer_step = _kill_in(ddrl.train.optimizer_step, n, rank, before=True)
+        ddrl.training.loop.optimizer_step = _kill_in(
+            ddrl.training.loop.optimizer_step, n, rank, before=True
+        )
     elif where == "checkpoint":
-        ddrl.checkpoint.dcp.save = _kill_in(dcp.save, n, rank, before=False)
+        ddrl.dist.checkpoint.dcp.save = _kill_in(dcp.save, n, rank, before=False)
     else:
         raise SystemExit(f"unknown kill point {where!r}")
     sys.exit(main(["train", *sys.argv[5:]]))

@@ -27,11 +27,11 @@ from ddrl.losses import (
 from ddrl.losses.ddrl import DDRLConfig, DDRLLoss
 from ddrl.losses.flow_grpo import FlowGRPOConfig, FlowGRPOLoss, flow_grpo_kl
 from ddrl.losses.grpo import PolicyConfig, PolicyOnlyLoss
+from ddrl.losses.reference import FrozenCopy
 from ddrl.losses.sft import SFTConfig, SFTLoss
-from ddrl.reference import FrozenCopy
-from ddrl.rollout import SamplerConfig, rollout
+from ddrl.sampling import SamplerConfig, rollout
 from ddrl.sde import DanceSDE, FlowSDE
-from ddrl.train import optimizer_step
+from ddrl.training.loop import optimizer_step
 
 B = 6
 EPS = 1e-4
@@ -314,7 +314,7 @@ def _fm_by_hand(gen, b, t=None, noise=None):
 
 
 def _run(loss_fn, gen, batches):
-    """The loop's reduction (ddrl.train.optimizer_step) at learning rate 0: metrics as floats;
+    """The loop's reduction (ddrl.training.loop.optimizer_step) at learning rate 0: metrics as floats;
     the weights are unchanged and the gradients stay in .grad."""
     params = list(gen.denoiser.parameters())
     opt = torch.optim.SGD(params, lr=0.0)

@@ -5,7 +5,7 @@ import json
 import math
 
 from ddrl.cli import main
-from ddrl.phases import PHASES
+from ddrl.training.phases import PHASES
 
 FIELDS = {
     "algorithm",

@@ -9,7 +9,7 @@ import torch
 from helpers_quick import quick
 
 from ddrl.cli import main
-from ddrl.runlog import read_jsonl
+from ddrl.training.runlog import read_jsonl
 
 SCHEMA_KEYS = {"proxy_reward", "gold_accuracy", "diversity", "heldout_diffusion_loss", "fd"}
 
@@ -269,7 +269,7 @@ def test_synthetic_pool_roundtrip_keeps_any_prompt_strings(tmp_path):
 
 def test_synthetic_pool_is_stored_in_the_codec_range(tiny_digits):
     from ddrl.data.synthetic import generate_pool
-    from ddrl.rollout import SamplerConfig
+    from ddrl.sampling import SamplerConfig
 
     pool = generate_pool(tiny_digits, ["0", "1"], 4, SamplerConfig(eval_steps=2), seed=0)
     lo, hi = tiny_digits.codec.value_range

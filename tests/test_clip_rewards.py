@@ -378,11 +378,11 @@ def test_feature_space_diversity_and_frechet_distance_in_evaluation(clip_folder,
     Fréchet distance to the held-out images' (decoded from their cached latents), recomputed
     here from the returned samples (the metric functions are checked by hand in
     test_eval_metrics)."""
-    from ddrl.components import build_components
     from ddrl.config import build_config
-    from ddrl.eval.evaluate import evaluate_components
-    from ddrl.eval.metrics import frechet_distance, pairwise_diversity
+    from ddrl.evaluation.evaluate import evaluate_components
+    from ddrl.evaluation.metrics import frechet_distance, pairwise_diversity
     from ddrl.models import clamp_images
+    from ddrl.training.components import build_components
 
     held = tmp_path / "held"
     held.mkdir()

@@ -24,7 +24,7 @@ from ddrl.errors import DDRLError
 from ddrl.models import LoraConfig, ModelConfig, guided_velocity
 from ddrl.models.cosmos import CosmosGenerator, NoGuardrail, with_given
 from ddrl.models.hf import ensure_tiny
-from ddrl.rollout import SamplerConfig, rollout, sample_ode
+from ddrl.sampling import SamplerConfig, rollout, sample_ode
 from ddrl.sde import FlowSDE, ode_step
 
 MAXLEN = 160  # the tiny Qwen tokenizer is byte-level; the chat scaffold alone is ~100 tokens

@@ -72,8 +72,8 @@ def test_stacked_trained_steps_take_the_same_step(tmp_path, capsys):
     from helpers_quick import quick
 
     from ddrl.config import build_config
-    from ddrl.runlog import prepare_run_dir, read_jsonl
-    from ddrl.train import train
+    from ddrl.training.loop import train
+    from ddrl.training.runlog import prepare_run_dir, read_jsonl
 
     rows = {}
     for k in (1, 2, 4):

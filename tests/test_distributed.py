@@ -1,4 +1,4 @@
-"""Data parallel training (``ddrl.distributed``): two gloo processes on the CPU take the same
+"""Data parallel training (``ddrl.dist.group``): two gloo processes on the CPU take the same
 steps as one process on the same global batch."""
 
 import copy
@@ -21,11 +21,11 @@ from safetensors.torch import load_file
 
 from ddrl.advantages import AdvantageConfig, combine_advantages
 from ddrl.config import build_config, load_config
-from ddrl.distributed import batch_slice, gathered_advantages
+from ddrl.dist.group import batch_slice, gathered_advantages
+from ddrl.dist.parallel import Parallel, ParallelConfig
 from ddrl.errors import DDRLError
-from ddrl.parallel import Parallel, ParallelConfig
-from ddrl.runlog import prepare_run_dir, read_jsonl
-from ddrl.train import train
+from ddrl.training.loop import train
+from ddrl.training.runlog import prepare_run_dir, read_jsonl
 
 # 3 prompts × 4 samples over 2 ranks: rank 0 holds group 0 and half of group 1, rank 1 the rest.
 SETUP = ["train.iterations=3", "train.prompts_per_iter=3", "train.group_size=4"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddrl.eval.metrics import (
+from ddrl.evaluation.metrics import (
     default_t_grid,
     frechet_distance,
     heldout_diffusion_loss,
@@ -156,8 +156,8 @@ EXTRA_GOLD = {"gold_reward", "gold_accuracy", "diversity_feature", "fd"}
 
 def _evaluate(gen, data_name, reward, gold, n=8):
     from ddrl.data import load_data
-    from ddrl.eval.evaluate import EvalConfig, evaluate
-    from ddrl.rollout import SamplerConfig
+    from ddrl.evaluation.evaluate import EvalConfig, evaluate
+    from ddrl.sampling import SamplerConfig
 
     cfg = EvalConfig(samples_per_prompt=n, loss_t_points=2)
     return evaluate(gen, load_data(data_name), reward, gold, cfg, SamplerConfig(eval_steps=3))

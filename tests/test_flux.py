@@ -21,7 +21,7 @@ from ddrl.errors import DDRLError
 from ddrl.models import LoraConfig, ModelConfig
 from ddrl.models.flux import FluxGenerator, image_ids, pack, unpack
 from ddrl.models.hf import ensure_tiny
-from ddrl.rollout import SamplerConfig, rollout, sample_ode
+from ddrl.sampling import SamplerConfig, rollout, sample_ode
 
 TOL = 1e-4
 N = 4

@@ -11,8 +11,8 @@ import torch
 from ddrl.cli import main
 from ddrl.config import PRESET_NAMES, build_config, preset_descriptions
 from ddrl.models import load_generator
-from ddrl.runlog import prepare_run_dir, read_jsonl
-from ddrl.train import train
+from ddrl.training.loop import train
+from ddrl.training.runlog import prepare_run_dir, read_jsonl
 
 TINY = ("tiny-sd3", "tiny-flux", "tiny-cosmos", "tiny-wan")
 ALGORITHMS = ("ddrl", "flow_grpo", "dance_grpo", "grpo", "sft")
@@ -44,8 +44,8 @@ def test_every_algorithm_runs_two_iterations_on_every_family(tmp_path, preset, a
 
 
 def test_lora_trains_adapters_only_and_its_reference_is_the_base(tmp_path):
-    from ddrl.components import load_base
-    from ddrl.reference import AdapterDisabled, make_reference
+    from ddrl.losses.reference import AdapterDisabled, make_reference
+    from ddrl.training.components import load_base
 
     cfg = build_config(overrides=["preset=tiny-sd3", "algorithm=flow_grpo"])
     gen, _ = load_base(cfg)
@@ -161,7 +161,7 @@ def test_presets_are_listed_with_descriptions_and_tiny_ones_resolve(capsys):
 def test_bad_model_input_is_one_line(tmp_path, capsys, override, says):
     from ddrl.models.hf import ensure_tiny
     from ddrl.models.sd3 import SD3Generator
-    from ddrl.pretrain import cache_root
+    from ddrl.training.pretrain import cache_root
 
     extra = []
     if override == "model.name=flux":  # an SD3 folder loaded as FLUX
@@ -190,7 +190,7 @@ def test_unknown_pipeline_class_is_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("preset", TINY)
 def test_non_square_size_from_height_and_width(preset):
-    from ddrl.components import load_base
+    from ddrl.training.components import load_base
 
     cfg = build_config(overrides=[f"preset={preset}", "model.height=16", "model.width=32"])
     gen, _ = load_base(cfg)
@@ -203,8 +203,8 @@ def test_non_square_size_from_height_and_width(preset):
 
 
 def test_rollout_chunks_change_memory_not_samples():
-    from ddrl.components import load_base
-    from ddrl.rollout import SamplerConfig, rollout
+    from ddrl.sampling import SamplerConfig, rollout
+    from ddrl.training.components import load_base
 
     cfg = build_config(overrides=["preset=tiny-sd3"])
     gen, _ = load_base(cfg)
@@ -218,7 +218,7 @@ def test_rollout_chunks_change_memory_not_samples():
 
 
 def test_gradient_checkpointing_gives_the_same_gradient():
-    from ddrl.components import load_base
+    from ddrl.training.components import load_base
 
     grads = []
     for ckpt in ("false", "true"):

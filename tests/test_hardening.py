@@ -18,8 +18,8 @@ from helpers_quick import quick
 
 from ddrl.cli import main
 from ddrl.config import build_config, field_comments, to_dict
-from ddrl.runlog import finite_or_null, prepare_run_dir, read_jsonl
-from ddrl.train import train
+from ddrl.training.loop import train
+from ddrl.training.runlog import finite_or_null, prepare_run_dir, read_jsonl
 
 
 def run(capsys, *argv):
@@ -266,7 +266,7 @@ def test_sigterm_checkpoints_and_resume_is_exact(tmp_path, capsys, monkeypatch):
     assert code == 0, err
     run_dir = tmp_path / "cut"
     env = {**os.environ, "DDRL_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "ddrl.cli", "train", "--out", str(run_dir), *quick(*SIGTERM_RUN)]
+    cmd = [sys.executable, "-m", "ddrl", "train", "--out", str(run_dir), *quick(*SIGTERM_RUN)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (run_dir / "checkpoints" / "latest").is_file():  # the first checkpoint exists
@@ -281,7 +281,7 @@ def test_sigterm_checkpoints_and_resume_is_exact(tmp_path, capsys, monkeypatch):
     assert 5 <= done < 12 and (ckpt / "state.json").is_file()
     assert line == f"ddrl: terminated (SIGTERM) after checkpoint {ckpt}; continue with --resume"
     assert "Traceback" not in err
-    cmd = [sys.executable, "-m", "ddrl.cli", "train", "--out", str(run_dir), "--resume"]
+    cmd = [sys.executable, "-m", "ddrl", "train", "--out", str(run_dir), "--resume"]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     full = read_jsonl(tmp_path / "full" / "metrics.jsonl")

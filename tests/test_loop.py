@@ -9,15 +9,15 @@ import torch
 from helpers_quick import quick
 
 from ddrl.advantages import AdvantageConfig, group_advantages
-from ddrl.checkpoint import latest_checkpoint, load_checkpoint
 from ddrl.config import build_config
+from ddrl.dist.checkpoint import latest_checkpoint, load_checkpoint
 from ddrl.losses import LossContext, build_loss
+from ddrl.losses.reference import FrozenCopy
 from ddrl.models import Cond
-from ddrl.reference import FrozenCopy
-from ddrl.rollout import Rollout, SamplerConfig, rollout
-from ddrl.runlog import prepare_run_dir, read_jsonl
+from ddrl.sampling import Rollout, SamplerConfig, rollout
 from ddrl.sde import DanceSDE, FlowSDE, ode_step
-from ddrl.train import iter_step_batches, optimizer_step, select_timesteps, train
+from ddrl.training.loop import iter_step_batches, optimizer_step, select_timesteps, train
+from ddrl.training.runlog import prepare_run_dir, read_jsonl
 
 QUIET = {"log": lambda *a: None}
 
@@ -235,9 +235,9 @@ def test_warmup_learning_rates(tmp_path):
 
 
 def test_evaluation_uses_the_ema(tmp_path):
-    from ddrl.components import build_components
-    from ddrl.ema import trainable
-    from ddrl.eval.evaluate import evaluate_components
+    from ddrl.evaluation.evaluate import evaluate_components
+    from ddrl.training.components import build_components
+    from ddrl.training.ema import trainable
 
     cfg, out, _ = _run(tmp_path, "ema", "optim.ema_decay=0.5", "optim.lr=1e-2", "eval.every=2")
     logged = read_jsonl(out / "eval.jsonl")[-1]
@@ -336,8 +336,8 @@ def test_sdes_keep_the_ode_marginals(sde):
 def test_every_algorithm_is_evaluated_on_the_same_grid():
     """DanceGRPO trains on its own linear grid, but evaluation samples on eval.grid for every
     arm, so a comparison judges all arms by one protocol."""
-    from ddrl.components import build_components
-    from ddrl.eval.evaluate import evaluate_components
+    from ddrl.evaluation.evaluate import evaluate_components
+    from ddrl.training.components import build_components
 
     dance = build_config(overrides=quick("algorithm=dance_grpo"))
     ddrl = build_config(overrides=quick("algorithm=ddrl"))

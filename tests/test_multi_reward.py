@@ -84,8 +84,8 @@ def test_image_rewards_score_videos_frame_by_frame():
 def test_two_rewards_train_and_each_is_logged(tmp_path):
     from helpers_quick import quick
 
-    from ddrl.runlog import prepare_run_dir, read_jsonl
-    from ddrl.train import train
+    from ddrl.training.loop import train
+    from ddrl.training.runlog import prepare_run_dir, read_jsonl
 
     ov = quick("reward.name=ink,classifier", "reward.weights=1,2", "reward.aggregate=cosmos_rl")
     cfg = build_config(overrides=ov)

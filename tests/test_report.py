@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from ddrl.eval.report import (
+from ddrl.experiments.report import (
     arm_label,
     hacking_analysis,
     save_image_grid,

@@ -46,10 +46,10 @@ def test_score_bad_input_is_one_line(tmp_path, capsys, monkeypatch, args, says):
 
 def test_a_training_run_scores_through_a_reward_server_process(tmp_path):
     from ddrl.config import build_config
-    from ddrl.runlog import prepare_run_dir, read_jsonl
-    from ddrl.train import train
+    from ddrl.training.loop import train
+    from ddrl.training.runlog import prepare_run_dir, read_jsonl
 
-    cmd = [sys.executable, "-m", "ddrl.cli", "reward-server", "--reward", "brightness"]
+    cmd = [sys.executable, "-m", "ddrl", "reward-server", "--reward", "brightness"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     try:

@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from ddrl.errors import DDRLError
-from ddrl.rewards import remote
 from ddrl.rewards.pixels import BrightnessReward
-from ddrl.rewards.remote import RemoteReward, remote_factory
-from ddrl.rewards.service import (
+from ddrl.rewards.remote import client as remote
+from ddrl.rewards.remote.client import RemoteReward, remote_factory
+from ddrl.rewards.remote.server import (
     RemoteConfig,
     decode_request,
     dequantize,
@@ -311,7 +311,7 @@ def test_a_server_in_its_own_process(tmp_path, monkeypatch):
     code = (
         "from pathlib import Path\n"
         "from ddrl.rewards import RewardContext\n"
-        "from ddrl.rewards.service import main_server\n"
+        "from ddrl.rewards.remote.server import main_server\n"
         f"main_server('brightness', RewardContext(data='files', cache_dir=Path({str(tmp_path)!r})))"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from ddrl.demo import run_demo
+from ddrl.experiments.demo import run_demo
 
 
 @pytest.mark.slow
@@ -32,8 +32,8 @@ def test_compiled_backbone_takes_the_same_steps(tmp_path):
     from helpers_quick import quick
 
     from ddrl.config import build_config
-    from ddrl.runlog import prepare_run_dir, read_jsonl
-    from ddrl.train import train
+    from ddrl.training.loop import train
+    from ddrl.training.runlog import prepare_run_dir, read_jsonl
 
     rows = {}
     for flag in ("false", "true"):

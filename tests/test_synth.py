@@ -15,7 +15,7 @@ from ddrl.data.synthetic import (
     synthesize,
 )
 from ddrl.errors import DDRLError
-from ddrl.rollout import SamplerConfig, sample_ode
+from ddrl.sampling import SamplerConfig, sample_ode
 
 CFG = SamplerConfig(eval_steps=2)
 QUIET = {"progress": False, "log": lambda m: None}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ddrl.data.toy2d import CENTRES, STD, toy2d_sample
-from ddrl.eval.toy2d_tilt import (
+from ddrl.experiments.toy2d_tilt import (
     implied_beta,
     measured_mode_weights,
     plot_toy2d_arms,

@@ -9,16 +9,16 @@ import torch
 import torch.distributed.checkpoint as dcp
 from helpers_quick import quick
 
-from ddrl.checkpoint import latest_checkpoint, load_checkpoint
-from ddrl.components import load_base
 from ddrl.config import build_config
-from ddrl.ema import EMA
+from ddrl.dist.checkpoint import latest_checkpoint, load_checkpoint
 from ddrl.errors import DDRLError
-from ddrl.eval.run_eval import evaluate_run
+from ddrl.evaluation.run_eval import evaluate_run
 from ddrl.models import load_generator
-from ddrl.runlog import prepare_run_dir, read_jsonl
-from ddrl.train import train
-from ddrl.train_state import TrainState
+from ddrl.training.components import load_base
+from ddrl.training.ema import EMA
+from ddrl.training.loop import train
+from ddrl.training.runlog import prepare_run_dir, read_jsonl
+from ddrl.training.state import TrainState
 
 QUIET = {"log": lambda *a: None}
 
@@ -277,7 +277,7 @@ def test_nan_reward_group_is_skipped_and_logged(tmp_path):
 def test_heldout_loss_of_trained_base_beats_random_init(tmp_path):
     """The held-out diffusion loss must rank a (briefly) trained base above a random model."""
     from ddrl.data import load_data
-    from ddrl.eval.metrics import default_t_grid, heldout_diffusion_loss
+    from ddrl.evaluation.metrics import default_t_grid, heldout_diffusion_loss
     from ddrl.models.digits import DigitsGenerator
 
     cfg = build_config(overrides=quick())

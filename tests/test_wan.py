@@ -22,7 +22,7 @@ from ddrl.errors import DDRLError
 from ddrl.models import LoraConfig, ModelConfig, guided_velocity
 from ddrl.models.hf import ensure_tiny
 from ddrl.models.wan import WanGenerator
-from ddrl.rollout import SamplerConfig, rollout, sample_ode
+from ddrl.sampling import SamplerConfig, rollout, sample_ode
 from ddrl.sde import FlowSDE
 
 MAXLEN = 32  # text tokens (the tiny T5 tokenizer is one token per character)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .errors import check_choice, check_range
+from ddrl.errors import check_choice, check_range
 
 STDS = ("unbiased", "population", "global")
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .errors import check_range
-from .flow import _bcast
+from ddrl.errors import check_range
+from ddrl.flow import _bcast
 
 
 @dataclass

@@ -4,13 +4,13 @@ base model."""
 
 from __future__ import annotations
 
-from ..errors import DDRLError, check_choice
-from .base import DataConfig, PairedPool, TaskData
-from .digits import digits_data
-from .files import files_data, list_items, load_prompts
-from .latents import latent_pool
-from .media import read_items
-from .toy2d import toy2d_data
+from ddrl.data.base import DataConfig, PairedPool, TaskData
+from ddrl.data.digits import digits_data
+from ddrl.data.files import files_data, list_items, load_prompts
+from ddrl.data.latents import latent_pool
+from ddrl.data.media import read_items
+from ddrl.data.toy2d import toy2d_data
+from ddrl.errors import DDRLError, check_choice
 
 DATASETS = {"digits": digits_data, "toy2d": toy2d_data}  # embedded: name → loader()
 DATA_NAMES = (*DATASETS, "files")  # every allowed data.name

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..errors import DDRLError, check_choice
+from ddrl.errors import DDRLError, check_choice
 
 
 @dataclass
@@ -28,8 +28,8 @@ class DataConfig:
     # generated (by `ddrl synth`, or by the first `ddrl train` that needs it)
 
     def check(self) -> None:
-        from . import DATA_NAMES
-        from .files import PROMPT_EXT
+        from ddrl.data import DATA_NAMES
+        from ddrl.data.files import PROMPT_EXT
 
         check_choice("data.name", self.name, DATA_NAMES)
         check_choice("data.source", self.source, ("real", "synthetic"))

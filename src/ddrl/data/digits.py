@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import PairedPool, TaskData
+from ddrl.data.base import PairedPool, TaskData
 
 SPLIT_SEED = 0  # the split never changes with the run's seed: evaluations stay comparable
 N_HELDOUT = 297  # held-out images: diffusion loss and Fréchet distance references

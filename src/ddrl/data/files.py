@@ -32,8 +32,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import DDRLError
-from .base import DataConfig, TaskData
+from ddrl.data.base import DataConfig, TaskData
+from ddrl.errors import DDRLError
 
 PROMPT_KEYS = ("prompt", "caption", "text")  # prompt files: the first present column wins
 CAPTION_KEYS = ("text", "caption", "prompt")  # data tables (HF imagefolder's order)

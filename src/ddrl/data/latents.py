@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import sha256
-from ..errors import DDRLError
-from . import files, media
-from .base import DataConfig, PairedPool
+from ddrl.data import files, media
+from ddrl.data.base import DataConfig, PairedPool
+from ddrl.dist.checkpoint import sha256
+from ddrl.errors import DDRLError
 
 CACHE_VERSION = 1  # bump when the encoding (reading, resizing) changes
 
@@ -86,7 +86,7 @@ def remove_stale_tmp(folder: Path, prefix: str) -> None:
 
 
 def _read_cache(folder: Path, key: str, log) -> PairedPool | None:
-    from .synthetic import load_pool
+    from ddrl.data.synthetic import load_pool
 
     manifest, data = folder / "manifest.json", folder / "latents.safetensors"
     if not (manifest.is_file() and data.is_file()):
@@ -157,7 +157,7 @@ def latent_pool(
     captions = [it.caption for it in items]
     pool = PairedPool(x, captions)
 
-    from .synthetic import save_pool
+    from ddrl.data.synthetic import save_pool
 
     root.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(root, ".tmp-")

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import DDRLError
-from .base import DataConfig
-from .files import Item, frame_files, list_items
+from ddrl.data.base import DataConfig
+from ddrl.data.files import Item, frame_files, list_items
+from ddrl.errors import DDRLError
 
 
 def _size(resolution) -> tuple[int, int]:

@@ -27,9 +27,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
-from ..checkpoint import save_file_atomic
-from ..errors import DDRLError
-from .base import PairedPool
+from ddrl.data.base import PairedPool
+from ddrl.dist.checkpoint import save_file_atomic
+from ddrl.errors import DDRLError
 
 SYNTH_VERSION = 1  # bump when the seeding or the sample → pool steps change
 _SHARD = re.compile(r"shard-(\d{9})-(\d{9})\.safetensors")
@@ -52,8 +52,8 @@ def sample_noise(shape: tuple[int, ...], seeds: list[int]) -> Tensor:
 def ode_from_noise(gen, noise: Tensor, prompts: list[str], cfg, device="cpu") -> Tensor:
     """Deterministic Euler samples (model space, on ``device``) from given noise [B, ...]: the
     ODE of ``sample_ode`` (``cfg``'s grid, ``cfg.eval_steps`` steps, ``cfg.cfg_scale``)."""
-    from ..models import guided_velocity
-    from ..sde import ode_step
+    from ddrl.models import guided_velocity
+    from ddrl.sde import ode_step
 
     ts = cfg.grid_for(gen, cfg.eval_steps).to(device)
     x = noise.to(device)
@@ -69,7 +69,7 @@ def ode_from_noise(gen, noise: Tensor, prompts: list[str], cfg, device="cpu") ->
 def _samples(gen, prompts: list[str], seeds: list[int], sampler_cfg, device) -> Tensor:
     """Pool rows for (prompt, seed) pairs: ODE sample → decode → clamp to the codec's range →
     re-encode, so a row holds what a real image would encode to. Float32 on the CPU."""
-    from ..models import decode_images
+    from ddrl.models import decode_images
 
     z = ode_from_noise(gen, sample_noise(gen.sample_shape, seeds), prompts, sampler_cfg, device)
     return gen.codec.encode(decode_images(gen.codec, z)).detach().float().cpu()
@@ -92,7 +92,7 @@ def generate_pool(
 
 
 def _identity(gen, prompts, per_prompt, sampler_cfg, seed, model_id) -> tuple[str, dict]:
-    from ..checkpoint import fingerprint
+    from ddrl.dist.checkpoint import fingerprint
 
     info = {
         "version": SYNTH_VERSION,
@@ -183,7 +183,7 @@ def synthesize(
         log(f"synthetic set {out} is already complete ({n} samples)")
         return load_pool(out)
 
-    from .latents import remove_stale_tmp
+    from ddrl.data.latents import remove_stale_tmp
 
     shards = out.with_name(out.name + ".shards")
     manifest = shards / "manifest.json"

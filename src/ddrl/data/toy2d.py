@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import PairedPool, TaskData
+from ddrl.data.base import PairedPool, TaskData
 
 CENTRES = torch.tensor([[-1.5, -1.5], [-1.5, 1.5], [1.5, -1.5], [1.5, 1.5]])
 STD = 0.25

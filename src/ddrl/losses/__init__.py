@@ -3,12 +3,19 @@
 
 from __future__ import annotations
 
-from ..errors import DDRLError, lookup
-from .base import Loss, LossContext, LossOut, StepBatch, clipped_policy_loss, policy_transition
-from .ddrl import DDRLLoss
-from .flow_grpo import FlowGRPOLoss
-from .grpo import PolicyOnlyLoss
-from .sft import SFTLoss
+from ddrl.errors import DDRLError, lookup
+from ddrl.losses.base import (
+    Loss,
+    LossContext,
+    LossOut,
+    StepBatch,
+    clipped_policy_loss,
+    policy_transition,
+)
+from ddrl.losses.ddrl import DDRLLoss
+from ddrl.losses.flow_grpo import FlowGRPOLoss
+from ddrl.losses.grpo import PolicyOnlyLoss
+from ddrl.losses.sft import SFTLoss
 
 LOSSES = {
     "ddrl": DDRLLoss,

@@ -17,9 +17,9 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from ..models import Cond, guided_velocity
-from ..phases import phase
-from ..sde import Step
+from ddrl.models import Cond, guided_velocity
+from ddrl.sde import Step
+from ddrl.training.phases import phase
 
 
 @dataclass
@@ -51,7 +51,7 @@ class LossContext:
 
     sde: Any  # the sampler's SDE object (FlowSDE / DanceSDE): ``step`` recomputes transitions
     cfg_scale: float  # classifier-free guidance weight used by the rollout
-    make_reference: Callable[[str], Any]  # kind → the Reference (see ddrl.reference)
+    make_reference: Callable[[str], Any]  # kind → the Reference (see ddrl.losses.reference)
 
 
 @dataclass

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..errors import DDRLError, check_choice, check_range
-from ..flow import flow_matching_loss, interpolate, sample_training_t
-from ..models import Cond
-from ..phases import phase
-from .base import LossContext, StepBatch, surrogate
+from ddrl.errors import DDRLError, check_choice, check_range
+from ddrl.flow import flow_matching_loss, interpolate, sample_training_t
+from ddrl.losses.base import LossContext, StepBatch, surrogate
+from ddrl.models import Cond
+from ddrl.training.phases import phase
 
 
 @dataclass

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import check_range
-from .base import LossOut, policy_term
-from .data import DataTermConfig, data_applies, data_mask, data_term, policy_and_data
+from ddrl.errors import check_range
+from ddrl.losses.base import LossOut, policy_term
+from ddrl.losses.data import DataTermConfig, data_applies, data_mask, data_term, policy_and_data
 
 
 @dataclass

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..errors import check_choice, check_range
-from ..phases import phase
-from ..reference import REFERENCES
-from .base import LossOut, policy_term
+from ddrl.errors import check_choice, check_range
+from ddrl.losses.base import LossOut, policy_term
+from ddrl.losses.reference import REFERENCES
+from ddrl.training.phases import phase
 
 
 def flow_grpo_kl(mean: Tensor, mean_ref: Tensor, sigma: Tensor) -> Tensor:

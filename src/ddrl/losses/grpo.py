@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import check_range
-from .base import LossOut, policy_term
+from ddrl.errors import check_range
+from ddrl.losses.base import LossOut, policy_term
 
 
 @dataclass

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import LossOut
-from .data import DataTermConfig, data_applies, data_mask, data_term
+from ddrl.losses.base import LossOut
+from ddrl.losses.data import DataTermConfig, data_applies, data_mask, data_term
 
 
 @dataclass

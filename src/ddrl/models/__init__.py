@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import DDRLError, lookup
-from .base import (
+from ddrl.errors import DDRLError, lookup
+from ddrl.models.base import (
     Codec,
     Cond,
     CondCache,
@@ -18,9 +18,9 @@ from .base import (
     decode_images,
     guided_velocity,
 )
-from .config import LoraConfig, ModelConfig
-from .digits import DigitsGenerator
-from .toy2d import Toy2DGenerator
+from ddrl.models.config import LoraConfig, ModelConfig
+from ddrl.models.digits import DigitsGenerator
+from ddrl.models.toy2d import Toy2DGenerator
 
 # Diffusers families load lazily ("module:attr"): importing ddrl does not import them.
 DIFFUSERS_FAMILIES = {

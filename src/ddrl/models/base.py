@@ -106,7 +106,7 @@ class EulerSchedulerGrid:
     (digits, toy2d), which have no scheduler of their own."""
 
     def timestep_grid(self, num_steps: int, shift: float = 0.0) -> Tensor:
-        from ..flow import scheduler_grid
+        from ddrl.flow import scheduler_grid
 
         return scheduler_grid(num_steps, shift or 1.0)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from ..errors import DDRLError, check_choice, check_range
+from ddrl.errors import DDRLError, check_choice, check_range
 
 DTYPES = ("float32", "bfloat16", "float16")
 AUTOCAST = ("none", "bfloat16", "float16")
@@ -62,7 +62,7 @@ class ModelConfig:
         return (self.resolution, self.resolution) if self.resolution else native
 
     def check(self) -> None:
-        from . import DIFFUSERS_FAMILIES, MODELS, resolve
+        from ddrl.models import DIFFUSERS_FAMILIES, MODELS, resolve
 
         resolve(self.name)
         check_range("model.resolution", self.resolution, 0)

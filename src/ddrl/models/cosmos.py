@@ -50,12 +50,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..errors import DDRLError
-from .base import Cond
-from .config import ModelConfig
-from .hf import DEFAULTS_FILE, DiffusersGenerator
-from .hf_parts import HFDenoiser
-from .wan import (
+from ddrl.errors import DDRLError
+from ddrl.models.base import Cond
+from ddrl.models.config import ModelConfig
+from ddrl.models.hf import DEFAULTS_FILE, DiffusersGenerator
+from ddrl.models.hf_parts import HFDenoiser
+from ddrl.models.wan import (
     TINY_DEFAULTS,
     WanConditioner,
     tiny_wan_vae,
@@ -213,7 +213,7 @@ class CosmosGenerator(DiffusersGenerator):
         )
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-        from .tiny_qwen import qwen_tokenizer
+        from ddrl.models.tiny_qwen import qwen_tokenizer
 
         tok = qwen_tokenizer()
         hidden, layers = 16, 2

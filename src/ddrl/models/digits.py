@@ -18,8 +18,8 @@ from diffusers import SD3Transformer2DModel
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..errors import DDRLError
-from .base import Cond, EulerSchedulerGrid, IdentityCodec
+from ddrl.errors import DDRLError
+from ddrl.models.base import Cond, EulerSchedulerGrid, IdentityCodec
 
 NUM_CLASSES = 10
 NULL_CLASS = NUM_CLASSES

@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..errors import DDRLError
-from .base import Cond
-from .config import ModelConfig
-from .hf import DiffusersGenerator, dynamic_mu
-from .hf_parts import HFDenoiser, TextConditioner, VAECodec
-from .sd3 import SD3Generator, latent_shape, tiny_vae
+from ddrl.errors import DDRLError
+from ddrl.models.base import Cond
+from ddrl.models.config import ModelConfig
+from ddrl.models.hf import DiffusersGenerator, dynamic_mu
+from ddrl.models.hf_parts import HFDenoiser, TextConditioner, VAECodec
+from ddrl.models.sd3 import SD3Generator, latent_shape, tiny_vae
 
 FLUX_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale
 FLUX_MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default T5 length
@@ -130,7 +130,7 @@ class FluxGenerator(DiffusersGenerator):
     def timestep_grid(self, num_steps: int, shift: float = 0.0) -> Tensor:
         """FluxPipeline's sigmas [N + 1]: shift(linspace(1, 1/N, N)) then 0, with mu from the
         image token count (dynamic shifting, FLUX.1-dev); ``shift`` > 0: a static shift."""
-        from ..flow import scheduler_grid
+        from ddrl.flow import scheduler_grid
 
         sc, sched = self.scheduler.config, self.scheduler
         if shift > 0:
@@ -147,7 +147,12 @@ class FluxGenerator(DiffusersGenerator):
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
         from transformers import CLIPTextModel, T5EncoderModel
 
-        from .tiny_text import clip_tokenizer, t5_tokenizer, tiny_clip_config, tiny_t5_config
+        from ddrl.models.tiny_text import (
+            clip_tokenizer,
+            t5_tokenizer,
+            tiny_clip_config,
+            tiny_t5_config,
+        )
 
         tok, tok2 = clip_tokenizer(), t5_tokenizer()
         transformer = FluxTransformer2DModel(

@@ -22,10 +22,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..checkpoint import atomic_dir
-from ..errors import DDRLError
-from .config import LoraConfig, ModelConfig
-from .hf_parts import TORCH_DTYPES
+from ddrl.dist.checkpoint import atomic_dir
+from ddrl.errors import DDRLError
+from ddrl.models.config import LoraConfig, ModelConfig
+from ddrl.models.hf_parts import TORCH_DTYPES
 
 DEFAULTS_FILE = "ddrl_defaults.json"  # optional {"height", "width", "frames"} in a pipeline
 # folder: replaces the family's native size (the tiny video pipelines are 16×16 × 5 frames)
@@ -228,7 +228,7 @@ class DiffusersGenerator(nn.Module):
     def timestep_grid(self, num_steps: int, shift: float = 0.0) -> Tensor:
         """The model's own scheduler's sigmas [N + 1] from 1 to 0 (``shift`` > 0 overrides the
         scheduler's shift)."""
-        from ..flow import scheduler_sigmas
+        from ddrl.flow import scheduler_sigmas
 
         return scheduler_sigmas(self.scheduler, num_steps, shift)
 

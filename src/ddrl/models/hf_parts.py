@@ -8,9 +8,9 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
-from ..errors import DDRLError
-from .base import Cond
-from .config import ModelConfig
+from ddrl.errors import DDRLError
+from ddrl.models.base import Cond
+from ddrl.models.config import ModelConfig
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -14,11 +14,11 @@ from pathlib import Path
 
 from torch import Tensor
 
-from ..errors import DDRLError
-from .base import Cond
-from .config import ModelConfig
-from .hf import DiffusersGenerator, dynamic_mu
-from .hf_parts import HFDenoiser, TextConditioner, VAECodec
+from ddrl.errors import DDRLError
+from ddrl.models.base import Cond
+from ddrl.models.config import ModelConfig
+from ddrl.models.hf import DiffusersGenerator, dynamic_mu
+from ddrl.models.hf_parts import HFDenoiser, TextConditioner, VAECodec
 
 SD3_MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default T5 length
 
@@ -126,7 +126,12 @@ class SD3Generator(DiffusersGenerator):
         )
         from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
-        from .tiny_text import clip_tokenizer, t5_tokenizer, tiny_clip_config, tiny_t5_config
+        from ddrl.models.tiny_text import (
+            clip_tokenizer,
+            t5_tokenizer,
+            tiny_clip_config,
+            tiny_t5_config,
+        )
 
         tok, tok3 = clip_tokenizer(), t5_tokenizer()
         transformer = SD3Transformer2DModel(

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..errors import DDRLError
-from .base import Cond, EulerSchedulerGrid, IdentityCodec
+from ddrl.errors import DDRLError
+from ddrl.models.base import Cond, EulerSchedulerGrid, IdentityCodec
 
 
 class Toy2DDenoiser(nn.Module):

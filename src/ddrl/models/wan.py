@@ -36,11 +36,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..errors import DDRLError
-from .base import Cond
-from .config import ModelConfig
-from .hf import DEFAULTS_FILE, DiffusersGenerator
-from .hf_parts import TORCH_DTYPES, HFDenoiser, TextConditioner, VAECodec
+from ddrl.errors import DDRLError
+from ddrl.models.base import Cond
+from ddrl.models.config import ModelConfig
+from ddrl.models.hf import DEFAULTS_FILE, DiffusersGenerator
+from ddrl.models.hf_parts import TORCH_DTYPES, HFDenoiser, TextConditioner, VAECodec
 
 TINY_DEFAULTS = {"height": 16, "width": 16, "frames": 5}
 NATIVE = (480, 832, 81)  # WanPipeline's default height, width, num_frames
@@ -162,7 +162,7 @@ class WanGenerator(DiffusersGenerator):
         from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
         from transformers import UMT5Config, UMT5EncoderModel
 
-        from .tiny_text import t5_tokenizer
+        from ddrl.models.tiny_text import t5_tokenizer
 
         tok = t5_tokenizer()
         text = UMT5EncoderModel(

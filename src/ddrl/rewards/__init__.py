@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import inspect
 
-from ..errors import DDRLError, check_choice, lookup
-from .base import (
+from ddrl.errors import DDRLError, check_choice, lookup
+from ddrl.rewards.base import (
     GoldConfig,
     GoldEvaluator,
     Reward,
@@ -13,13 +13,13 @@ from .base import (
     RewardContext,
     checked_reward,
 )
-from .clip_rewards import FACTORIES as CLIP_FACTORIES
-from .digits import ClassifierReward, DigitsGold, InkReward
-from .multi import MultiReward, parse_names, parse_weights
-from .ocr import OCRReward
-from .pixels import BrightnessReward
-from .remote import remote_factory
-from .toy2d import RightReward, Toy2DGold
+from ddrl.rewards.clip_rewards import FACTORIES as CLIP_FACTORIES
+from ddrl.rewards.digits import ClassifierReward, DigitsGold, InkReward
+from ddrl.rewards.multi import MultiReward, parse_names, parse_weights
+from ddrl.rewards.ocr import OCRReward
+from ddrl.rewards.pixels import BrightnessReward
+from ddrl.rewards.remote.client import remote_factory
+from ddrl.rewards.toy2d import RightReward, Toy2DGold
 
 # name -> (data set it applies to, factory(ctx) -> Reward); "files" = a user's own image/video
 # data (the diffusers families), "*" = any

@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..errors import DDRLError
-from .base import RewardContext
-from .clip_rewards import (
+from ddrl.errors import DDRLError
+from ddrl.rewards.base import RewardContext
+from ddrl.rewards.clip_rewards import (
     CLIP_L14,
     ClipScorer,
     clip_scorer,

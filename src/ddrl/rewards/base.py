@@ -9,7 +9,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from ..errors import DDRLError, check_choice, check_range
+from ddrl.errors import DDRLError, check_choice, check_range
 
 
 @dataclass
@@ -41,8 +41,8 @@ class RewardConfig:
         check_range("reward.timeout", self.timeout, 1e-3)
         check_range("reward.retries", self.retries, 0, 100)
         check_range("reward.backoff", self.backoff, 0.0)
-        from ..advantages import AGGREGATES
-        from .multi import parse_names, parse_weights
+        from ddrl.advantages import AGGREGATES
+        from ddrl.rewards.multi import parse_names, parse_weights
 
         check_choice("reward.aggregate", self.aggregate, AGGREGATES)
         parse_weights(self.weights, len(parse_names(self.name)))
@@ -158,7 +158,7 @@ class OverlappedScorer:
         self.pool, self.jobs = ThreadPoolExecutor(1, thread_name_prefix="ddrl-reward"), []
 
     def _score(self, part: slice, x: torch.Tensor) -> torch.Tensor:
-        from ..models import decode_images
+        from ddrl.models import decode_images
 
         with torch.no_grad():  # grad mode is per thread
             return self.reward.each(decode_images(self.codec, x), self.prompts[part])

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import DDRLError
-from .base import RewardContext
+from ddrl.errors import DDRLError
+from ddrl.rewards.base import RewardContext
 
 CLIP_L14 = "openai/clip-vit-large-patch14"
 PICKSCORE = "yuvalkirstain/PickScore_v1"
@@ -78,7 +78,7 @@ def load(reward: str, what: str, src: str, fn: Callable):
 def load_clip(reward: str, src: str):
     from transformers import CLIPModel
 
-    from ..models.hf import quiet_loading
+    from ddrl.models.hf import quiet_loading
 
     with quiet_loading():
         model = load(
@@ -284,13 +284,13 @@ def pickscore_reward(ctx: RewardContext) -> ClipReward:
 
 
 def aesthetic_reward(ctx: RewardContext):
-    from .aesthetic import aesthetic_reward as build
+    from ddrl.rewards.aesthetic import aesthetic_reward as build
 
     return build(ctx)
 
 
 def hpsv2_reward(ctx: RewardContext):
-    from .hpsv2 import hpsv2_reward as build
+    from ddrl.rewards.hpsv2 import hpsv2_reward as build
 
     return build(ctx)
 

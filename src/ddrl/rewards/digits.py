@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from ..checkpoint import save_file_atomic
-from ..data.digits import classifier_halves
-from .base import RewardContext, flat_numpy
+from ddrl.data.digits import classifier_halves
+from ddrl.dist.checkpoint import save_file_atomic
+from ddrl.rewards.base import RewardContext, flat_numpy
 
 
 class InkReward:

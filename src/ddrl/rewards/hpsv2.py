@@ -36,9 +36,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..errors import DDRLError
-from .base import RewardContext
-from .clip_rewards import (
+from ddrl.errors import DDRLError
+from ddrl.rewards.base import RewardContext
+from ddrl.rewards.clip_rewards import (
     LAION_H14,
     ClipReward,
     ClipScorer,
@@ -115,7 +115,7 @@ def clip_from_open_clip(path: str, arch: str):
     """A CLIPModel: ``arch``'s config (a folder or hub id), the OpenCLIP weights at ``path``."""
     from transformers import CLIPConfig, CLIPModel
 
-    from ..models.hf import quiet_loading
+    from ddrl.models.hf import quiet_loading
 
     config = load("hpsv2", "CLIP config", arch, CLIPConfig.from_pretrained)
     state, unknown = convert_open_clip(load("hpsv2", "weights", path, read_state))

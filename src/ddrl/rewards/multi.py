@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..errors import DDRLError
-from .base import Reward, checked_reward
+from ddrl.errors import DDRLError
+from ddrl.rewards.base import Reward, checked_reward
 
 
 def parse_names(name: str) -> list[str]:

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import DDRLError
-from .base import RewardContext
+from ddrl.errors import DDRLError
+from ddrl.rewards.base import RewardContext
 
 INSTALL_HINT = "pip install 'ddrl[ocr]'"
 

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import DDRLError
-from .base import Reward, checked_reward
+from ddrl.errors import DDRLError
+from ddrl.rewards.base import Reward, checked_reward
 
 
 def load_image(path: Path) -> Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..data.toy2d import CENTRES, STD
+from ddrl.data.toy2d import CENTRES, STD
 
 
 class RightReward:

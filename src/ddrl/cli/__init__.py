@@ -15,12 +15,12 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import DDRLError, Terminated
-from .train_cli import _cfg, cmd_train
+from ddrl.cli.train import _cfg, cmd_train
+from ddrl.errors import DDRLError, Terminated
 
 
 def cmd_pretrain(args) -> None:
-    from .pretrain import ensure_base
+    from ddrl.training.pretrain import ensure_base
 
     cfg = _cfg(args)
     _, path = ensure_base(cfg.model.name, cfg.data.name, cfg.pretrain, cfg.model.cache_dir)
@@ -28,8 +28,8 @@ def cmd_pretrain(args) -> None:
 
 
 def cmd_synth(args) -> None:
-    from .components import load_base, synthesize_for, synthetic_path
-    from .data import load_data
+    from ddrl.data import load_data
+    from ddrl.training.components import load_base, synthesize_for, synthetic_path
 
     extra = [f"data.synthetic_per_prompt={args.per_prompt}"] if args.per_prompt else []
     cfg = _cfg(args, extra)
@@ -44,8 +44,8 @@ def cmd_synth(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    """Time each phase of an iteration against the backbone's own compute (``ddrl.bench``)."""
-    from .bench import QUICK, format_table, run_bench, write_json
+    """Time each phase of an iteration against the backbone's own compute (``ddrl.experiments.bench``)."""
+    from ddrl.experiments.bench import QUICK, format_table, run_bench, write_json
 
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     if not algorithms:
@@ -63,7 +63,7 @@ def cmd_bench(args) -> None:
 
 
 def cmd_presets(args) -> None:
-    from .config import preset_descriptions
+    from ddrl.config import preset_descriptions
 
     items = preset_descriptions().items()
     width = max(len(n) for n, _ in items)
@@ -72,7 +72,7 @@ def cmd_presets(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from .export import export
+    from ddrl.training.export import export
 
     out = export(Path(args.run), Path(args.out), merge=args.merge, step=args.step)
     print(f"exported to {out}")
@@ -80,9 +80,9 @@ def cmd_export(args) -> None:
 
 def _reward_from_args(args):
     """(reward config, reward) from --reward/--data and reward.* key=value overrides."""
-    from .config import _set, parse_overrides
-    from .pretrain import cache_root
-    from .rewards import RewardConfig, RewardContext, build_reward
+    from ddrl.config import _set, parse_overrides
+    from ddrl.rewards import RewardConfig, RewardContext, build_reward
+    from ddrl.training.pretrain import cache_root
 
     rc = RewardConfig(name=args.reward)
     for key, value in parse_overrides(args.overrides).items():
@@ -96,7 +96,7 @@ def _reward_from_args(args):
 
 
 def cmd_score(args) -> None:
-    from .rewards.score import read_prompt_args, score_files
+    from ddrl.rewards.score import read_prompt_args, score_files
 
     # argparse hands key=value items after the images to them: they are overrides.
     settings = [a for a in args.images if "=" in a and not Path(a).exists()]
@@ -118,7 +118,7 @@ def cmd_score(args) -> None:
 
 
 def cmd_reward_server(args) -> None:
-    from .rewards.service import serve
+    from ddrl.rewards.remote.server import serve
 
     _, _, reward = _reward_from_args(args)
     serve(
@@ -131,19 +131,19 @@ def cmd_reward_server(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from .eval.runs_report import report_runs
+    from ddrl.experiments.runs_report import report_runs
 
     print(report_runs([Path(r) for r in args.runs], Path(args.out)))
 
 
 def cmd_config(args) -> None:
-    from .config import describe
+    from ddrl.config import describe
 
     print(describe(_cfg(args)))
 
 
 def cmd_eval(args) -> None:
-    from .eval.run_eval import evaluate_run
+    from ddrl.evaluation.run_eval import evaluate_run
 
     result = evaluate_run(
         Path(args.run),
@@ -153,19 +153,19 @@ def cmd_eval(args) -> None:
         preset=args.preset,
         files=args.config,
     )
-    from .runlog import finite_or_null
+    from ddrl.training.runlog import finite_or_null
 
     print(json.dumps(finite_or_null(result), indent=1))
 
 
 def cmd_demo(args) -> None:
-    from .demo import run_demo
+    from ddrl.experiments.demo import run_demo
 
     run_demo(Path(args.out), quick=args.quick, overwrite=args.overwrite, overrides=args.overrides)
 
 
 def cmd_compare(args) -> None:
-    from .eval.compare import run_compare
+    from ddrl.experiments.compare import run_compare
 
     run_compare(
         Path(args.out),
@@ -177,7 +177,7 @@ def cmd_compare(args) -> None:
 
 
 def cmd_long(args) -> None:
-    from .eval.long_run import run_long
+    from ddrl.experiments.long_run import run_long
 
     run_long(
         Path(args.out),
@@ -209,10 +209,10 @@ def _version() -> str:
 
 def _names() -> str:
     """The registered names, for --help (importing the registries loads torch: only then)."""
-    from .config import PRESET_NAMES
-    from .losses import LOSSES
-    from .models import MODELS
-    from .rewards import REWARDS
+    from ddrl.config import PRESET_NAMES
+    from ddrl.losses import LOSSES
+    from ddrl.models import MODELS
+    from ddrl.rewards import REWARDS
 
     rewards = ", ".join(f"{n} ({data})" for n, (data, _) in REWARDS.items())
     return (
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if argv is None:  # the command line (not a caller's in-process main([...]))
-        from .threads import default_threads
+        from ddrl.dist.threads import default_threads
 
         threads, why = default_threads()
         if threads != torch.get_num_threads():

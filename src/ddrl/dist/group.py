@@ -1,11 +1,11 @@
 """Data-parallel training over torch.distributed (``torchrun``): the process-group plumbing.
 
 Without torchrun (no WORLD_SIZE, or 1) nothing here talks to anyone: every helper is the
-identity and a run is exactly the single-process one. With W ranks the loop (``ddrl.train``):
+identity and a run is exactly the single-process one. With W ranks the loop (``ddrl.training.loop``):
 - splits the iteration's global batch of P·G trajectories into W contiguous equal slices
   (``batch_slice``); rank r rolls out, scores and trains on its slice only;
 - draws all noise of the global batch from one stream that every rank shares and keeps its rows,
-  so a trajectory's noise does not depend on how many ranks there are (``ddrl.rng``);
+  so a trajectory's noise does not depend on how many ranks there are (``ddrl.dist.rng``);
 - gathers the rewards so every rank normalises advantages over whole groups, even a group whose
   samples live on two ranks (``gather_rows``);
 - sums the loss denominators (mask counts) and then the gradients over ranks, once per optimizer
@@ -24,8 +24,8 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-from .advantages import AdvantageConfig, combine_advantages
-from .errors import DDRLError
+from ddrl.advantages import AdvantageConfig, combine_advantages
+from ddrl.errors import DDRLError
 
 
 def group_up() -> bool:

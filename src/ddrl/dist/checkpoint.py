@@ -28,9 +28,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.distributed import checkpoint as dcp
 
-from .distributed import barrier, gather_objects, world_size
-from .errors import DDRLError
-from .rng import current_rank
+from ddrl.dist.group import barrier, gather_objects, world_size
+from ddrl.errors import DDRLError
+from ddrl.dist.rng import current_rank
 
 
 def save_file_atomic(

@@ -30,7 +30,7 @@ The answer is JSON (``Content-Type: application/json``):
 
 ``GET {url}/health`` answers ``{"ok": true, "reward": NAME, "version": 1}``.
 
-Client policy (``ddrl.rewards.remote.RemoteReward``): a batch of more than ``batch`` samples
+Client policy (``ddrl.rewards.remote.client.RemoteReward``): a batch of more than ``batch`` samples
 is split into requests of at most ``batch`` and the scores concatenated in order. A connection
 failure, a timeout (no answer within ``timeout`` seconds) or HTTP 502/503/504 is retried
 ``retries`` times, sleeping ``backoff * 2**k`` seconds before retry k (0.5, 1, 2, ... s; no
@@ -60,8 +60,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 from torch import Tensor
 
-from ..errors import DDRLError, check_range
-from .base import Reward, RewardContext, checked_reward
+from ddrl.errors import DDRLError, check_range
+from ddrl.rewards.base import Reward, RewardContext, checked_reward
 
 WIRE_VERSION = 1
 CONTENT_TYPE = "application/x-ddrl-reward"
@@ -301,7 +301,7 @@ def serve(reward: Reward, host: str = "127.0.0.1", port: int = 0, ready=None, na
 
 def main_server(name: str, ctx: RewardContext, host: str = "127.0.0.1", port: int = 0) -> None:
     """``ddrl reward-server``: build reward ``name`` for ``ctx`` and serve it, printing its URL."""
-    from . import build_reward
+    from ddrl.rewards import build_reward
 
     reward = build_reward(name, ctx)
 

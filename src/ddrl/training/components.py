@@ -13,14 +13,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .config import RunConfig
-from .data import PairedPool, TaskData, latent_pool, load_data
-from .data.synthetic import load_pool
-from .errors import DDRLError
-from .models import DIFFUSERS_FAMILIES, Generator, load_generator, resolve
-from .models.hf import ensure_tiny
-from .pretrain import cache_root, ensure_base
-from .rewards import (
+from ddrl.config import RunConfig
+from ddrl.data import PairedPool, TaskData, latent_pool, load_data
+from ddrl.data.synthetic import load_pool
+from ddrl.errors import DDRLError
+from ddrl.models import DIFFUSERS_FAMILIES, Generator, load_generator, resolve
+from ddrl.models.hf import ensure_tiny
+from ddrl.rewards import (
     GoldEvaluator,
     MultiReward,
     RewardContext,
@@ -28,6 +27,7 @@ from .rewards import (
     build_reward,
     build_rewards,
 )
+from ddrl.training.pretrain import cache_root, ensure_base
 
 
 @dataclass
@@ -112,7 +112,7 @@ def synthetic_path(cfg: RunConfig, base_path: Path) -> Path:
 
 def synthesize_for(cfg: RunConfig, gen: Generator, data: TaskData, path: Path, log=print):
     """Generate the synthetic regulariser set of ``cfg`` (resumable) into ``path``."""
-    from .data.synthetic import synthesize
+    from ddrl.data.synthetic import synthesize
 
     return synthesize(
         gen.to(device_of(cfg)),

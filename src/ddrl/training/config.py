@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import check_choice, check_range
+from ddrl.errors import check_choice, check_range
 
 SELECTIONS = ("first", "per_sample", "per_batch", "strided")
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..checkpoint import fingerprint, latest_checkpoint, load_checkpoint, load_into
-from ..components import build_components, device_of
-from ..config import PRESET_NAMES, build_config, load_config
-from ..ema import trainable
-from ..errors import DDRLError
-from ..runlog import finite_or_null
-from .evaluate import evaluate_components, save_prompt_grid
+from ddrl.config import PRESET_NAMES, build_config, load_config
+from ddrl.dist.checkpoint import fingerprint, latest_checkpoint, load_checkpoint, load_into
+from ddrl.errors import DDRLError
+from ddrl.evaluation.evaluate import evaluate_components, save_prompt_grid
+from ddrl.training.components import build_components, device_of
+from ddrl.training.ema import trainable
+from ddrl.training.runlog import finite_or_null
 
 
 def _checkpoint(run: Path, step: int | None) -> Path:

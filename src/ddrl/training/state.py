@@ -5,8 +5,8 @@ name, through torch.distributed.checkpoint's state-dict helpers), every rank's t
 CUDA) RNG state, the iteration, the samples seen, the world size and strategy, and the base
 model's fingerprint: a resumed run must start from the same base it was launched from, or it
 would silently continue a different model. The rest of the run's state is a function of the
-iteration and needs no saving: the learning-rate schedule (``ddrl.train``), the prompt sampler
-and every noise stream (generators keyed by (seed, iteration[, rank]), ``ddrl.rng``), and the
+iteration and needs no saving: the learning-rate schedule (``ddrl.training.loop``), the prompt sampler
+and every noise stream (generators keyed by (seed, iteration[, rank]), ``ddrl.dist.rng``), and the
 reward normalisation (per-group statistics of the iteration's own rewards, no running state).
 """
 
@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from .checkpoint import (
+from ddrl.dist.checkpoint import (
     checkpoints,
     fingerprint,
     read_state,
@@ -29,9 +29,9 @@ from .checkpoint import (
     save_checkpoint,
     verify,
 )
-from .distributed import barrier, is_main, world_size
-from .ema import EMA, trainable
-from .errors import DDRLError
+from ddrl.dist.group import barrier, is_main, world_size
+from ddrl.errors import DDRLError
+from ddrl.training.ema import EMA, trainable
 
 
 def rng_state() -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""The client of ``ddrl reward-server`` (``reward.name = remote``): see ``ddrl.rewards.service``
+"""The client of ``ddrl reward-server`` (``reward.name = remote``): see ``ddrl.rewards.remote.server``
 for the wire format and the retry policy."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import urllib.request
 import torch
 from torch import Tensor
 
-from ..errors import DDRLError, check_range
-from .base import RewardContext
-from .service import (
+from ddrl.errors import DDRLError, check_range
+from ddrl.rewards.base import RewardContext
+from ddrl.rewards.remote.server import (
     CONTENT_TYPE,
     MAX_ANSWER_BYTES,
     RETRY_STATUS,

@@ -13,14 +13,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..components import build_components, device_of
-from ..config import build_config
-from ..errors import DDRLError
-from ..runlog import prepare_run_dir, read_jsonl
-from ..train import train
-from .evaluate import evaluate_components, save_prompt_grid
-from .report import arm_label, arm_slug, write_report
-from .toy2d_compare import TOY_COMMON, TOY_QUICK, run_toy2d, toy2d_html
+from ddrl.config import build_config
+from ddrl.errors import DDRLError
+from ddrl.evaluation.evaluate import evaluate_components, save_prompt_grid
+from ddrl.experiments.report import arm_label, arm_slug, write_report
+from ddrl.experiments.toy2d import TOY_COMMON, TOY_QUICK, run_toy2d, toy2d_html
+from ddrl.training.components import build_components, device_of
+from ddrl.training.loop import train
+from ddrl.training.runlog import prepare_run_dir, read_jsonl
 
 # Arms of the full comparison: (algorithm, setting). DanceGRPO and plain GRPO have no
 # regulariser; DDRL sweeps data_beta, Flow-GRPO sweeps beta_kl over comparable ranges.

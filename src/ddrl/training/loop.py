@@ -2,10 +2,10 @@
 
 Algorithms differ only in the loss object and its config (plus sampler and loop settings in
 their presets); the loop never asks which algorithm it runs. Simplifications, stated up front:
-- data parallel over ``torchrun`` ranks (``ddrl.distributed``): each rank rolls out, scores and
+- data parallel over ``torchrun`` ranks (``ddrl.dist.group``): each rank rolls out, scores and
   trains its contiguous slice of the iteration's P·G trajectories; rewards are gathered so
   groups normalise whole, loss denominators are summed over ranks and gradients too (torch DDP
-  or FSDP2, ``ddrl.parallel``) once per optimizer step, so W ranks take the single-process
+  or FSDP2, ``ddrl.dist.parallel``) once per optimizer step, so W ranks take the single-process
   step; rank 0 alone writes the run folder (checkpoints: every rank writes its shards);
 - each inner update is one optimizer step, gradients accumulated over every trained timestep
   and micro-batch, each loss term averaged over the whole iteration (``LossOut``);
@@ -24,30 +24,30 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import fingerprint
-from .components import Components, build_components, device_of
-from .config import RunConfig, save_config
-from .distributed import (
+from ddrl.config import RunConfig, save_config
+from ddrl.dist.checkpoint import fingerprint
+from ddrl.dist.group import (
     any_rank,
     barrier,
     batch_slice,
     gathered_advantages,
     is_main,
 )
-from .ema import EMA
-from .errors import DDRLError, Terminated
-from .eval.evaluate import evaluate_components, save_prompt_grid
-from .losses import LossContext, build_loss
-from .models import CondCache, decode_images
-from .parallel import Parallel
-from .phases import PhaseTimer, phase
-from .reference import make_reference
-from .rewards.base import OverlappedScorer, finite_mean
-from .rng import current_rank, noise_generator, rank_generator, shared_generator
-from .rollout import rollout
-from .runlog import NullLogger, RunLogger, read_jsonl
-from .train_state import NoCheckpoint, TrainState
-from .update import iter_step_batches, optimizer_step, select_timesteps
+from ddrl.dist.parallel import Parallel
+from ddrl.dist.rng import current_rank, noise_generator, rank_generator, shared_generator
+from ddrl.errors import DDRLError, Terminated
+from ddrl.evaluation.evaluate import evaluate_components, save_prompt_grid
+from ddrl.losses import LossContext, build_loss
+from ddrl.losses.reference import make_reference
+from ddrl.models import CondCache, decode_images
+from ddrl.rewards.base import OverlappedScorer, finite_mean
+from ddrl.sampling import rollout
+from ddrl.training.components import Components, build_components, device_of
+from ddrl.training.ema import EMA
+from ddrl.training.phases import PhaseTimer, phase
+from ddrl.training.runlog import NullLogger, RunLogger, read_jsonl
+from ddrl.training.state import NoCheckpoint, TrainState
+from ddrl.training.step import iter_step_batches, optimizer_step, select_timesteps
 
 
 def train(
@@ -188,12 +188,14 @@ def train(
     its = range(start, tc.iterations)
     show = tc.progress and main
     bar = tqdm(its, initial=start, total=tc.iterations, disable=not show, desc=cfg.algorithm)
-    timer = PhaseTimer(dev, sync=tc.sync_timing)  # the row's time_<phase> (``ddrl.phases``)
+    timer = PhaseTimer(
+        dev, sync=tc.sync_timing
+    )  # the row's time_<phase> (``ddrl.training.phases``)
     for it in bar:
         t0 = time.perf_counter()
         with timer.active():
             # The trajectories' noise (and data pairing) is drawn for the whole batch on every
-            # rank and sliced (``ddrl.rng``); rank 0's own stream continues it, the other
+            # rank and sliced (``ddrl.dist.rng``); rank 0's own stream continues it, the other
             # ranks own theirs.
             g_shared, g_noise = shared_generator(cfg.seed, it), noise_generator(cfg.seed, it)
             g_own = g_noise if rank == 0 else rank_generator(cfg.seed, it, rank)

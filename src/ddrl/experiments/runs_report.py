@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import load_config
-from ..errors import DDRLError
-from ..runlog import read_jsonl
-from .report import write_report
+from ddrl.config import load_config
+from ddrl.errors import DDRLError
+from ddrl.experiments.report import write_report
+from ddrl.training.runlog import read_jsonl
 
 
 def runs_metrics(runs: list[Path]) -> tuple[dict, dict[str, Path]]:

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import DDRLError
+from ddrl.errors import DDRLError
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, check_only: bool = False) -> Path:

@@ -17,9 +17,9 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from ..runlog import prepare_run_dir
-from .compare import check_overrides, evaluate_base, run_arm
-from .report import _save, arm_slug, write_report
+from ddrl.experiments.compare import check_overrides, evaluate_base, run_arm
+from ddrl.experiments.report import _save, arm_slug, write_report
+from ddrl.training.runlog import prepare_run_dir
 
 # The settings where DDRL and Flow-GRPO matched at 30 iterations (docs/LOG.md, 2026-11-24).
 LONG_ARMS: list[tuple[str, dict[str, Any]]] = [

@@ -10,7 +10,7 @@
   copy is sharded the same way; under LoRA the reference is the adapter-disabled base itself.
 
 Both reduce gradients by SUM, not the usual mean: each rank's loss is already its share of
-the whole iteration's mean (``ddrl.train.optimizer_step``), so the sum is the one-process
+the whole iteration's mean (``ddrl.training.loop.optimizer_step``), so the sum is the one-process
 gradient. Gradients are synchronised once per optimizer step: every backward but the step's
 last runs under ``no_sync`` (DDP) / ``set_requires_gradient_sync(False)`` (FSDP2).
 """
@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .distributed import group_up, world_size
-from .errors import DDRLError, check_choice
+from ddrl.dist.group import group_up, world_size
+from ddrl.errors import DDRLError, check_choice
 
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
 PARAM_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -9,11 +9,11 @@ import sys
 import threading
 from pathlib import Path
 
-from .errors import DDRLError
+from ddrl.errors import DDRLError
 
 
 def _cfg(args, extra: list[str] = ()):
-    from .config import build_config
+    from ddrl.config import build_config
 
     preset = [f"preset={args.preset}"] if getattr(args, "preset", "") else []
     return build_config(args.config, preset + list(extra) + list(args.overrides))
@@ -40,7 +40,7 @@ def _num(v) -> str:
 
 def train_summary(run: Path, row: dict) -> str:
     """A few lines for a person: final reward, last gold accuracy, where the outputs are."""
-    from .runlog import read_jsonl
+    from ddrl.training.runlog import read_jsonl
 
     lines = [f"trained {run} to iteration {row.get('iteration', 0)}"]
     if row:
@@ -61,11 +61,11 @@ def train_summary(run: Path, row: dict) -> str:
 
 
 def cmd_train(args) -> None:
-    """Under ``torchrun`` every rank runs this (data parallel, ``ddrl.distributed``): each reads
+    """Under ``torchrun`` every rank runs this (data parallel, ``ddrl.dist.group``): each reads
     the same config; rank 0 builds the components first (it may fill the cache) and alone
     writes the run folder."""
-    from .components import device_of
-    from .distributed import process_group
+    from ddrl.dist.group import process_group
+    from ddrl.training.components import device_of
 
     out = Path(args.out)
     cfg = _train_config(args, out)
@@ -77,7 +77,7 @@ def _train_config(args, out: Path):
     """The run's config, after checking the folder (every rank checks, none writes yet).
     ``--resume auto`` on a folder with no run yet starts it: one command line serves the first
     launch and every restart after a preemption."""
-    from .runlog import prepare_run_dir
+    from ddrl.training.runlog import prepare_run_dir
 
     if args.resume and "=" in args.resume:  # `--resume key=value`: an override, not a name
         args.overrides, args.resume = [args.resume, *args.overrides], "auto"
@@ -106,7 +106,7 @@ def _resume_config(args, out: Path):
     laid out over ranks) may change. A --config, --preset or other override must resolve to
     what the run was started with (a restart script repeats the first command), else a
     one-line error naming the first difference."""
-    from .config import load_config, to_dict
+    from ddrl.config import load_config, to_dict
 
     changes = [o for o in args.overrides if o.split("=", 1)[0].strip().startswith(MAY_CHANGE)]
     others = [o for o in args.overrides if o not in changes]
@@ -149,10 +149,10 @@ def _checkpoint_arg(spec: str, out: Path) -> Path | bool:
 
 
 def _train(cfg, args, out: Path) -> None:
-    from .components import build_components
-    from .distributed import barrier, batch_slice, is_main, main_first
-    from .runlog import prepare_run_dir
-    from .train import train
+    from ddrl.dist.group import barrier, batch_slice, is_main, main_first
+    from ddrl.training.components import build_components
+    from ddrl.training.loop import train
+    from ddrl.training.runlog import prepare_run_dir
 
     batch_slice(cfg.train.prompts_per_iter * cfg.train.group_size)  # splits over the ranks?
     # Base, data and reward (a plugin's kind of output) are built, or fail, before the run

@@ -27,19 +27,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .advantages import AdvantageConfig
-from .data import DataConfig
-from .errors import DDRLError, check_choice, check_range, lookup
-from .eval.evaluate import EvalConfig
-from .losses import loss_class
-from .losses.ddrl import DDRLConfig
-from .models import ModelConfig
-from .parallel import ParallelConfig
-from .pretrain import PretrainConfig
-from .rewards import GoldConfig, RewardConfig, parse_names, reward_factory
-from .rollout import SamplerConfig
-from .sde import SDES
-from .train_config import OptimConfig, TrainConfig
+from ddrl.advantages import AdvantageConfig
+from ddrl.data import DataConfig
+from ddrl.dist.parallel import ParallelConfig
+from ddrl.errors import DDRLError, check_choice, check_range, lookup
+from ddrl.evaluation.evaluate import EvalConfig
+from ddrl.losses import loss_class
+from ddrl.losses.ddrl import DDRLConfig
+from ddrl.models import ModelConfig
+from ddrl.rewards import GoldConfig, RewardConfig, parse_names, reward_factory
+from ddrl.sampling import SamplerConfig
+from ddrl.sde import SDES
+from ddrl.training.config import OptimConfig, TrainConfig
+from ddrl.training.pretrain import PretrainConfig
 
 try:
     import tomllib

@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .checkpoint import atomic_dir
-from .data import load_data
-from .ema import ema_update
-from .errors import check_range
-from .flow import flow_matching_loss, interpolate, sample_training_t
-from .models import MODELS, Cond, Generator, load_generator
+from ddrl.data import load_data
+from ddrl.dist.checkpoint import atomic_dir
+from ddrl.errors import check_range
+from ddrl.flow import flow_matching_loss, interpolate, sample_training_t
+from ddrl.models import MODELS, Cond, Generator, load_generator
+from ddrl.training.ema import ema_update
 
 FORMAT = 2  # bump when the saved layout changes, so stale cache entries are not loaded
 

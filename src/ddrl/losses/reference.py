@@ -13,8 +13,8 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from .errors import DDRLError
-from .models import Cond, guided_velocity
+from ddrl.errors import DDRLError
+from ddrl.models import Cond, guided_velocity
 
 
 class Reference(Protocol):
@@ -26,7 +26,7 @@ class Reference(Protocol):
 
 class FrozenCopy:
     """A deep copy of the denoiser taken before training starts, frozen and in eval mode;
-    ``place``: lays it out like the policy (FSDP2 shards it, ``ddrl.parallel``)."""
+    ``place``: lays it out like the policy (FSDP2 shards it, ``ddrl.dist.parallel``)."""
 
     def __init__(self, denoiser: nn.Module, place=lambda m: m):
         self.model = place(copy.deepcopy(denoiser).eval().requires_grad_(False))

@@ -9,12 +9,12 @@ from collections.abc import Iterator
 
 import torch
 
-from .distributed import all_reduce_sum, reduce_metrics
-from .losses import StepBatch
-from .models import Cond
-from .parallel import grad_norm_value
-from .phases import phase
-from .rollout import Rollout
+from ddrl.dist.group import all_reduce_sum, reduce_metrics
+from ddrl.dist.parallel import grad_norm_value
+from ddrl.losses import StepBatch
+from ddrl.models import Cond
+from ddrl.sampling import Rollout
+from ddrl.training.phases import phase
 
 
 def select_timesteps(
@@ -101,7 +101,7 @@ def optimizer_step(
     fraction) are averaged over the policy term's samples and maxed. Returns (metrics as
     tensors, whether the step was finite and taken). Over several ranks the counts, gradients
     and metrics are summed (maxima maxed) across them, so every rank takes the same step; the
-    gradients are reduced once, in the step's last backward (``par``: ``ddrl.parallel``).
+    gradients are reduced once, in the step's last backward (``par``: ``ddrl.dist.parallel``).
     """
     active = getattr(loss_fn, "active", lambda b: True)
     last = max((i for i, b in enumerate(batches) if active(b)), default=-1)

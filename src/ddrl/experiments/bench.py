@@ -1,8 +1,8 @@
 """``ddrl bench``: where an iteration's time goes, against the backbone's own compute.
 
-For each algorithm, in one process: a short real training run (``ddrl.train``) with the device
+For each algorithm, in one process: a short real training run (``ddrl.training.loop``) with the device
 synchronised around every phase (``train.sync_timing``), whose rows give the time per phase
-(``ddrl.phases``) after the warm-up iterations. Meanwhile every call of the denoiser's
+(``ddrl.training.phases``) after the warm-up iterations. Meanwhile every call of the denoiser's
 ``velocity`` is recorded (shapes, with or without gradient). Afterwards the same calls are
 replayed on the bare backbone at the same shapes, timed: forward for the calls without
 gradient (rollout, reference), forward + backward for the others (policy, data term). Their sum
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from .config import build_config
-from .phases import PHASES
-from .runlog import prepare_run_dir, read_jsonl
+from ddrl.config import build_config
+from ddrl.training.phases import PHASES
+from ddrl.training.runlog import prepare_run_dir, read_jsonl
 
 QUICK = [  # a few seconds on a CPU: the digits default at a toy size
     "train.prompts_per_iter=2",
@@ -128,8 +128,8 @@ def bench_one(
     files: list[str], overrides: list[str], iterations: int, warmup: int, reps: int, peak
 ) -> dict:
     """One algorithm: phases of ``iterations`` timed iterations after ``warmup``, and the floor."""
-    from .components import build_components, device_of
-    from .train import train
+    from ddrl.training.components import build_components, device_of
+    from ddrl.training.loop import train
 
     cfg = build_config(
         files,
@@ -195,7 +195,7 @@ def run_bench(
                 files, [*base_overrides, f"algorithm={alg}"], iterations, warmup, reps, peak_tflops
             )
         )
-    from .components import device_of
+    from ddrl.training.components import device_of
 
     cfg = build_config(files, base_overrides)
     return {

@@ -11,9 +11,9 @@ import json
 import time
 from pathlib import Path
 
-from .eval.compare import QUICK_COMMON, check_overrides, evaluate_base, run_arm
-from .eval.report import write_report
-from .runlog import prepare_run_dir
+from ddrl.experiments.compare import QUICK_COMMON, check_overrides, evaluate_base, run_arm
+from ddrl.experiments.report import write_report
+from ddrl.training.runlog import prepare_run_dir
 
 DEMO_ARMS = [("ddrl", {}), ("flow_grpo", {}), ("dance_grpo", {})]  # each at its preset defaults
 DEMO_COMMON = {"train.iterations": 30, "eval.every": 10}

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoint import fingerprint, load_checkpoint, load_into
-from .config import load_config
-from .ema import trainable
-from .errors import DDRLError
-from .models import Generator, load_generator
+from ddrl.config import load_config
+from ddrl.dist.checkpoint import fingerprint, load_checkpoint, load_into
+from ddrl.errors import DDRLError
+from ddrl.models import Generator, load_generator
+from ddrl.training.ema import trainable
 
 
 def load_run_generator(run: Path, step: int | None = None) -> Generator:
     """RUN/final, or the ``step`` checkpoint (its EMA weights when kept) on the run's base."""
-    from .components import load_base
-    from .eval.run_eval import _checkpoint
+    from ddrl.evaluation.run_eval import _checkpoint
+    from ddrl.training.components import load_base
 
     run = Path(run)
     if not (run / "config.json").is_file():

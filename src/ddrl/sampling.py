@@ -12,10 +12,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import check_choice, check_range
-from .flow import GRIDS, linear_grid
-from .models import Cond, CondCache, Generator, guided_velocity
-from .sde import SDES, FlowSDE, ode_step
+from ddrl.errors import check_choice, check_range
+from ddrl.flow import GRIDS, linear_grid
+from ddrl.models import Cond, CondCache, Generator, guided_velocity
+from ddrl.sde import SDES, FlowSDE, ode_step
 
 
 @dataclass

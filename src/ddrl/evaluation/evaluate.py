@@ -15,15 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..data import PairedPool, TaskData
-from ..errors import check_choice, check_range
-from ..flow import GRIDS
-from ..models import Generator, clamp_images
-from ..rewards import GoldEvaluator, MultiReward, Reward
-from ..rewards.base import finite_mean
-from ..rewards.multi import video_frames
-from ..rollout import SamplerConfig, sample_ode
-from .metrics import (
+from ddrl.data import PairedPool, TaskData
+from ddrl.errors import check_choice, check_range
+from ddrl.evaluation.metrics import (
     default_t_grid,
     frechet_distance,
     heldout_diffusion_loss,
@@ -31,7 +25,13 @@ from .metrics import (
     pairwise_diversity,
     saturation_rate,
 )
-from .report import save_image_grid
+from ddrl.experiments.report import save_image_grid
+from ddrl.flow import GRIDS
+from ddrl.models import Generator, clamp_images
+from ddrl.rewards import GoldEvaluator, MultiReward, Reward
+from ddrl.rewards.base import finite_mean
+from ddrl.rewards.multi import video_frames
+from ddrl.sampling import SamplerConfig, sample_ode
 
 
 @dataclass
@@ -167,7 +167,7 @@ def save_scatter(points: Tensor, path, title: str | None = None):
     """Scatter plot of 2-D samples [N, 2] over the toy mixture's centres."""
     from matplotlib.figure import Figure
 
-    from ..data.toy2d import CENTRES
+    from ddrl.data.toy2d import CENTRES
 
     fig = Figure(figsize=(4, 4))
     ax = fig.subplots()

@@ -14,15 +14,15 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import latest_checkpoint, load_checkpoint, load_into
-from ..components import build_components
-from ..config import build_config
-from ..ema import trainable
-from ..rollout import sample_ode
-from ..runlog import prepare_run_dir
-from ..train import train
-from .report import arm_slug
-from .toy2d_tilt import plot_toy2d_arms, predicted_mode_weights, tilt_table
+from ddrl.config import build_config
+from ddrl.dist.checkpoint import latest_checkpoint, load_checkpoint, load_into
+from ddrl.experiments.report import arm_slug
+from ddrl.experiments.toy2d_tilt import plot_toy2d_arms, predicted_mode_weights, tilt_table
+from ddrl.sampling import sample_ode
+from ddrl.training.components import build_components
+from ddrl.training.ema import trainable
+from ddrl.training.loop import train
+from ddrl.training.runlog import prepare_run_dir
 
 TOY_ARMS: list[tuple[str, str, dict[str, Any]]] = [
     ("DDRL (data_beta 0.1)", "ddrl", {"loss.data_beta": 0.1}),
