@@ -35,3 +35,18 @@ def _isolated_cache(tmp_path_factory):
         os.environ.pop("DDRL_CACHE", None)
     else:
         os.environ["DDRL_CACHE"] = old
+
+
+def group_ids(n: int, group_size: int) -> torch.Tensor:
+    """Trajectory i's group, i // group_size, for n trajectories [n]."""
+    return torch.arange(n) // group_size
+
+
+def step_batches_of(ro, adv, valid, x0, steps, micro, g=None, data_cond=None, plan=0, stack=1):
+    """The StepBatches the loop trains on, for a hand-made iteration (``training.step``)."""
+    from ddrl.training.iteration import Iteration
+    from ddrl.training.step import step_batches
+
+    g = g if g is not None else torch.Generator()
+    b = Iteration(0, ro, adv[:, None], adv, adv, valid, valid, x0, data_cond, steps, plan, g)
+    return list(step_batches(b, micro, stack))

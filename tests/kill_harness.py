@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 import ddrl.dist.checkpoint
-import ddrl.training.loop
+import ddrl.training.step
 from ddrl.cli import main
 
 
@@ -40,8 +40,8 @@ if __name__ == "__main__":
     where, n, rank = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     assert sys.argv[4] == "--"
     if where == "iteration":
-        ddrl.training.loop.optimizer_step = _kill_in(
-            ddrl.training.loop.optimizer_step, n, rank, before=True
+        ddrl.training.step.optimizer_step = _kill_in(
+            ddrl.training.step.optimizer_step, n, rank, before=True
         )
     elif where == "checkpoint":
         ddrl.dist.checkpoint.dcp.save = _kill_in(dcp.save, n, rank, before=False)

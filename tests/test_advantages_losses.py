@@ -13,25 +13,21 @@ import statistics
 import pytest
 import torch
 
-from ddrl.advantages import AdvantageConfig, group_advantages
+from ddrl.advantages import group_advantages
+from ddrl.config.core import AdvantageConfig, DanceSDE, FlowSDE, SamplerConfig
 from ddrl.errors import DDRLError
 from ddrl.flow import sample_training_t
-from ddrl.losses import (
-    LossContext,
-    StepBatch,
-    build_loss,
-    clipped_policy_loss,
-    loss_class,
-    policy_transition,
-)
-from ddrl.losses.ddrl import DDRLConfig, DDRLLoss
-from ddrl.losses.flow_grpo import FlowGRPOConfig, FlowGRPOLoss, flow_grpo_kl
-from ddrl.losses.grpo import PolicyConfig, PolicyOnlyLoss
+from ddrl.losses import build_loss, loss_class
+from ddrl.losses.base import LossContext, StepBatch, clipped_policy_loss, policy_transition
+from ddrl.losses.config import DDRLConfig, FlowGRPOConfig, PolicyConfig, SFTConfig
+from ddrl.losses.ddrl import DDRLLoss
+from ddrl.losses.flow_grpo import FlowGRPOLoss, flow_grpo_kl
+from ddrl.losses.grpo import PolicyOnlyLoss
 from ddrl.losses.reference import FrozenCopy
-from ddrl.losses.sft import SFTConfig, SFTLoss
-from ddrl.sampling import SamplerConfig, rollout
-from ddrl.sde import DanceSDE, FlowSDE
-from ddrl.training.loop import optimizer_step
+from ddrl.losses.sft import SFTLoss
+from ddrl.sampling import rollout
+from ddrl.sde import stepper
+from ddrl.training.step import optimizer_step
 
 B = 6
 EPS = 1e-4
@@ -258,7 +254,7 @@ def _no_reference(kind):
 
 
 def _ctx(kind="flow", level=0.7, cfg_scale=1.0, make_reference=_no_reference):
-    return LossContext(_sde(kind, level), cfg_scale, make_reference)
+    return LossContext(stepper(_sde(kind, level)), cfg_scale, make_reference)
 
 
 # ---------------------------------------------------------------------------- one step batch
@@ -314,7 +310,7 @@ def _fm_by_hand(gen, b, t=None, noise=None):
 
 
 def _run(loss_fn, gen, batches):
-    """The loop's reduction (ddrl.training.loop.optimizer_step) at learning rate 0: metrics as floats;
+    """The loop's reduction (ddrl.training.step.optimizer_step) at lr 0: metrics as floats;
     the weights are unchanged and the gradients stay in .grad."""
     params = list(gen.denoiser.parameters())
     opt = torch.optim.SGD(params, lr=0.0)
@@ -517,8 +513,8 @@ def test_policy_transition_cfg_detaches_the_unconditional_branch(tiny_digits):
     # the gradient is that of log p with v = sg(v_u) + w·(v_c − sg(v_u)).
     ctx = _ctx()
     v_sg = v_u.detach() + w * (v_c - v_u.detach())
-    detached = ctx.sde.step(b.x_t, v_sg, b.t, b.t_next, prev_sample=b.x_next)
-    through = ctx.sde.step(b.x_t, v_u + w * (v_c - v_u), b.t, b.t_next, prev_sample=b.x_next)
+    detached = ctx.step(b.x_t, v_sg, b.t, b.t_next, prev_sample=b.x_next)
+    through = ctx.step(b.x_t, v_u + w * (v_c - v_u), b.t, b.t_next, prev_sample=b.x_next)
     g_step, g_det, g_thr = grads(step.log_prob), grads(detached.log_prob), grads(through.log_prob)
     diff = 0.0
     for gs, gd, gt in zip(g_step, g_det, g_thr, strict=True):
@@ -570,7 +566,7 @@ def test_rollout_log_probs_are_reference_densities(tiny_model, kind, level):
     cfg = SamplerConfig(sde=_sde(kind, level), num_steps=4)
     ro = rollout(tiny_model, [""] * 2, 3, cfg, torch.Generator().manual_seed(0))
     assert ro.states.shape == (5, 6, 2) and ro.log_probs.shape == (4, 6)
-    assert ro.group_ids.tolist() == [0, 0, 0, 1, 1, 1]
+    assert ro.prompts == [""] * 6  # 2 groups of 3
     assert ro.timesteps[0].item() == 1.0 and ro.timesteps[-1].item() == 0.0
     assert ro.null is None  # no CFG
     assert torch.isfinite(ro.log_probs).all()

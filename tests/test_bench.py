@@ -5,7 +5,7 @@ import json
 import math
 
 from ddrl.cli import main
-from ddrl.training.phases import PHASES
+from ddrl.phases import PHASES
 
 FIELDS = {
     "algorithm",
@@ -55,7 +55,7 @@ def test_bench_quick_json_has_every_field(tmp_path, capsys):
 def test_default_threads(monkeypatch):
     """DDRL_THREADS wins; torchrun's local ranks divide the cores; ddrl processes are found by
     their command line (the script, python running it, or -m ddrl)."""
-    from ddrl import threads
+    from ddrl.dist import threads
 
     assert threads._is_ddrl(["/v/bin/python", "/v/bin/ddrl", "train"])
     assert threads._is_ddrl(["ddrl", "bench"])

@@ -163,7 +163,7 @@ def test_run_folder_never_overwritten_and_checkpoints_checked(tmp_path, capsys):
     model_file.write_bytes(intact)
     (ckpt / "state.json").write_text("{")
     assert "corrupt" in error_line(capsys, "eval", run_dir)
-    assert "no checkpoint for step 7" in error_line(capsys, "eval", run_dir, "--step", "7")
+    assert "--step 7: no such checkpoint" in error_line(capsys, "eval", run_dir, "--step", "7")
     assert "--resume step-000009: no such checkpoint; allowed: auto, or one of step-000002" in (
         error_line(capsys, "train", "--out", run_dir, "--resume", "step-000009")
     )
@@ -181,7 +181,7 @@ def test_synth_then_train_on_synthetic_data(tmp_path, capsys):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from ddrl.data.synthetic import load_pool
+    from ddrl.data.pool_io import load_pool
 
     t = load_file(pool)
     with safe_open(str(pool), "pt") as f:
@@ -252,8 +252,8 @@ def test_plugin_model_without_base_fails_cleanly_or_pretrains(tmp_path, capsys):
 
 
 def test_synthetic_pool_roundtrip_keeps_any_prompt_strings(tmp_path):
-    from ddrl.data.base import PairedPool
-    from ddrl.data.synthetic import load_pool, save_pool
+    from ddrl.data.pool_io import load_pool, save_pool
+    from ddrl.data.pools import PairedPool
     from ddrl.errors import DDRLError
 
     prompts = ["a cat, on a mat", 'ünïcødé "quoted"\n', "", "a cat, on a mat"]
@@ -268,8 +268,8 @@ def test_synthetic_pool_roundtrip_keeps_any_prompt_strings(tmp_path):
 
 
 def test_synthetic_pool_is_stored_in_the_codec_range(tiny_digits):
+    from ddrl.config.core import SamplerConfig
     from ddrl.data.synthetic import generate_pool
-    from ddrl.sampling import SamplerConfig
 
     pool = generate_pool(tiny_digits, ["0", "1"], 4, SamplerConfig(eval_steps=2), seed=0)
     lo, hi = tiny_digits.codec.value_range

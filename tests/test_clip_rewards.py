@@ -21,8 +21,11 @@ from safetensors.torch import save_file  # noqa: E402
 
 from ddrl.errors import DDRLError  # noqa: E402
 from ddrl.rewards.base import RewardContext  # noqa: E402
-from ddrl.rewards.clip_rewards import FACTORIES, Preprocess  # noqa: E402
+from ddrl.rewards.build import build_reward
+from ddrl.rewards.clip_rewards import Preprocess
+from ddrl.rewards.config import RewardConfig
 
+CLIP = ("aesthetic", "clipscore", "hpsv2", "pickscore")  # the CLIP family
 SIZE = 32  # the tiny models' input (shortest edge = crop = 32)
 PROMPTS = ["a red cat", "a dog on the beach", "a red cat", "", "x" * 200]
 
@@ -80,7 +83,7 @@ def clip_folder(tmp_path_factory):
 
 
 def _ctx(tmp_path, model: str, batch: int = 16) -> RewardContext:
-    return RewardContext("files", tmp_path, device="cpu", model=str(model), batch=batch)
+    return RewardContext("files", tmp_path, "cpu", RewardConfig(model=str(model), batch=batch))
 
 
 def _images(n: int = 5, h: int = SIZE, w: int = SIZE, seed: int = 1) -> torch.Tensor:
@@ -127,7 +130,7 @@ def _reference(folder, images, prompts):
 
 def test_clipscore_is_hessel_formula(clip_folder, tmp_path):
     images = _images()
-    r = FACTORIES["clipscore"](_ctx(tmp_path, clip_folder))(images, PROMPTS)
+    r = build_reward("clipscore", _ctx(tmp_path, clip_folder))(images, PROMPTS)
     assert r.dtype == torch.float32 and r.shape == (5,) and r.device.type == "cpu"
     assert torch.isfinite(r).all()
     _, cos, _, _ = _reference(clip_folder, images, PROMPTS)
@@ -137,7 +140,7 @@ def test_clipscore_is_hessel_formula(clip_folder, tmp_path):
 
 def test_pickscore_is_scaled_cosine_over_26(clip_folder, tmp_path):
     images = _images(seed=2)
-    r = FACTORIES["pickscore"](_ctx(tmp_path, clip_folder))(images, PROMPTS)
+    r = build_reward("pickscore", _ctx(tmp_path, clip_folder))(images, PROMPTS)
     _, cos, scale, _ = _reference(clip_folder, images, PROMPTS)
     assert scale == pytest.approx(20.0, rel=1e-5)
     torch.testing.assert_close(r, scale * cos / 26, atol=1e-5, rtol=1e-4)
@@ -146,9 +149,9 @@ def test_pickscore_is_scaled_cosine_over_26(clip_folder, tmp_path):
 
 def test_batch_size_does_not_change_scores(clip_folder, tmp_path):
     images = _images(seed=3)
-    full = FACTORIES["clipscore"](_ctx(tmp_path, clip_folder, batch=16))
-    pick = FACTORIES["pickscore"](_ctx(tmp_path, clip_folder, batch=2))
-    one = FACTORIES["pickscore"](_ctx(tmp_path, clip_folder, batch=1))
+    full = build_reward("clipscore", _ctx(tmp_path, clip_folder, batch=16))
+    pick = build_reward("pickscore", _ctx(tmp_path, clip_folder, batch=2))
+    one = build_reward("pickscore", _ctx(tmp_path, clip_folder, batch=1))
     torch.testing.assert_close(pick(images, PROMPTS), one(images, PROMPTS), atol=1e-6, rtol=1e-5)
     single = torch.cat([full(images[i : i + 1], PROMPTS[i : i + 1]) for i in range(5)])
     torch.testing.assert_close(full(images, PROMPTS), single, atol=1e-6, rtol=1e-5)
@@ -170,7 +173,7 @@ def test_aesthetic_is_mlp_of_unit_image_embedding(filename, tmp_path):
     else:  # the original file: torch.save of the MLP's state dict
         torch.save(state, folder / filename)
     images = _images(seed=4)
-    r = FACTORIES["aesthetic"](_ctx(tmp_path, folder, batch=2))(images, PROMPTS)
+    r = build_reward("aesthetic", _ctx(tmp_path, folder, batch=2))(images, PROMPTS)
     assert r.shape == (5,) and torch.isfinite(r).all()
     _, _, _, emb = _reference(folder, images, PROMPTS)
     with torch.no_grad():
@@ -225,7 +228,7 @@ def test_hpsv2_converts_open_clip_weights_and_scores_cosine(tmp_path):
     torch.save({"state_dict": _to_open_clip(model), "epoch": 1}, folder / "HPS_v2.1_compressed.pt")
     images = _smooth(3, 48, 36, seed=6)  # not square: longest side → 32, padded
     prompts = PROMPTS[:3]
-    r = FACTORIES["hpsv2"](_ctx(tmp_path, folder, batch=2))(images, prompts)
+    r = build_reward("hpsv2", _ctx(tmp_path, folder, batch=2))(images, prompts)
     assert r.shape == (3,) and torch.isfinite(r).all()
     # by hand: PIL bicubic to 24 x 32, black bars to 32 x 32, OpenAI mean/std, cos
     from transformers import CLIPProcessor
@@ -252,7 +255,7 @@ def test_hpsv2_rejects_a_checkpoint_of_another_shape(tmp_path):
     sd["visual.proj"] = sd["visual.proj"][:, :8]
     torch.save({"state_dict": sd}, folder / "HPS_v2.1_compressed.pt")
     with pytest.raises(DDRLError, match="not an OpenCLIP ViT checkpoint") as e:
-        FACTORIES["hpsv2"](_ctx(tmp_path, folder))
+        build_reward("hpsv2", _ctx(tmp_path, folder))
     assert "\n" not in str(e.value)
 
 
@@ -273,11 +276,11 @@ def test_preprocess_matches_the_transformers_processor_on_resize_and_crop(clip_f
     torch.testing.assert_close(pre(same), ref, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name", sorted(FACTORIES))
+@pytest.mark.parametrize("name", CLIP)
 def test_missing_folder_is_one_line_error(name, tmp_path):
     missing = tmp_path / "no" / "such" / "folder"
     with pytest.raises(DDRLError) as e:
-        FACTORIES[name](_ctx(tmp_path, missing))
+        build_reward(name, _ctx(tmp_path, missing))
     msg = str(e.value)
     assert "\n" not in msg and str(missing) in msg and "reward.model" in msg
 
@@ -291,7 +294,7 @@ def test_folder_without_the_weights_is_one_line_error(tmp_path):
         ("clipscore", "reward.model"),
     ):
         with pytest.raises(DDRLError, match=needle) as e:
-            FACTORIES[name](_ctx(tmp_path, empty))
+            build_reward(name, _ctx(tmp_path, empty))
         assert "\n" not in str(e.value) and str(empty) in str(e.value)
 
 
@@ -362,13 +365,13 @@ def test_hpsv2_conversion_matches_open_clip(tmp_path):
     torch.testing.assert_close(hf.logit_scale.detach(), oc.logit_scale.detach())
 
 
-@pytest.mark.parametrize("name", sorted(FACTORIES))
+@pytest.mark.parametrize("name", CLIP)
 def test_unreachable_hub_id_is_one_line_error(name, tmp_path, monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no retries
     with pytest.raises(DDRLError) as e:
-        FACTORIES[name](_ctx(tmp_path, "no-such-org/no-such-model"))
+        build_reward(name, _ctx(tmp_path, "no-such-org/no-such-model"))
     msg = str(e.value)
     assert "\n" not in msg and "'no-such-org/no-such-model'" in msg and "reward.model" in msg
 
@@ -381,7 +384,7 @@ def test_feature_space_diversity_and_frechet_distance_in_evaluation(clip_folder,
     from ddrl.config import build_config
     from ddrl.evaluation.evaluate import evaluate_components
     from ddrl.evaluation.metrics import frechet_distance, pairwise_diversity
-    from ddrl.models import clamp_images
+    from ddrl.models.base import clamp_images
     from ddrl.training.components import build_components
 
     held = tmp_path / "held"

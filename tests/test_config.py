@@ -5,14 +5,11 @@ import json
 
 import pytest
 
-from ddrl.advantages import AdvantageConfig
-from ddrl.config import RunConfig, build_config, load_config, parse_overrides, save_config
+from ddrl.config import RunConfig, build_config, load_config, save_config
+from ddrl.config.core import AdvantageConfig, DanceSDE, FlowSDE
+from ddrl.config.resolve import parse_overrides
 from ddrl.errors import DDRLError
-from ddrl.losses.ddrl import DDRLConfig
-from ddrl.losses.flow_grpo import FlowGRPOConfig
-from ddrl.losses.grpo import PolicyConfig
-from ddrl.losses.sft import SFTConfig
-from ddrl.sde import DanceSDE, FlowSDE
+from ddrl.losses.config import DDRLConfig, FlowGRPOConfig, PolicyConfig, SFTConfig
 
 
 def test_defaults_resolve():

@@ -142,7 +142,12 @@ def test_linear_grid_matches_dancegrpo(n, s):
 
 
 def test_timestep_grid_kinds():
-    from ddrl.flow import timestep_grid
+    from ddrl.config.core import SamplerConfig
+    from ddrl.models.base import EulerSchedulerGrid
+    from ddrl.sampling import time_grid
+
+    def timestep_grid(n, shift, kind):
+        return time_grid(SamplerConfig(grid=kind, shift=shift), EulerSchedulerGrid(), n)
 
     np.testing.assert_allclose(
         timestep_grid(N_STEPS, SHIFT, kind="scheduler").double().numpy(),
@@ -270,13 +275,14 @@ def test_flow_sde_step_scores_given_sample_detached(i):
 
 @pytest.mark.parametrize("i", STEPS)
 def test_flow_sde_class_equals_function(i):
-    from ddrl.sde import FlowSDE, flow_sde_step
+    from ddrl.config.core import FlowSDE
+    from ddrl.sde import flow_sde_step, stepper
 
     g = _grid_points()
     x, v, z = _rand(B, *SHAPE, seed=12), _rand(B, *SHAPE, seed=13), _rand(B, *SHAPE, seed=14)
     t, tn = g[i].repeat(B), g[i + 1].repeat(B)
     a = flow_sde_step(x, v, t, tn, noise_level=0.5, noise=z)
-    b = FlowSDE(noise_level=0.5).step(x, v, t, tn, noise=z)
+    b = stepper(FlowSDE(noise_level=0.5))(x, v, t, tn, noise=z)
     for f in ("x_next", "mean", "std", "log_prob", "sigma"):
         torch.testing.assert_close(getattr(b, f), getattr(a, f), rtol=0, atol=0)
 
@@ -363,13 +369,14 @@ def test_dance_mean_is_flow_grpo_mean_with_constant_sigma():
 
 @pytest.mark.parametrize("i", STEPS)
 def test_dance_sde_class_equals_function(i):
-    from ddrl.sde import DanceSDE, dance_sde_step
+    from ddrl.config.core import DanceSDE
+    from ddrl.sde import dance_sde_step, stepper
 
     g = _grid_points()
     x, v, z = _rand(B, *SHAPE, seed=28), _rand(B, *SHAPE, seed=29), _rand(B, *SHAPE, seed=30)
     t, tn = g[i].repeat(B), g[i + 1].repeat(B)
     a = dance_sde_step(x, v, t, tn, eta=0.25, noise=z)
-    b = DanceSDE(eta=0.25).step(x, v, t, tn, noise=z)
+    b = stepper(DanceSDE(eta=0.25))(x, v, t, tn, noise=z)
     for f in ("x_next", "mean", "std", "log_prob", "sigma"):
         torch.testing.assert_close(getattr(b, f), getattr(a, f), rtol=0, atol=0)
 
@@ -443,7 +450,8 @@ def _release_exp_reward(a, lo=-5.0, hi=5.0):
 # flow_grpo flow_grpo/stat_tracking.py L25–31 (per-prompt mean, np.std, + 1e-4) and
 # scripts/train_sd3.py L881–885 (clamp to ±adv_clip_max = 5); cosmos-rl wfm_trainer.py L551–555.
 def test_group_advantages_plain_matches_flow_grpo_tracker():
-    from ddrl.advantages import AdvantageConfig, group_advantages
+    from ddrl.advantages import group_advantages
+    from ddrl.config.core import AdvantageConfig
 
     r, ids = _groups([8, 8, 5], seed=50)
     adv, valid = group_advantages(r, ids, AdvantageConfig(std="population", eps=1e-4))
@@ -453,7 +461,8 @@ def test_group_advantages_plain_matches_flow_grpo_tracker():
 
 def test_group_advantages_plain_clamps_outliers():
     """A group of 40 with one high outlier: its z ≈ sqrt(39) ≈ 6.2 is clamped to 5."""
-    from ddrl.advantages import AdvantageConfig, group_advantages
+    from ddrl.advantages import group_advantages
+    from ddrl.config.core import AdvantageConfig
 
     r = torch.zeros(40, dtype=torch.float64)
     r[3] = 1.0
@@ -468,7 +477,8 @@ def test_group_advantages_plain_clamps_outliers():
 # config/wfm/__init__.py L138–139). Same normalisation convention as ddrl on both sides (the
 # release's unbiased std is a separate, documented difference, docs/CONFORMANCE.md §6).
 def test_exp_transform_beta1_matches_release():
-    from ddrl.advantages import AdvantageConfig, group_advantages
+    from ddrl.advantages import group_advantages
+    from ddrl.config.core import AdvantageConfig
 
     r, ids = _groups([8, 8, 8, 8], seed=60)
     z = _z_by_hand(r, ids, 1e-4)
@@ -481,7 +491,8 @@ def test_exp_transform_beta1_matches_release():
 def test_exp_transform_beta1_matches_release_above_clamp():
     """A > clamp (needs a group ≥ 27 with an outlier): the release never caps it, since its
     clamp acts after −exp(−A) < 0; the outlier's advantage is −exp(−6.2), not −exp(−5)."""
-    from ddrl.advantages import AdvantageConfig, group_advantages
+    from ddrl.advantages import group_advantages
+    from ddrl.config.core import AdvantageConfig
 
     r = torch.zeros(40, dtype=torch.float64)
     r[3], r[7] = 1.0, -0.2
@@ -496,7 +507,8 @@ def test_exp_transform_beta1_matches_release_above_clamp():
 def test_exp_transform_beta_is_a_temperature():
     """β = 0.3: A ← −exp(−max(A, −ln 5)/β); distinct A in (−ln 5, 0) stay distinct (the output
     is not clamped to ±5, only λ's argument is)."""
-    from ddrl.advantages import AdvantageConfig, group_advantages
+    from ddrl.advantages import group_advantages
+    from ddrl.config.core import AdvantageConfig
 
     r, ids = _groups([8, 8, 8, 8], seed=70)
     z = _z_by_hand(r, ids, 1e-4)

@@ -20,12 +20,14 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
+from ddrl.config.core import FlowSDE, SamplerConfig
 from ddrl.errors import DDRLError
-from ddrl.models import LoraConfig, ModelConfig, guided_velocity
+from ddrl.models.base import guided_velocity
+from ddrl.models.config import LoraConfig, ModelConfig
 from ddrl.models.cosmos import CosmosGenerator, NoGuardrail, with_given
 from ddrl.models.hf import ensure_tiny
-from ddrl.sampling import SamplerConfig, rollout, sample_ode
-from ddrl.sde import FlowSDE, ode_step
+from ddrl.sampling import rollout, sample_ode
+from ddrl.sde import ode_step, stepper
 
 MAXLEN = 160  # the tiny Qwen tokenizer is byte-level; the chat scaffold alone is ~100 tokens
 PROMPTS = ["a red ball", "a cat on a mat"]
@@ -181,7 +183,7 @@ def test_rollout_log_probs(tiny):
         for i in range(3):
             t, t_next = ro.timesteps[i].expand(4), ro.timesteps[i + 1].expand(4)
             v = guided_velocity(gen.denoiser, ro.states[i], t, ro.cond, None)
-            lp = sde.step(ro.states[i], v, t, t_next, prev_sample=ro.states[i + 1]).log_prob
+            lp = stepper(sde)(ro.states[i], v, t, t_next, prev_sample=ro.states[i + 1]).log_prob
             assert torch.allclose((lp - ro.log_probs[i]).exp(), torch.ones(4), atol=1e-5)
 
 

@@ -9,10 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from ddrl.data import DataConfig, files, latent_pool, load_data, load_prompts, media, read_items
-from ddrl.data.files import files_data, list_items
-from ddrl.data.media import frame_indices
-from ddrl.data.synthetic import load_pool
+from ddrl.data import files, media
+from ddrl.data.config import DataConfig
+from ddrl.data.files import files_data, list_items, load_prompts
+from ddrl.data.latents import latent_pool
+from ddrl.data.media import frame_indices, read_items
+from ddrl.data.pool_io import load_pool
+from ddrl.data.pools import load_data
 from ddrl.errors import DDRLError
 
 

@@ -19,10 +19,12 @@ import torch.multiprocessing as mp
 from helpers_quick import quick
 from safetensors.torch import load_file
 
-from ddrl.advantages import AdvantageConfig, combine_advantages
+from ddrl.advantages import combine_advantages
 from ddrl.config import build_config, load_config
+from ddrl.config.core import AdvantageConfig
+from ddrl.dist.config import ParallelConfig
 from ddrl.dist.group import batch_slice, gathered_advantages
-from ddrl.dist.parallel import Parallel, ParallelConfig
+from ddrl.dist.parallel import Parallel
 from ddrl.errors import DDRLError
 from ddrl.training.loop import train
 from ddrl.training.runlog import prepare_run_dir, read_jsonl

@@ -155,9 +155,10 @@ EXTRA_GOLD = {"gold_reward", "gold_accuracy", "diversity_feature", "fd"}
 
 
 def _evaluate(gen, data_name, reward, gold, n=8):
-    from ddrl.data import load_data
-    from ddrl.evaluation.evaluate import EvalConfig, evaluate
-    from ddrl.sampling import SamplerConfig
+    from ddrl.config.core import SamplerConfig
+    from ddrl.data.pools import load_data
+    from ddrl.evaluation.config import EvalConfig
+    from ddrl.evaluation.evaluate import evaluate
 
     cfg = EvalConfig(samples_per_prompt=n, loss_t_points=2)
     return evaluate(gen, load_data(data_name), reward, gold, cfg, SamplerConfig(eval_steps=3))

@@ -1,31 +1,24 @@
 """The rectified-flow path and the Gaussian sampler steps (DESIGN.md §2–3)."""
 
 import math
+import typing
 
 import pytest
 import torch
 
-from ddrl.errors import DDRLError
+from ddrl.config.core import SDES, DanceSDE, FlowSDE, SamplerConfig
+from ddrl.errors import DDRLError, choices
 from ddrl.flow import (
-    GRIDS,
     flow_matching_loss,
     interpolate,
     linear_grid,
-    predict_x0,
     scheduler_grid,
     shift_timesteps,
-    timestep_grid,
     velocity_target,
 )
-from ddrl.sde import (
-    SDES,
-    DanceSDE,
-    FlowSDE,
-    dance_sde_step,
-    flow_sde_step,
-    gaussian_log_prob,
-    ode_step,
-)
+from ddrl.models.base import EulerSchedulerGrid
+from ddrl.sampling import time_grid
+from ddrl.sde import dance_sde_step, flow_sde_step, gaussian_log_prob, ode_step, stepper
 
 # (t, t_next) per sample: the first step from t = 1, a middle step, and the last step to t = 0.
 T_PAIRS = [(1.0, 0.9), (0.6, 0.5), (0.6, 0.45), (0.25, 0.0)]
@@ -98,7 +91,7 @@ def test_interpolate_velocity_and_x0_identities():
     v = velocity_target(x0, eps)
     assert torch.allclose(v, eps - x0)
     # x̂0 from the exact velocity recovers x0 at every t, including t = 1 (pure noise).
-    assert torch.allclose(predict_x0(xt, v, t), x0, atol=1e-12)
+    assert torch.allclose(xt - t.view(-1, 1, 1) * v, x0, atol=1e-12)
     # the path is straight: x_t moves with velocity v, so x_s = x_t + (s − t)·v.
     s = torch.full((5,), 0.3, dtype=torch.float64)
     assert torch.allclose(interpolate(x0, eps, s), xt + (s - t).view(-1, 1, 1) * v, atol=1e-12)
@@ -114,6 +107,9 @@ def test_flow_matching_loss_is_per_sample_mean_square():
 
 
 # ---------------------------------------------------------------------------- timestep grid
+def timestep_grid(n: int, shift: float, kind: str = "scheduler") -> torch.Tensor:
+    """The sampler's grid of kind ``kind`` for a model with diffusers' default scheduler."""
+    return time_grid(SamplerConfig(grid=kind, shift=shift), EulerSchedulerGrid(), n)
 
 
 @pytest.mark.parametrize("kind", ["scheduler", "linear"])
@@ -127,7 +123,7 @@ def test_timestep_grid_endpoints_and_monotone(kind, shift):
 
 
 def test_timestep_grid_kinds_and_default():
-    assert set(GRIDS) == {"scheduler", "linear"}
+    assert set(choices(typing.get_type_hints(SamplerConfig)["grid"])) == {"scheduler", "linear"}
     # the default is diffusers' scheduler grid (flow_grpo, SD3/FLUX pipelines).
     assert torch.equal(timestep_grid(7, 3.0), scheduler_grid(7, 3.0))
     assert torch.equal(timestep_grid(7, 3.0, kind="scheduler"), scheduler_grid(7, 3.0))
@@ -169,7 +165,7 @@ def test_scheduler_grid_hand_values():
 def test_step_mean_std_sigma_match_design_formulas(kind):
     x, v, z, t, tn = _state()
     level = LEVEL[kind]
-    step = SDES[kind](**{"noise_level" if kind == "flow" else "eta": level}).step(
+    step = stepper(SDES[kind](**{"noise_level" if kind == "flow" else "eta": level}))(
         x, v, t, tn, noise=z
     )
     mean, std, sigma = _ref(kind, x, v, t, tn, level)
@@ -222,15 +218,15 @@ def test_scoring_a_transition_is_the_independent_normal_density(kind):
     x, v, z, t, tn = _state(seed=3)
     sde = SDES[kind](**{"noise_level" if kind == "flow" else "eta": 0.5})
     mean, std, sigma = _ref(kind, x, v, t, tn, 0.5)
-    sampled = sde.step(x, v, t, tn, noise=z)
+    sampled = stepper(sde)(x, v, t, tn, noise=z)
     for prev in (sampled.x_next, sampled.x_next + 0.1, mean + std * _randn(*x.shape, seed=99)):
-        scored = sde.step(x, v, t, tn, prev_sample=prev)
+        scored = stepper(sde)(x, v, t, tn, prev_sample=prev)
         assert torch.equal(scored.x_next, prev)
         assert torch.allclose(scored.mean, mean, atol=1e-10)
         assert torch.allclose(scored.sigma.expand_as(x), sigma.expand_as(x), atol=1e-10)
         assert torch.allclose(scored.log_prob, _normal_log_prob(prev, mean, std), atol=1e-10)
     # a different transition scores differently (the log-prob depends on x_next).
-    other = sde.step(x, v, t, tn, prev_sample=sampled.x_next + 0.1)
+    other = stepper(sde)(x, v, t, tn, prev_sample=sampled.x_next + 0.1)
     assert not torch.allclose(other.log_prob, sampled.log_prob)
 
 
@@ -241,13 +237,16 @@ def test_sde_objects_registry_defaults_and_checks():
     x, v, z, t, tn = _state(seed=4)
     # each object passes its own parameter to its step function.
     for got, want in [
-        (FlowSDE(noise_level=0.3).step(x, v, t, tn, noise=z), flow_sde_step(x, v, t, tn, 0.3, z)),
-        (DanceSDE(eta=0.3).step(x, v, t, tn, noise=z), dance_sde_step(x, v, t, tn, 0.3, z)),
+        (
+            stepper(FlowSDE(noise_level=0.3))(x, v, t, tn, noise=z),
+            flow_sde_step(x, v, t, tn, 0.3, z),
+        ),  # noqa: E501
+        (stepper(DanceSDE(eta=0.3))(x, v, t, tn, noise=z), dance_sde_step(x, v, t, tn, 0.3, z)),
     ]:
         for f in ("x_next", "mean", "std", "log_prob", "sigma"):
             assert torch.equal(getattr(got, f), getattr(want, f)), f
-    default = FlowSDE().step(x, v, t, tn, noise=z).x_next
-    assert not torch.equal(FlowSDE(noise_level=0.3).step(x, v, t, tn, noise=z).x_next, default)
+    default = stepper(FlowSDE())(x, v, t, tn, noise=z).x_next
+    assert not torch.equal(stepper(FlowSDE(noise_level=0.3))(x, v, t, tn, noise=z).x_next, default)
     FlowSDE().check()
     DanceSDE().check()
     with pytest.raises(DDRLError, match="sampler.sde.noise_level"):
@@ -306,10 +305,10 @@ def test_vanishing_noise_recovers_ode_step(kind):
     assert torch.equal(ode.std, torch.zeros_like(ode.std))
     assert torch.equal(ode.sigma, torch.zeros_like(ode.sigma))
     param = "noise_level" if kind == "flow" else "eta"
-    sde = SDES[kind](**{param: 1e-6}).step(x, v, t, tn, noise=z)
+    sde = stepper(SDES[kind](**{param: 1e-6}))(x, v, t, tn, noise=z)
     assert (sde.x_next - ode.x_next).abs().max().item() < 1e-4
     # with the default noise level the SDE step is genuinely different.
-    noisy = SDES[kind](**{param: LEVEL[kind]}).step(x, v, t, tn, noise=z)
+    noisy = stepper(SDES[kind](**{param: LEVEL[kind]}))(x, v, t, tn, noise=z)
     assert (noisy.x_next - ode.x_next).abs().max().item() > 1e-2
 
 

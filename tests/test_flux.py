@@ -17,11 +17,12 @@ import shutil
 import pytest
 import torch
 
+from ddrl.config.core import SamplerConfig
 from ddrl.errors import DDRLError
-from ddrl.models import LoraConfig, ModelConfig
+from ddrl.models.config import LoraConfig, ModelConfig
 from ddrl.models.flux import FluxGenerator, image_ids, pack, unpack
 from ddrl.models.hf import ensure_tiny
-from ddrl.sampling import SamplerConfig, rollout, sample_ode
+from ddrl.sampling import rollout, sample_ode
 
 TOL = 1e-4
 N = 4

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from ddrl.cli import main
-from ddrl.config import PRESET_NAMES, build_config, preset_descriptions
+from ddrl.config import build_config, preset_descriptions
+from ddrl.config.schema import PRESET_NAMES
 from ddrl.models import load_generator
 from ddrl.training.loop import train
 from ddrl.training.runlog import prepare_run_dir, read_jsonl
@@ -203,7 +204,8 @@ def test_non_square_size_from_height_and_width(preset):
 
 
 def test_rollout_chunks_change_memory_not_samples():
-    from ddrl.sampling import SamplerConfig, rollout
+    from ddrl.config.core import SamplerConfig
+    from ddrl.sampling import rollout
     from ddrl.training.components import load_base
 
     cfg = build_config(overrides=["preset=tiny-sd3"])

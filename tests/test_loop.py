@@ -6,18 +6,23 @@ import math
 
 import pytest
 import torch
+from conftest import group_ids, step_batches_of
 from helpers_quick import quick
 
-from ddrl.advantages import AdvantageConfig, group_advantages
+from ddrl.advantages import group_advantages
 from ddrl.config import build_config
+from ddrl.config.core import AdvantageConfig, DanceSDE, FlowSDE, SamplerConfig
 from ddrl.dist.checkpoint import latest_checkpoint, load_checkpoint
-from ddrl.losses import LossContext, build_loss
+from ddrl.losses import build_loss
+from ddrl.losses.base import LossContext
 from ddrl.losses.reference import FrozenCopy
-from ddrl.models import Cond
-from ddrl.sampling import Rollout, SamplerConfig, rollout
-from ddrl.sde import DanceSDE, FlowSDE, ode_step
-from ddrl.training.loop import iter_step_batches, optimizer_step, select_timesteps, train
+from ddrl.models.base import Cond
+from ddrl.sampling import Rollout, rollout
+from ddrl.sde import ode_step, stepper
+from ddrl.training.iteration import select_timesteps
+from ddrl.training.loop import train
 from ddrl.training.runlog import prepare_run_dir, read_jsonl
+from ddrl.training.step import optimizer_step
 
 QUIET = {"log": lambda *a: None}
 
@@ -57,17 +62,16 @@ def _fake_rollout(b=6, steps=4, shape=(2,)):
     ts = torch.linspace(1, 0, steps + 1)
     cond = Cond({"id": torch.arange(b).float()[:, None]})
     return Rollout(
-        states, torch.randn(steps, b, generator=g), ts, cond, None, [str(i % 3) for i in range(b)],
-        torch.arange(b) // 2,
+        states, torch.randn(steps, b, generator=g), ts, cond, None, [str(i % 3) for i in range(b)]
     )  # fmt: skip
 
 
-def test_iter_step_batches_wiring():
+def test_step_batches_wiring():
     ro = _fake_rollout()
     adv, valid = torch.arange(6.0), torch.tensor([True, True, False, False, True, True])
     x0 = torch.randn(6, 2)
     steps = torch.tensor([[0, 2], [1, 3], [0, 1], [2, 3], [0, 3], [1, 2]])
-    got = list(iter_step_batches(ro, adv, valid, x0, steps, micro=4, g=torch.Generator()))
+    got = step_batches_of(ro, adv, valid, x0, steps, 4)
     assert len(got) == 4  # 2 trained positions × 2 micro-batches (4 + 2)
     b = got[1]  # position 0, samples 4 and 5
     idx = torch.tensor([4, 5])
@@ -84,7 +88,7 @@ def test_iter_step_batches_wiring():
 class Recorder:
     """A loss plugin ("test_loop:Recorder") that keeps every StepBatch it is given."""
 
-    Config = __import__("ddrl.losses.grpo", fromlist=["PolicyConfig"]).PolicyConfig
+    Config = __import__("ddrl.losses.config", fromlist=["PolicyConfig"]).PolicyConfig
     seen: list = []
 
     def __init__(self, cfg, ctx):
@@ -99,7 +103,7 @@ class Recorder:
 
 
 def test_loop_pairs_data_with_prompts_and_uses_the_rollout_t_and_noise(tmp_path):
-    from ddrl.data import load_data
+    from ddrl.data.pools import load_data
 
     Recorder.seen.clear()
     _run(tmp_path, "rec", "algorithm=test_loop:Recorder", "train.iterations=1")
@@ -127,7 +131,7 @@ def _setup(tiny_digits, algorithm="ddrl", **loss_kw):
     for k, v in loss_kw.items():
         setattr(cfg, k, v)
     den = tiny_digits.denoiser
-    ctx = LossContext(sampler.sde, 1.0, lambda kind: FrozenCopy(den))
+    ctx = LossContext(stepper(sampler.sde), 1.0, lambda kind: FrozenCopy(den))
     loss = build_loss(algorithm, cfg, ctx)
     ro = rollout(tiny_digits, ["1", "2", "3"], 4, sampler, torch.Generator().manual_seed(3))
     rewards = ro.final.flatten(1).mean(1)
@@ -137,11 +141,11 @@ def _setup(tiny_digits, algorithm="ddrl", **loss_kw):
 def _grads(den, loss, ro, rewards, micro, skip_group=None):
     if skip_group is not None:
         rewards = rewards.clone()
-        rewards[ro.group_ids == skip_group] = float("nan")
-    adv, valid = group_advantages(rewards, ro.group_ids, AdvantageConfig())
+        rewards[group_ids(12, 4) == skip_group] = float("nan")
+    adv, valid = group_advantages(rewards, group_ids(12, 4), AdvantageConfig())
     x0 = torch.rand(ro.final.shape, generator=torch.Generator().manual_seed(5)) * 2 - 1
     steps = select_timesteps(3, 1.0, "first", 12, torch.Generator())
-    batches = list(iter_step_batches(ro, adv, valid, x0, steps, micro, torch.Generator()))
+    batches = step_batches_of(ro, adv, valid, x0, steps, micro)
     params = [p for p in den.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.0)
     metrics, finite = optimizer_step(loss, den, batches, params, opt, grad_clip=0.0)
@@ -167,8 +171,8 @@ def test_skipped_group_does_not_reweight_the_others(tiny_digits):
     computed here per sample by hand from the clipped surrogate (ratio ≡ 1 ⇒ −A)."""
     den, loss, ro, r = _setup(tiny_digits, "grpo")
     r = r.clone()
-    r[ro.group_ids == 1] = float("nan")
-    adv, valid = group_advantages(r, ro.group_ids, AdvantageConfig())
+    r[group_ids(12, 4) == 1] = float("nan")
+    adv, valid = group_advantages(r, group_ids(12, 4), AdvantageConfig())
     _, m = _grads(den, loss, ro, r, micro=4, skip_group=1)
     by_hand = (-adv[valid]).mean()  # every step contributes −A at ratio 1
     assert m["loss_policy"].item() == pytest.approx(by_hand.item(), abs=1e-6)
@@ -212,10 +216,10 @@ def test_grad_clipping(tiny_digits):
     den, loss, ro, r = _setup(tiny_digits, "ddrl")
     raw, m = _grads(den, loss, ro, r, micro=12)  # grad_clip=0: no clipping
     assert m["grad_norm"].item() == pytest.approx(raw.norm().item(), rel=1e-5)
-    adv, valid = group_advantages(r, ro.group_ids, AdvantageConfig())
+    adv, valid = group_advantages(r, group_ids(12, 4), AdvantageConfig())
     x0 = torch.rand(ro.final.shape, generator=torch.Generator().manual_seed(5)) * 2 - 1
     steps = select_timesteps(3, 1.0, "first", 12, torch.Generator())
-    batches = list(iter_step_batches(ro, adv, valid, x0, steps, 12, torch.Generator()))
+    batches = step_batches_of(ro, adv, valid, x0, steps, 12)
     params = [p for p in den.parameters() if p.requires_grad]
     clip = raw.norm().item() / 10
     optimizer_step(loss, den, batches, params, torch.optim.SGD(params, lr=0.0), grad_clip=clip)
@@ -264,9 +268,9 @@ def test_flow_grpo_reference_stays_frozen(tiny_digits):
     den, loss, ro, r = _setup(tiny_digits, "flow_grpo", beta_kl=0.5)
     before = {k: v.clone() for k, v in loss.ref.model.state_dict().items()}
     assert not any(p.requires_grad for p in loss.ref.model.parameters())
-    adv, valid = group_advantages(r, ro.group_ids, AdvantageConfig())
+    adv, valid = group_advantages(r, group_ids(12, 4), AdvantageConfig())
     steps = select_timesteps(3, 1.0, "first", 12, torch.Generator())
-    batches = list(iter_step_batches(ro, adv, valid, ro.final, steps, 12, torch.Generator()))
+    batches = step_batches_of(ro, adv, valid, ro.final, steps, 12)
     params = [p for p in den.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2)
     for _ in range(2):
@@ -325,7 +329,7 @@ def test_sdes_keep_the_ode_marginals(sde):
     x_ode = x.clone()
     for i in range(200):
         t, tn = grid[i].expand(n), grid[i + 1].expand(n)
-        x = sde.step(x, v(x, t), t, tn, noise=torch.randn_like(x)).x_next
+        x = stepper(sde)(x, v(x, t), t, tn, noise=torch.randn_like(x)).x_next
         x_ode = ode_step(x_ode, v(x_ode, t), t, tn).x_next
     se = s / math.sqrt(n)
     assert abs(x_ode.mean().item() - m) < 1e-3 and abs(x_ode.std().item() - s) < 5e-3
@@ -351,7 +355,7 @@ def test_every_algorithm_is_evaluated_on_the_same_grid():
 def test_overlapped_rewards_score_every_chunk_in_order(tmp_path, monkeypatch):
     """reward.overlap: each rollout chunk (sampler.batch=3 of 8 trajectories: 3, 3, 2) is
     scored in the worker thread as it finishes; the run is the one without overlap."""
-    from ddrl.rewards import base as reward_base
+    from ddrl.training import iteration as reward_base
 
     seen = []
     score = reward_base.OverlappedScorer._score

@@ -6,10 +6,11 @@ import math
 import pytest
 import torch
 
-from ddrl.advantages import AdvantageConfig, combine_advantages
+from ddrl.advantages import combine_advantages
 from ddrl.config import build_config
+from ddrl.config.core import AdvantageConfig
 from ddrl.errors import DDRLError
-from ddrl.rewards import MultiReward
+from ddrl.rewards.multi import MultiReward
 
 
 def _norm(xs):

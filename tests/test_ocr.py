@@ -9,7 +9,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ddrl.errors import DDRLError
 from ddrl.rewards.base import RewardContext
-from ddrl.rewards.ocr import FACTORIES, OCRReward, levenshtein, ocr_score, target_text
+from ddrl.rewards.build import build_reward
+from ddrl.rewards.ocr import OCRReward, levenshtein, ocr_score, target_text
 from ddrl.rewards.score import load_image, read_prompt_args, score_files
 
 PROMPT = 'a sign that says "hello"'
@@ -37,7 +38,7 @@ def ctx(tmp_path):
 @pytest.fixture(scope="module")
 def reward(tmp_path_factory):
     pytest.importorskip("rapidocr_onnxruntime")
-    return FACTORIES["ocr"](ctx(tmp_path_factory.mktemp("ocr")))
+    return build_reward("ocr", ctx(tmp_path_factory.mktemp("ocr")))
 
 
 # ---- the formula, re-derived by hand (no OCR) ----

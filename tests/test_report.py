@@ -7,12 +7,8 @@ import copy
 import pytest
 import torch
 
-from ddrl.experiments.report import (
-    arm_label,
-    hacking_analysis,
-    save_image_grid,
-    write_report,
-)
+from ddrl.evaluation.pictures import save_image_grid
+from ddrl.experiments.report import arm_label, hacking_analysis, write_report
 
 BASE = {
     "proxy_reward": 0.2,

@@ -12,24 +12,19 @@ import threading
 import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import SimpleNamespace
+from pathlib import Path
 
 import pytest
 import torch
 
 from ddrl.errors import DDRLError
+from ddrl.rewards.base import RewardContext
+from ddrl.rewards.config import RewardConfig
 from ddrl.rewards.pixels import BrightnessReward
 from ddrl.rewards.remote import client as remote
 from ddrl.rewards.remote.client import RemoteReward, remote_factory
-from ddrl.rewards.remote.server import (
-    RemoteConfig,
-    decode_request,
-    dequantize,
-    encode_request,
-    make_server,
-    quantize,
-    server_url,
-)
+from ddrl.rewards.remote.server import make_server, server_url
+from ddrl.rewards.remote.wire import decode_request, dequantize, encode_request, quantize
 
 FAST = {"retries": 2, "backoff": 0.01, "timeout": 5.0}
 
@@ -287,44 +282,40 @@ def test_the_server_rejects_bad_requests_with_json_errors():
 
 
 def test_remote_config_checks_and_factory():
-    RemoteConfig("http://127.0.0.1:8000").check()
-    for cfg, match in [
-        (RemoteConfig(""), "reward.url=''"),
-        (RemoteConfig("127.0.0.1:8000"), "reward.url"),
-        (RemoteConfig("http://h:99999"), "bad port"),
-        (RemoteConfig("http://h:1/?x=1"), "query"),
-        (RemoteConfig("http://h:1", timeout=0), "reward.timeout"),
-        (RemoteConfig("http://h:1", retries=-1), "reward.retries"),
-        (RemoteConfig("http://h:1", retries=1.5), "reward.retries"),
-        (RemoteConfig("http://h:1", backoff=float("nan")), "reward.backoff"),
+    RemoteReward("http://127.0.0.1:8000")
+    for (url, kw), match in [
+        (("", {}), "reward.url=''"),
+        (("127.0.0.1:8000", {}), "reward.url"),
+        (("http://h:99999", {}), "bad port"),
+        (("http://h:1/?x=1", {}), "query"),
+        (("http://h:1", {"timeout": 0}), "reward.timeout"),
+        (("http://h:1", {"retries": -1}), "reward.retries"),
+        (("http://h:1", {"retries": 1.5}), "reward.retries"),
+        (("http://h:1", {"backoff": float("nan")}), "reward.backoff"),
     ]:
         with pytest.raises(DDRLError, match=match):
-            cfg.check()
+            RemoteReward(url, **kw)
+    # the same checks on the config, where a url is given
+    with pytest.raises(DDRLError, match="bad port"):
+        RewardConfig(url="http://h:99999").check()
     with pytest.raises(DDRLError, match="reward.url=''"):
-        remote.FACTORIES["remote"](SimpleNamespace(batch=4))  # no reward.url yet
-    ctx = SimpleNamespace(batch=4, url="http://h:1/", timeout=2.5, retries=0)
-    r = remote_factory(ctx)
+        remote_factory(RewardContext("files", Path("."), config=RewardConfig(batch=4)))
+    c = RewardConfig(batch=4, url="http://h:1/", timeout=2.5, retries=0)
+    r = remote_factory(RewardContext("files", Path("."), config=c))
     assert (r.url, r.timeout, r.retries, r.backoff, r.batch) == ("http://h:1", 2.5, 0, 0.5, 4)
 
 
 def test_a_server_in_its_own_process(tmp_path, monkeypatch):
-    code = (
-        "from pathlib import Path\n"
-        "from ddrl.rewards import RewardContext\n"
-        "from ddrl.rewards.remote.server import main_server\n"
-        f"main_server('brightness', RewardContext(data='files', cache_dir=Path({str(tmp_path)!r})))"
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
-    )
+    cmd = [sys.executable, "-m", "ddrl", "reward-server", "--reward", "brightness"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DDRL_CACHE": str(tmp_path)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:
         ready, _, _ = select.select([proc.stdout], [], [], 60)
         line = proc.stdout.readline().decode() if ready else ""
-        if "listening on http://127.0.0.1:" not in line:
+        if "serving brightness at http://127.0.0.1:" not in line:
             proc.kill()
             pytest.fail(f"server did not start: {line!r} {proc.communicate()[1][-2000:]!r}")
-        url = line.split("listening on ")[1].split()[0]
+        url = line.split(" at ")[1].split()[0]
         remote = RemoteReward(url, **FAST)
         assert remote.health()["reward"] == "brightness"
         x = images(6, 3, 8, 8)

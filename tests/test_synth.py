@@ -7,15 +7,11 @@ import torch
 from safetensors import safe_open
 
 import ddrl.data.synthetic as synthetic
-from ddrl.data.synthetic import (
-    generate_pool,
-    load_pool,
-    ode_from_noise,
-    sample_seed,
-    synthesize,
-)
+from ddrl.config.core import SamplerConfig
+from ddrl.data.pool_io import load_pool
+from ddrl.data.synthetic import generate_pool, sample_seed, synthesize
 from ddrl.errors import DDRLError
-from ddrl.sampling import SamplerConfig, sample_ode
+from ddrl.sampling import ode_solve, sample_ode
 
 CFG = SamplerConfig(eval_steps=2)
 QUIET = {"progress": False, "log": lambda m: None}
@@ -125,13 +121,13 @@ def test_resume_with_another_chunk_and_stale_shards(tiny_digits, tmp_path, monke
     assert seen == [2, 2] and any("discarding" in m for m in logs)
 
 
-def test_any_generator_and_ode_from_noise(tiny_model, tmp_path):
+def test_any_generator_and_ode_solve(tiny_model, tmp_path):
     pool = synthesize(tiny_model, [""], 5, CFG, 0, tmp_path / "t.safetensors", chunk=2, **QUIET)
     assert pool.x.shape == (5, 2) and pool.prompts == [""] * 5
     assert torch.equal(load_pool(tmp_path / "t.safetensors").x, pool.x)
     noise = torch.randn((4, 2), generator=torch.Generator().manual_seed(5))
     direct = sample_ode(tiny_model, [""] * 4, CFG, torch.Generator().manual_seed(5))
-    assert torch.equal(ode_from_noise(tiny_model, noise, [""] * 4, CFG), direct)
+    assert torch.equal(ode_solve(tiny_model, noise, [""] * 4, CFG), direct)
 
 
 def test_bad_arguments(tiny_model, tmp_path):

@@ -9,10 +9,10 @@ import torch
 import torch.distributed.checkpoint as dcp
 from helpers_quick import quick
 
+from ddrl.cli.evaluate import evaluate_run
 from ddrl.config import build_config
 from ddrl.dist.checkpoint import latest_checkpoint, load_checkpoint
 from ddrl.errors import DDRLError
-from ddrl.evaluation.run_eval import evaluate_run
 from ddrl.models import load_generator
 from ddrl.training.components import load_base
 from ddrl.training.ema import EMA
@@ -276,7 +276,7 @@ def test_nan_reward_group_is_skipped_and_logged(tmp_path):
 
 def test_heldout_loss_of_trained_base_beats_random_init(tmp_path):
     """The held-out diffusion loss must rank a (briefly) trained base above a random model."""
-    from ddrl.data import load_data
+    from ddrl.data.pools import load_data
     from ddrl.evaluation.metrics import default_t_grid, heldout_diffusion_loss
     from ddrl.models.digits import DigitsGenerator
 

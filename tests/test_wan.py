@@ -18,12 +18,13 @@ from diffusers import (
     WanTransformer3DModel,
 )
 
+from ddrl.config.core import FlowSDE, SamplerConfig
 from ddrl.errors import DDRLError
-from ddrl.models import LoraConfig, ModelConfig, guided_velocity
+from ddrl.models.base import guided_velocity
+from ddrl.models.config import LoraConfig, ModelConfig
 from ddrl.models.hf import ensure_tiny
 from ddrl.models.wan import WanGenerator
-from ddrl.sampling import SamplerConfig, rollout, sample_ode
-from ddrl.sde import FlowSDE
+from ddrl.sampling import rollout, sample_ode
 
 MAXLEN = 32  # text tokens (the tiny T5 tokenizer is one token per character)
 PROMPTS = ["a red ball", "a cat on a mat"]

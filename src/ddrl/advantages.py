@@ -9,31 +9,11 @@ in the iteration, with the per-group mean (flow_grpo's shipped configs, ``global
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ddrl.errors import check_choice, check_range
-
-STDS = ("unbiased", "population", "global")
-
-
-@dataclass
-class AdvantageConfig:
-    """How rewards become advantages."""
-
-    std: str = "unbiased"  # "unbiased" (release, DanceGRPO) | "population" | "global" (flow_grpo)
-    eps: float = 1e-4  # added to the std, > 0 (a group of equal rewards gets A = 0)
-    exp_transform: bool = False  # DDRL's λ(A/β) = −exp(−A/β) (release `exp_reward`: off, β = 1)
-    beta: float = 1.0  # temperature β of λ(A/β); β = 1 is the release; needs exp_transform
-    clamp: float = 5.0  # |A| ≤ clamp (release adv_clip_max/min ±5); see group_advantages
-
-    def check(self) -> None:
-        check_choice("advantage.std", self.std, STDS)
-        check_range("advantage.eps", self.eps, 1e-12)  # 0 ⇒ NaN for a group of equal rewards
-        check_range("advantage.beta", self.beta, 1e-3)
-        check_range("advantage.clamp", self.clamp, 1.0 + 1e-6)
+from ddrl.config.core import AdvantageConfig
 
 
 def _normalise(rewards: Tensor, group_ids: Tensor, cfg: AdvantageConfig) -> tuple[Tensor, Tensor]:
@@ -83,9 +63,6 @@ def group_advantages(
     """
     adv, valid = _normalise(rewards, group_ids, cfg)
     return _finish(adv, valid, cfg), valid
-
-
-AGGREGATES = ("flow_grpo", "cosmos_rl")
 
 
 def combine_advantages(

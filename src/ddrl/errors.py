@@ -6,15 +6,42 @@ bad name, value, path or checkpoint must be reported through it rather than a de
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+from typing import Any
+
 
 class DDRLError(ValueError):
     """A user-facing error: its message names the bad value and what is allowed."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): what a
+    one-line error quotes of a library's multi-line message."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def check_choice(what: str, value: str, allowed) -> None:
     """Raise DDRLError unless ``value`` is one of ``allowed``."""
     if value not in allowed:
         raise DDRLError(f"unknown {what} {value!r}; allowed: {', '.join(sorted(allowed))}")
+
+
+def choices(annotation: Any) -> tuple[str, ...] | None:
+    """The allowed values of a ``Literal[...]`` annotation (None for any other type)."""
+    return typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else None
+
+
+def check_literals(cfg: Any, prefix: str = "") -> None:
+    """Every ``Literal`` field of ``cfg`` and its sections holds one of its choices (a value
+    set in code, not parsed, is checked here too)."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            check_literals(value, f"{prefix}{f.name}.")
+        elif (allowed := choices(hints[f.name])) is not None:
+            check_choice(prefix + f.name, value, allowed)
 
 
 def lookup(kind: str, name: str, table: dict, allowed: list[str] | None = None):

@@ -1,4 +1,5 @@
-"""Sample groups of trajectories with a stochastic sampler and record every transition.
+"""The one sampling loop: groups of stochastic trajectories for training (every transition
+recorded), and the deterministic Euler ODE for evaluation and synthetic data.
 
 Each trajectory x_{t_0} = ε → … → x_{t_T} = x0 is a product of Gaussian transitions
 (``ddrl.sde``), so log p(x_{i+1} | x_i) can be recomputed exactly under new weights later.
@@ -6,52 +7,16 @@ Each trajectory x_{t_0} = ε → … → x_{t_T} = x0 is a product of Gaussian t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ddrl.errors import check_choice, check_range
-from ddrl.flow import GRIDS, linear_grid
-from ddrl.models import Cond, CondCache, Generator, guided_velocity
-from ddrl.sde import SDES, FlowSDE, ode_step
-
-
-@dataclass
-class SamplerConfig:
-    """The rollout sampler (training); evaluation uses the ODE with ``eval_steps``."""
-
-    sde: Any = field(default_factory=FlowSDE)  # [sampler.sde] kind = "flow" (noise_level a) or
-    # "dance" (eta): the stochastic step and its own parameter
-    grid: str = "scheduler"  # "scheduler": the model's own scheduler's sigmas (diffusers
-    # pipelines, flow_grpo; digits: FlowMatchEulerDiscreteScheduler); "linear":
-    # shift(linspace(1, 0, N+1)) (DanceGRPO)
-    num_steps: int = 10  # sampling steps per rollout (flow_grpo trains on 10)
-    shift: float = 0.0  # timestep shift of the grid; 0 = the model's own scheduler's (SD3.5: 3.0,
-    # FLUX: resolution-dependent, digits: 1.0); for the linear grid 0 means 1 (no shift)
-    cfg_scale: float = 1.0  # classifier-free guidance weight; 1 = off (DDRL's release uses none)
-    shared_noise: bool = False  # one initial noise per group (DanceGRPO) instead of per sample
-    eval_steps: int = 20  # ODE steps for evaluation samples
-    batch: int = 0  # trajectories per denoiser forward in rollouts; 0 = all at once (memory
-    # only: the noise is the same, the samples equal up to float rounding of batched kernels)
-
-    def check(self) -> None:
-        check_choice("sampler.sde.kind", getattr(self.sde, "kind", "?"), SDES)
-        self.sde.check()
-        check_choice("sampler.grid", self.grid, GRIDS)
-        check_range("sampler.num_steps", self.num_steps, 1, 1000)
-        check_range("sampler.eval_steps", self.eval_steps, 1, 1000)
-        if self.shift != 0:
-            check_range("sampler.shift", self.shift, 1e-3, 100.0)
-        check_range("sampler.batch", self.batch, 0)
-        check_range("sampler.cfg_scale", self.cfg_scale, 0.0, 100.0)
-
-    def grid_for(self, gen: Generator, num_steps: int) -> Tensor:
-        """The sampling grid [num_steps + 1] from 1 to 0: ``gen``'s own scheduler's, or linear."""
-        if self.grid == "linear":
-            return linear_grid(num_steps, self.shift or 1.0)
-        return gen.timestep_grid(num_steps, self.shift)
+from ddrl.config.core import SamplerConfig
+from ddrl.flow import linear_grid
+from ddrl.models.base import Cond, CondCache, Generator, guided_velocity
+from ddrl.sde import ode_step, stepper
 
 
 @dataclass
@@ -64,11 +29,18 @@ class Rollout:
     cond: Cond  # condition, batch B
     null: Cond | None  # unconditional condition (batch B) when CFG is on, else None
     prompts: list[str]  # [B]
-    group_ids: Tensor  # [B] long: which group (prompt draw) each trajectory belongs to
 
     @property
     def final(self) -> Tensor:
         return self.states[-1]
+
+
+def time_grid(cfg: SamplerConfig, gen: Generator, num_steps: int) -> Tensor:
+    """The sampling grid [num_steps + 1] from 1 to 0: ``gen``'s own scheduler's
+    (``cfg.grid = "scheduler"``), or DanceGRPO's shift(linspace(1, 0, N + 1)) (``"linear"``)."""
+    if cfg.grid == "linear":
+        return linear_grid(num_steps, cfg.shift or 1.0)
+    return gen.timestep_grid(num_steps, cfg.shift)
 
 
 def initial_noise(
@@ -90,16 +62,16 @@ def rollout(
     device: str | torch.device = "cpu",
     encode: CondCache | None = None,
     rows: slice | None = None,
-    on_chunk=None,
+    on_chunk: Callable[[slice, Tensor], None] | None = None,
 ) -> Rollout:
     """Roll out ``group_size`` samples per prompt with the stochastic step ``cfg.sde``.
 
     All noise (initial and per step) comes from ``generator``, drawn on the CPU so that a run
     is reproducible across devices. ``rows``: only these trajectories of the whole batch (one
     rank's share); the noise of the whole batch is drawn and sliced, so a trajectory does not
-    depend on the split. Its group ids stay global. ``on_chunk(part, x)``: called with each
-    chunk's rows (a slice of this rank's trajectories) and final samples as soon as they are
-    done (``reward.overlap`` scores them while the next chunk samples).
+    depend on the split. ``on_chunk(part, x)``: called with each chunk's rows (a slice of this
+    rank's trajectories) and final samples as soon as they are done (``reward.overlap`` scores
+    them while the next chunk samples).
     """
     p = len(prompts)
     rows = rows or slice(None)
@@ -109,7 +81,8 @@ def rollout(
     x0 = initial_noise(p, group_size, gen.sample_shape, cfg.shared_noise, generator)
     full = x0.shape
     x0 = x0[rows]
-    ts = cfg.grid_for(gen, cfg.num_steps).to(device)
+    ts = time_grid(cfg, gen, cfg.num_steps).to(device)
+    step = stepper(cfg.sde)
     # All noise is drawn first, in the order of an unchunked rollout, so ``cfg.batch`` changes
     # memory only, never the samples.
     zs = [torch.randn(full, generator=generator)[rows].clone() for _ in range(cfg.num_steps)]
@@ -123,19 +96,35 @@ def rollout(
         x = x0[part].to(device)
         states[0, part] = x
         for i in range(cfg.num_steps):
-            t = ts[i].expand(x.shape[0])
+            t, t_next = ts[i].expand(x.shape[0]), ts[i + 1].expand(x.shape[0])
             v = guided_velocity(gen.denoiser, x, t, c, u, cfg.cfg_scale)
-            step = cfg.sde.step(x, v, t, ts[i + 1].expand(x.shape[0]), noise=zs[i][part].to(device))
-            x = step.x_next
+            out = step(x, v, t, t_next, noise=zs[i][part].to(device))
+            x = out.x_next
             states[i + 1, part] = x
-            logps[i, part] = step.log_prob
+            logps[i, part] = out.log_prob
         if on_chunk is not None:
             on_chunk(part, x)
-    gid = torch.arange(p, device=device).repeat_interleave(group_size)[rows]
-    return Rollout(states, logps, ts, cond, null, rep, gid)
+    return Rollout(states, logps, ts, cond, null, rep)
 
 
 @torch.no_grad()
+def ode_solve(
+    gen: Generator, noise: Tensor, prompts: list[str], cfg: SamplerConfig, device="cpu"
+) -> Tensor:
+    """Deterministic Euler samples [B, *sample_shape] (model space, on ``device``) from given
+    noise [B, ...]: x ← x + v·dt over ``cfg.eval_steps`` steps of ``cfg``'s grid, with
+    ``cfg.cfg_scale`` guidance."""
+    ts = time_grid(cfg, gen, cfg.eval_steps).to(device)
+    x = noise.to(device)
+    cond = gen.conditioner.encode(list(prompts)).to(device)
+    null = gen.conditioner.null(x.shape[0]).to(device) if cfg.cfg_scale != 1.0 else None
+    for i in range(cfg.eval_steps):
+        t = ts[i].expand(x.shape[0])
+        v = guided_velocity(gen.denoiser, x, t, cond, null, cfg.cfg_scale)
+        x = ode_step(x, v, t, ts[i + 1].expand(x.shape[0])).x_next
+    return x
+
+
 def sample_ode(
     gen: Generator,
     prompts: list[str],
@@ -144,18 +133,11 @@ def sample_ode(
     device="cpu",
     batch_size: int = 512,
 ) -> Tensor:
-    """Deterministic Euler samples [len(prompts), *sample_shape] (model space) from fixed noise,
-    on ``cfg``'s grid with ``cfg.eval_steps`` steps (evaluation, synthetic data)."""
-    ts = cfg.grid_for(gen, cfg.eval_steps).to(device)
+    """``ode_solve`` from fixed noise drawn from ``generator``, in batches of ``batch_size``:
+    samples [len(prompts), *sample_shape] on the CPU (evaluation)."""
     noise = torch.randn((len(prompts), *gen.sample_shape), generator=generator)
-    out = []
-    for s in range(0, len(prompts), batch_size):
-        x = noise[s : s + batch_size].to(device)
-        cond = gen.conditioner.encode(prompts[s : s + batch_size]).to(device)
-        null = gen.conditioner.null(x.shape[0]).to(device) if cfg.cfg_scale != 1.0 else None
-        for i in range(cfg.eval_steps):
-            t = ts[i].expand(x.shape[0])
-            v = guided_velocity(gen.denoiser, x, t, cond, null, cfg.cfg_scale)
-            x = ode_step(x, v, t, ts[i + 1].expand(x.shape[0])).x_next
-        out.append(x.cpu())
-    return torch.cat(out)
+    out = [
+        ode_solve(gen, noise[s : s + batch_size], prompts[s : s + batch_size], cfg, device)
+        for s in range(0, len(prompts), batch_size)
+    ]
+    return torch.cat([x.cpu() for x in out])

@@ -11,19 +11,21 @@ the true likelihood ratio raised to 1/D; with one update per rollout batch it is
 gradient is REINFORCE up to the constant 1/D. ``reduce="sum"`` gives the exact log-density.
 (cosmos-rl's DDRL release uses an unnormalised squared error; we do not.)
 
-The SDE kinds are small config objects (``FlowSDE(noise_level)``, ``DanceSDE(eta)``) whose
-``step`` calls the pure functions below; ``SDES`` maps config names to them.
+The SDE kinds are small config objects (``FlowSDE(noise_level)``, ``DanceSDE(eta)``,
+``ddrl.config.core``); ``stepper`` turns one into its step function.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ddrl.errors import check_range
+from ddrl.config.core import DanceSDE, FlowSDE
 from ddrl.flow import _bcast
 
 
@@ -118,34 +120,15 @@ def dance_sde_step(
     return _finish(mean, sigma * torch.sqrt(-dt), sigma, noise, prev_sample, reduce)
 
 
-@dataclass
-class FlowSDE:
-    """Flow-GRPO's SDE: σ_t = a·sqrt(t/(1−t)) (flow_grpo `noise_level` a = 0.7)."""
-
-    noise_level: float = 0.7  # a in σ_t = a·sqrt(t/(1−t)) (flow_grpo: 0.7)
-    kind: str = "flow"  # selects this SDE (sampler.sde.kind)
-
-    def check(self) -> None:
-        check_range("sampler.sde.noise_level", self.noise_level, 1e-4, 10.0)
-
-    def step(self, x, v, t, t_next, noise=None, prev_sample=None) -> Step:
-        """See ``flow_sde_step``."""
-        return flow_sde_step(x, v, t, t_next, self.noise_level, noise, prev_sample)
+STEPS = {  # sampler.sde.kind → its step with the config's parameter bound
+    "flow": lambda c: functools.partial(flow_sde_step, noise_level=c.noise_level),
+    "dance": lambda c: functools.partial(dance_sde_step, eta=c.eta),
+}
 
 
-@dataclass
-class DanceSDE:
-    """DanceGRPO's SDE: std = η·sqrt(−dt), drift from the score of the straight path."""
-
-    eta: float = 0.3  # η (DanceGRPO's FLUX scripts: 0.3; its video scripts: 0.25)
-    kind: str = "dance"  # selects this SDE (sampler.sde.kind)
-
-    def check(self) -> None:
-        check_range("sampler.sde.eta", self.eta, 1e-4, 10.0)
-
-    def step(self, x, v, t, t_next, noise=None, prev_sample=None) -> Step:
-        """See ``dance_sde_step``."""
-        return dance_sde_step(x, v, t, t_next, self.eta, noise, prev_sample)
-
-
-SDES = {"flow": FlowSDE, "dance": DanceSDE}
+def stepper(sde: FlowSDE | DanceSDE) -> Callable[..., Step]:
+    """The step function of a ``sampler.sde`` config: ``step(x, v, t, t_next, noise=None,
+    prev_sample=None) -> Step``. A plugin SDE (``sampler.sde.kind = "module:Class"``) brings its
+    own ``step`` method."""
+    own = getattr(sde, "step", None)
+    return own if callable(own) else STEPS[sde.kind](sde)

@@ -1,5 +1,6 @@
 """``ddrl train``: the run's config from the command line or its own folder, resume, data
-parallel under torchrun, SIGTERM handling and the closing summary."""
+parallel under torchrun, SIGTERM handling and the closing summary. The config and the run
+folder are checked before torch and the model code are imported (``_train``)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,11 @@ import sys
 import threading
 from pathlib import Path
 
+from ddrl.cli.args import resolve_args
+from ddrl.config import load_config, to_dict
+from ddrl.config.resolve import flatten
 from ddrl.errors import DDRLError
-
-
-def _cfg(args, extra: list[str] = ()):
-    from ddrl.config import build_config
-
-    preset = [f"preset={args.preset}"] if getattr(args, "preset", "") else []
-    return build_config(args.config, preset + list(extra) + list(args.overrides))
+from ddrl.training.runlog import prepare_run_dir, read_jsonl
 
 
 @contextlib.contextmanager
@@ -40,8 +38,6 @@ def _num(v) -> str:
 
 def train_summary(run: Path, row: dict) -> str:
     """A few lines for a person: final reward, last gold accuracy, where the outputs are."""
-    from ddrl.training.runlog import read_jsonl
-
     lines = [f"trained {run} to iteration {row.get('iteration', 0)}"]
     if row:
         lines.append(
@@ -64,21 +60,15 @@ def cmd_train(args) -> None:
     """Under ``torchrun`` every rank runs this (data parallel, ``ddrl.dist.group``): each reads
     the same config; rank 0 builds the components first (it may fill the cache) and alone
     writes the run folder."""
-    from ddrl.dist.group import process_group
-    from ddrl.training.components import device_of
-
     out = Path(args.out)
     cfg = _train_config(args, out)
-    with process_group(device_of(cfg)):  # device_of: e.g. no CUDA, before an old run moves
-        _train(cfg, args, out)
+    _train(cfg, args, out)
 
 
 def _train_config(args, out: Path):
     """The run's config, after checking the folder (every rank checks, none writes yet).
     ``--resume auto`` on a folder with no run yet starts it: one command line serves the first
     launch and every restart after a preemption."""
-    from ddrl.training.runlog import prepare_run_dir
-
     if args.resume and "=" in args.resume:  # `--resume key=value`: an override, not a name
         args.overrides, args.resume = [args.resume, *args.overrides], "auto"
     if args.resume:
@@ -93,7 +83,7 @@ def _train_config(args, out: Path):
         else:
             prepare_run_dir(out, resume=True, overwrite=False)  # only checks the folder
             return _resume_config(args, out)
-    cfg = _cfg(args)
+    cfg = resolve_args(args)
     prepare_run_dir(out, resume=False, overwrite=args.overwrite, check_only=True)
     return cfg
 
@@ -106,14 +96,12 @@ def _resume_config(args, out: Path):
     laid out over ranks) may change. A --config, --preset or other override must resolve to
     what the run was started with (a restart script repeats the first command), else a
     one-line error naming the first difference."""
-    from ddrl.config import load_config, to_dict
-
     changes = [o for o in args.overrides if o.split("=", 1)[0].strip().startswith(MAY_CHANGE)]
     others = [o for o in args.overrides if o not in changes]
     saved = load_config(out / "config.json", changes, MAY_CHANGE, "--resume")
     if args.config or args.preset or others:
-        given = _flat(to_dict(_cfg(args)))
-        had = _flat(to_dict(saved))
+        given = flatten(to_dict(resolve_args(args)))
+        had = flatten(to_dict(saved))
         diff = [k for k in sorted(given) if not k.startswith(MAY_CHANGE) and given[k] != had.get(k)]
         if diff:
             k = diff[0]
@@ -124,46 +112,30 @@ def _resume_config(args, out: Path):
     return saved
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = list(v) if isinstance(v, tuple) else v
-    return out
-
-
-def _checkpoint_arg(spec: str, out: Path) -> Path | bool:
-    """``--resume``'s value: "auto" (the newest valid checkpoint: True for ``train``), or one
-    checkpoint: a folder, or a name in OUT/checkpoints (step-000040, or just 40)."""
-    if spec == "auto":
-        return True
-    root = out / "checkpoints"
-    for cand in (Path(spec), root / spec, root / f"step-{spec:0>6}"):
-        if (cand / "state.json").is_file():
-            return cand
-    have = sorted(p.name for p in root.glob("step-*")) if root.is_dir() else []
-    have_s = ", ".join(have) or "(none)"
-    raise DDRLError(f"--resume {spec}: no such checkpoint; allowed: auto, or one of {have_s}")
-
-
 def _train(cfg, args, out: Path) -> None:
-    from ddrl.dist.group import barrier, batch_slice, is_main, main_first
-    from ddrl.training.components import build_components
+    """Every rank: build the components (rank 0 first: it may fill the cache), create the run
+    folder (rank 0; only once they are built), train, print the summary (rank 0)."""
+    # Imported here: every check above answers before torch and the families load.
+    from ddrl.dist.checkpoint import find_checkpoint
+    from ddrl.dist.group import barrier, batch_slice, is_main, main_first, process_group
+    from ddrl.training.components import build_components, device_of
     from ddrl.training.loop import train
-    from ddrl.training.runlog import prepare_run_dir
 
-    batch_slice(cfg.train.prompts_per_iter * cfg.train.group_size)  # splits over the ranks?
-    # Base, data and reward (a plugin's kind of output) are built, or fail, before the run
-    # folder is created or an old one is moved aside.
-    with main_first():
-        c = build_components(cfg)
-    if not args.resume and is_main():
-        prepare_run_dir(out, resume=False, overwrite=args.overwrite)
-    barrier()
-    resume = _checkpoint_arg(args.resume, out) if args.resume else False
-    with sigterm_requested() as stop:
-        row = train(cfg, out, resume=resume, stop=stop, components=c)
-    if is_main() and (row or not args.resume):  # a resume with nothing to do has said so
-        print(train_summary(out, row))
+    with process_group(device_of(cfg)):  # device_of: e.g. no CUDA, before an old run moves
+        batch_slice(cfg.train.prompts_per_iter * cfg.train.group_size)  # splits over the ranks?
+        # Base, data and reward (a plugin's kind of output) are built, or fail, before the run
+        # folder is created or an old one is moved aside.
+        with main_first():
+            c = build_components(cfg)
+        if not args.resume and is_main():
+            prepare_run_dir(out, resume=False, overwrite=args.overwrite)
+        barrier()
+        resume = False
+        if args.resume:
+            resume = (
+                True if args.resume == "auto" else find_checkpoint(out, args.resume, "--resume")
+            )
+        with sigterm_requested() as stop:
+            row = train(cfg, out, resume=resume, stop=stop, components=c)
+        if is_main() and (row or not args.resume):  # a resume with nothing to do has said so
+            print(train_summary(out, row))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ddrl.data.base import PairedPool, TaskData
+from ddrl.data.config import DataConfig
+from ddrl.data.pools import PairedPool, TaskData
 
 SPLIT_SEED = 0  # the split never changes with the run's seed: evaluations stay comparable
 N_HELDOUT = 297  # held-out images: diffusion loss and Fréchet distance references
@@ -22,7 +23,7 @@ def digits_arrays() -> tuple[torch.Tensor, list[str], np.ndarray]:
     return x, prompts, perm
 
 
-def digits_data() -> TaskData:
+def digits_data(cfg: DataConfig | None = None) -> TaskData:
     """Train pool (1,500: base model and DDRL's data term) and held-out pool (297)."""
     x, prompts, perm = digits_arrays()
     held, train = perm[:N_HELDOUT], perm[N_HELDOUT:]

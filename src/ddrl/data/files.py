@@ -32,16 +32,15 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ddrl.data.base import DataConfig, TaskData
-from ddrl.errors import DDRLError
+from ddrl.data.config import PROMPT_EXT, TABLE_EXT, DataConfig
+from ddrl.data.pools import TaskData
+from ddrl.errors import DDRLError, first_line
 
 PROMPT_KEYS = ("prompt", "caption", "text")  # prompt files: the first present column wins
 CAPTION_KEYS = ("text", "caption", "prompt")  # data tables (HF imagefolder's order)
 FILE_KEYS = ("file_name", "image", "video", "path")  # data tables: the media column
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 VIDEO_EXT = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif")  # .gif via pillow
-TABLE_EXT = (".jsonl", ".csv", ".parquet")
-PROMPT_EXT = (".txt", ".json", *TABLE_EXT)
 METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 
 
@@ -90,10 +89,10 @@ def read_table(path: Path) -> list[dict]:
                 ) from None
             return pq.read_table(path).to_pylist()
     except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DDRLError(f"cannot read {path}: {e}".splitlines()[0]) from None
+        raise DDRLError(f"cannot read {path}: {first_line(e)}") from None
     except Exception as e:  # pyarrow's own errors (ArrowInvalid, ...)
         if type(e).__module__.startswith("pyarrow"):
-            raise DDRLError(f"cannot read {path}: {e}".splitlines()[0]) from None
+            raise DDRLError(f"cannot read {path}: {first_line(e)}") from None
         raise
     raise DDRLError(f"{path}: unsupported table {suffix!r}; allowed: .jsonl, .json, .csv, .parquet")
 
@@ -125,7 +124,7 @@ def load_prompts(path: str | Path) -> list[dict]:
         try:
             lines = p.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as e:
-            raise DDRLError(f"cannot read {p}: {e}".splitlines()[0]) from None
+            raise DDRLError(f"cannot read {p}: {first_line(e)}") from None
         out = [{"prompt": s.strip()} for s in lines if s.strip() and not s.lstrip().startswith("#")]
     else:
         rows = read_table(p)
@@ -185,7 +184,7 @@ def _caption_file(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as e:
-        raise DDRLError(f"cannot read caption {path}: {e}".splitlines()[0]) from None
+        raise DDRLError(f"cannot read caption {path}: {first_line(e)}") from None
 
 
 def _list_folder(root: Path) -> list[Item]:

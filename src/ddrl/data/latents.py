@@ -20,11 +20,14 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ddrl.data import files, media
-from ddrl.data.base import DataConfig, PairedPool
-from ddrl.dist.checkpoint import sha256
+from ddrl.data.config import DataConfig
+from ddrl.data.pool_io import load_pool, save_pool
+from ddrl.data.pools import PairedPool
 from ddrl.errors import DDRLError
+from ddrl.io import remove_stale_tmp, sha256
 
 CACHE_VERSION = 1  # bump when the encoding (reading, resizing) changes
 
@@ -65,29 +68,7 @@ def cache_key(listing: list[dict], resolution, frames: int, codec_id: str) -> st
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, someone else's
-        return True
-    return True
-
-
-def remove_stale_tmp(folder: Path, prefix: str) -> None:
-    """Remove ``<prefix>...-<pid>`` leftovers of killed processes (never a live one's)."""
-    if not folder.is_dir():
-        return
-    for p in folder.glob(f"{prefix}*"):
-        pid = p.name.rsplit("-", 1)[-1].rsplit("tmp", 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-
-
 def _read_cache(folder: Path, key: str, log) -> PairedPool | None:
-    from ddrl.data.synthetic import load_pool
-
     manifest, data = folder / "manifest.json", folder / "latents.safetensors"
     if not (manifest.is_file() and data.is_file()):
         return None
@@ -120,8 +101,6 @@ def latent_pool(
     ``batch``, then read from ``cache_dir/latents/<key>/`` without opening any image.
     ``codec_id`` must name the codec exactly (model, revision, VAE dtype): it is part of the key.
     """
-    from tqdm.auto import tqdm
-
     if not cfg.images:
         raise DDRLError(
             "data.source='real' needs data.images (an image/video-caption folder or a "
@@ -156,8 +135,6 @@ def latent_pool(
     x = torch.cat(out).contiguous()
     captions = [it.caption for it in items]
     pool = PairedPool(x, captions)
-
-    from ddrl.data.synthetic import save_pool
 
     root.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(root, ".tmp-")

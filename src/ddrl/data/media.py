@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ddrl.data.base import DataConfig
+from ddrl.data.config import DataConfig
 from ddrl.data.files import Item, frame_files, list_items
-from ddrl.errors import DDRLError
+from ddrl.errors import DDRLError, first_line
 
 
 def _size(resolution) -> tuple[int, int]:
@@ -53,7 +53,7 @@ def _open_image(item: Item):
         img.load()
         return img
     except (OSError, UnidentifiedImageError) as e:
-        raise DDRLError(f"cannot read image {item.name}: {e}".splitlines()[0]) from None
+        raise DDRLError(f"cannot read image {item.name}: {first_line(e)}") from None
 
 
 def _video_frames(item: Item, resolution, frames: int) -> list[Tensor]:
@@ -95,7 +95,7 @@ def _video_frames(item: Item, resolution, frames: int) -> list[Tensor]:
     except DDRLError:
         raise
     except Exception as e:  # imageio/ffmpeg raise many kinds (OSError, RuntimeError, ...)
-        raise DDRLError(f"cannot read video {item.name}: {e}".splitlines()[0]) from None
+        raise DDRLError(f"cannot read video {item.name}: {first_line(e)}") from None
     if len(out) < len(set(idx)):
         raise DDRLError(f"cannot read video {item.name}: it ended after {len(out)} frames")
     return [out[i] for i in idx]

@@ -26,10 +26,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from ddrl.data.base import PairedPool
-from ddrl.dist.checkpoint import save_file_atomic
+from ddrl.data.pool_io import load_pool
+from ddrl.data.pools import PairedPool
 from ddrl.errors import DDRLError
+from ddrl.io import fingerprint, remove_stale_tmp, save_file_atomic
+from ddrl.models.base import decode_images
+from ddrl.sampling import ode_solve, time_grid
 
 SYNTH_VERSION = 1  # bump when the seeding or the sample → pool steps change
 _SHARD = re.compile(r"shard-(\d{9})-(\d{9})\.safetensors")
@@ -48,30 +52,10 @@ def sample_noise(shape: tuple[int, ...], seeds: list[int]) -> Tensor:
     )
 
 
-@torch.no_grad()
-def ode_from_noise(gen, noise: Tensor, prompts: list[str], cfg, device="cpu") -> Tensor:
-    """Deterministic Euler samples (model space, on ``device``) from given noise [B, ...]: the
-    ODE of ``sample_ode`` (``cfg``'s grid, ``cfg.eval_steps`` steps, ``cfg.cfg_scale``)."""
-    from ddrl.models import guided_velocity
-    from ddrl.sde import ode_step
-
-    ts = cfg.grid_for(gen, cfg.eval_steps).to(device)
-    x = noise.to(device)
-    cond = gen.conditioner.encode(list(prompts)).to(device)
-    null = gen.conditioner.null(x.shape[0]).to(device) if cfg.cfg_scale != 1.0 else None
-    for i in range(cfg.eval_steps):
-        t = ts[i].expand(x.shape[0])
-        v = guided_velocity(gen.denoiser, x, t, cond, null, cfg.cfg_scale)
-        x = ode_step(x, v, t, ts[i + 1].expand(x.shape[0])).x_next
-    return x
-
-
 def _samples(gen, prompts: list[str], seeds: list[int], sampler_cfg, device) -> Tensor:
     """Pool rows for (prompt, seed) pairs: ODE sample → decode → clamp to the codec's range →
     re-encode, so a row holds what a real image would encode to. Float32 on the CPU."""
-    from ddrl.models import decode_images
-
-    z = ode_from_noise(gen, sample_noise(gen.sample_shape, seeds), prompts, sampler_cfg, device)
+    z = ode_solve(gen, sample_noise(gen.sample_shape, seeds), prompts, sampler_cfg, device)
     return gen.codec.encode(decode_images(gen.codec, z)).detach().float().cpu()
 
 
@@ -92,15 +76,13 @@ def generate_pool(
 
 
 def _identity(gen, prompts, per_prompt, sampler_cfg, seed, model_id) -> tuple[str, dict]:
-    from ddrl.dist.checkpoint import fingerprint
-
     info = {
         "version": SYNTH_VERSION,
         "prompts": list(prompts),
         "per_prompt": per_prompt,
         "seed": seed,
         "sample_shape": list(gen.sample_shape),
-        "grid": [float(t) for t in sampler_cfg.grid_for(gen, sampler_cfg.eval_steps).tolist()],
+        "grid": [float(t) for t in time_grid(sampler_cfg, gen, sampler_cfg.eval_steps).tolist()],
         "cfg_scale": float(sampler_cfg.cfg_scale),
         "model": model_id or fingerprint(gen.denoiser),
     }
@@ -165,8 +147,6 @@ def synthesize(
     pass the base path/hub id + revision for large models to skip hashing). ``on_shard(done,
     total)`` is called after each shard is written.
     """
-    from tqdm.auto import tqdm
-
     if not prompts:
         raise DDRLError("synthesize needs at least one prompt")
     if per_prompt < 1:
@@ -182,8 +162,6 @@ def synthesize(
     if out.is_file() and _metadata(out).get("identity") == identity:
         log(f"synthetic set {out} is already complete ({n} samples)")
         return load_pool(out)
-
-    from ddrl.data.latents import remove_stale_tmp
 
     shards = out.with_name(out.name + ".shards")
     manifest = shards / "manifest.json"
@@ -261,24 +239,3 @@ def synthesize(
     shutil.rmtree(shards, ignore_errors=True)
     log(f"wrote {n} synthetic samples to {out}")
     return PairedPool(x, rep)
-
-
-def save_pool(pool: PairedPool, path: Path) -> None:
-    """Write x and the prompts (metadata) atomically."""
-    meta = {"prompts": json.dumps(pool.prompts)}
-    save_file_atomic({"x": pool.x.contiguous()}, Path(path), metadata=meta)
-
-
-def load_pool(path: Path) -> PairedPool:
-    path = Path(path)
-    if not path.is_file():
-        raise DDRLError(
-            f"no synthetic data at {path}; run `ddrl synth` first or set data.source=real"
-        )
-    try:
-        x = load_file(path)["x"]
-        with safe_open(str(path), "pt") as f:
-            prompts = json.loads((f.metadata() or {})["prompts"])
-    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
-        raise DDRLError(f"corrupt synthetic data {path}: {e}".splitlines()[0]) from e
-    return PairedPool(x, prompts)

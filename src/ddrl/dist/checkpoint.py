@@ -15,9 +15,7 @@ non-tensor state (optimizer hyper-parameters) is JSON in state.json.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import os
 import shutil
 import warnings
 from pathlib import Path
@@ -29,56 +27,17 @@ from safetensors.torch import load_file, save_file
 from torch.distributed import checkpoint as dcp
 
 from ddrl.dist.group import barrier, gather_objects, world_size
-from ddrl.errors import DDRLError
+from ddrl.errors import DDRLError, first_line
+from ddrl.io import fingerprint, sha256
 from ddrl.dist.rng import current_rank
 
 
-def save_file_atomic(
-    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
-) -> None:
-    """safetensors ``save_file`` under a temporary name, then rename into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, tmp, metadata=metadata)
-    tmp.replace(path)
 
 
-@contextlib.contextmanager
-def atomic_dir(path: Path, race_ok: bool = True):
-    """Yields a fresh temporary sibling folder; when the block finishes it is renamed to
-    ``path``, so a crash never leaves half a folder there. If ``path`` appeared meanwhile
-    (another process built the same thing) the temporary folder is dropped (``race_ok``) or
-    that is a one-line error."""
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    yield tmp
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        tmp.rename(path)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not race_ok:
-            raise DDRLError(
-                f"{path} appeared while it was written; nothing was overwritten"
-            ) from None
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
-def fingerprint(module: torch.nn.Module) -> str:
-    """SHA-256 over every parameter's name, shape, dtype and bytes: the identity of a model."""
-    h = hashlib.sha256()
-    for name, p in sorted(module.state_dict().items()):
-        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def split_tensors(state: dict[str, Any], prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
@@ -189,6 +148,37 @@ def save_checkpoint(
     return final
 
 
+def find_checkpoint(run_dir: Path, spec: str | int | None = None, flag: str = "--step") -> Path:
+    """A run's checkpoint: the newest (``spec`` None: the one ``checkpoints/latest`` names), or
+    the one ``spec`` names: an iteration (40), a name (step-000040) or a checkpoint folder. A
+    one-line error naming ``flag`` and the kept checkpoints otherwise."""
+    if spec is None:
+        return latest_checkpoint(run_dir)
+    root = Path(run_dir) / "checkpoints"
+    for cand in (Path(str(spec)), root / str(spec), root / f"step-{str(spec):0>6}"):
+        if (cand / "state.json").is_file():
+            return cand
+    kept = ", ".join(sorted(p.name for p in root.glob("step-*"))) if root.is_dir() else ""
+    allowed = ("auto, or one of " if flag == "--resume" else "one of ") + (kept or "(none)")
+    raise DDRLError(f"{flag} {spec}: no such checkpoint in {run_dir}; allowed: {allowed}")
+
+
+def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """name → parameter for every parameter that requires grad: what a checkpoint holds."""
+    return {k: p for k, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trained(denoiser: torch.nn.Module, path: Path) -> dict:
+    """Load checkpoint ``path``'s trained weights (its EMA when it kept one) into ``denoiser``'s
+    trainable parameters, in one process, after checking it was trained from this base.
+    Returns its state.json."""
+    meta, parts = load_checkpoint(path)
+    if meta.get("base_fingerprint") != fingerprint(denoiser):
+        raise DDRLError(f"checkpoint {path} was not trained from this run's base model")
+    load_into(trainable(denoiser), parts["ema" if "ema" in parts else "model"], f"checkpoint {path}")
+    return meta
+
+
 def latest_checkpoint(run_dir: Path) -> Path:
     """The checkpoint named by ``<run>/checkpoints/latest``; DDRLError if there is none."""
     root = Path(run_dir) / "checkpoints"
@@ -201,15 +191,8 @@ def latest_checkpoint(run_dir: Path) -> Path:
     return path
 
 
-def _is_legacy(state: dict) -> bool:
-    """Written before DCP: one <part>.safetensors per part, digests keyed by part."""
-    return "world_size" not in state
-
-
 def _files_of(state: dict) -> dict[str, str]:
     """file (relative to the checkpoint) → its recorded SHA-256."""
-    if _is_legacy(state):
-        return {f"{k}.safetensors": v for k, v in state["sha256"].items()}
     return dict(state["sha256"])
 
 
@@ -219,7 +202,7 @@ def _check_files(path: Path, names: list[str], digests: dict[str, str]) -> str |
             if sha256(path / n) != digests[n]:
                 return f"checkpoint file {path / n} is damaged (SHA-256 mismatch)"
     except OSError as e:
-        return f"corrupt or incompatible checkpoint {path}: {str(e).splitlines()[0]}"
+        return f"corrupt or incompatible checkpoint {path}: {first_line(e)}"
     return None
 
 
@@ -228,7 +211,7 @@ def read_state(path: Path) -> dict:
         state = json.loads((Path(path) / "state.json").read_text())
         _files_of(state), state["skeletons"], state["iteration"]  # noqa: B018 (complete?)
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = first_line(e)
         raise DDRLError(f"corrupt or incompatible checkpoint {path}: {msg}") from e
     return state
 
@@ -277,12 +260,6 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if err:
         raise DDRLError(err)
     try:
-        if _is_legacy(state):
-            parts = {
-                n: join_tensors(load_file(path / f"{n}.safetensors"), sk)
-                for n, sk in state["skeletons"].items()
-            }
-            return state, parts
         md = dcp.FileSystemReader(path / "dcp").read_metadata().state_dict_metadata
         tensors = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in md.items()}
         with _single_process_ok():
@@ -291,7 +268,7 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         rng = path / "rng-rank0.safetensors"
         parts["rng"] = load_file(rng) if rng.is_file() else {}
     except (OSError, SafetensorError, KeyError, AttributeError, RuntimeError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = first_line(e)
         raise DDRLError(f"corrupt or incompatible checkpoint {path}: {msg}") from e
     return state, parts
 
@@ -306,11 +283,6 @@ def restore_into(
     tensors or {})."""
     path = Path(path)
     live = _split_parts(parts)[0]
-    if _is_legacy(state):
-        raise DDRLError(
-            f"checkpoint {path} is in the format before sharded checkpoints (one safetensors "
-            "file per part): `ddrl eval` and `ddrl export` read it, training cannot resume it"
-        )
     saved = set().union(*(_tensor_keys(state["skeletons"].get(n, {})) for n in parts))
     if saved != set(live):
         missing, extra = sorted(set(live) - saved), sorted(saved - set(live))
@@ -324,7 +296,7 @@ def restore_into(
         file = path / f"rng-rank{current_rank()}.safetensors"
         rng = load_file(file) if file.is_file() else {}
     except (RuntimeError, ValueError, SafetensorError, OSError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e)
         raise DDRLError(f"checkpoint {path} does not fit the model: {msg}") from e
     rebuilt = {n: join_tensors(live, state["skeletons"][n]) for n in parts}
     return rebuilt, rng

@@ -24,7 +24,8 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-from ddrl.advantages import AdvantageConfig, combine_advantages
+from ddrl.config.core import AdvantageConfig
+from ddrl.advantages import combine_advantages
 from ddrl.errors import DDRLError
 
 

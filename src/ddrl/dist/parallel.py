@@ -27,24 +27,9 @@ from torch import nn
 from ddrl.dist.group import group_up, world_size
 from ddrl.errors import DDRLError, check_choice
 
-STRATEGIES = ("auto", "none", "ddp", "fsdp")
 PARAM_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-@dataclass
-class ParallelConfig:
-    """How the denoiser is spread over torchrun's ranks (one process: ignored)."""
-
-    strategy: str = "auto"  # auto | none | ddp | fsdp; auto: none for one process, else fsdp
-    # on CUDA and ddp on CPU (gloo)
-    param_dtype: str = "auto"  # FSDP2 compute dtype of the gathered weights: auto = bfloat16 on
-    # CUDA, float32 on CPU; master weights and gradient reduction stay float32
-    reshard_after_forward: bool = True  # FSDP2: free each block's gathered weights after its
-    # forward (ZeRO-3); false keeps them until the backward (fewer all-gathers, more memory)
-
-    def check(self) -> None:
-        check_choice("parallel.strategy", self.strategy, STRATEGIES)
-        check_choice("parallel.param_dtype", self.param_dtype, PARAM_DTYPES)
 
 
 def resolve_strategy(cfg: ParallelConfig, device: torch.device | str) -> str:

@@ -10,13 +10,13 @@ Identical model + config ⇒ identical numbers: all noise comes from ``EvalConfi
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ddrl.data import PairedPool, TaskData
-from ddrl.errors import check_choice, check_range
+from ddrl.config.core import SamplerConfig
+from ddrl.data.pools import PairedPool, TaskData
+from ddrl.evaluation.config import EvalConfig
 from ddrl.evaluation.metrics import (
     default_t_grid,
     frechet_distance,
@@ -25,39 +25,10 @@ from ddrl.evaluation.metrics import (
     pairwise_diversity,
     saturation_rate,
 )
-from ddrl.experiments.report import save_image_grid
-from ddrl.flow import GRIDS
-from ddrl.models import Generator, clamp_images
-from ddrl.rewards import GoldEvaluator, MultiReward, Reward
-from ddrl.rewards.base import finite_mean
-from ddrl.rewards.multi import video_frames
-from ddrl.sampling import SamplerConfig, sample_ode
-
-
-@dataclass
-class EvalConfig:
-    """Evaluation samples and schedule."""
-
-    every: int = 0  # evaluate every N training iterations (and at 0 and the end); 0 = off
-    samples_per_prompt: int = 30  # ODE samples per prompt (digits: 10 prompts → 300 images)
-    seed: int = 12345  # noise seed of evaluation samples and the held-out loss (fixed across runs)
-    loss_t_points: int = 10  # t grid (midpoints) of the held-out diffusion loss
-    grid: str = "scheduler"  # ODE grid of evaluation samples, the same for every algorithm
-    # (a preset's training grid, e.g. DanceGRPO's "linear", does not change how it is judged)
-    rewards: str = ""  # out-of-domain rewards scored but never trained on ("clipscore,pickscore":
-    # the paper checks they do not fall), logged as ood_<name>
-    features: str = ""  # a reward whose model embeds images ("clipscore", "pickscore",
-    # "hpsv2"): diversity and Fréchet distance in its space for real models; "" = pixels only
-    features_model: str = ""  # that model's hub id or folder ("" = its default)
-    loss_warn: float = 0.10  # warn when the held-out diffusion loss rises by more than this
-    # fraction over iteration 0's (the paper's warning sign of hacking: +10%)
-
-    def check(self) -> None:
-        check_range("eval.every", self.every, 0)
-        check_range("eval.samples_per_prompt", self.samples_per_prompt, 2)
-        check_range("eval.loss_t_points", self.loss_t_points, 1)
-        check_choice("eval.grid", self.grid, GRIDS)
-        check_range("eval.loss_warn", self.loss_warn, 0.0)
+from ddrl.models.base import Generator, clamp_images
+from ddrl.rewards.base import GoldEvaluator, Reward, finite_mean
+from ddrl.rewards.multi import MultiReward, video_frames
+from ddrl.sampling import sample_ode
 
 
 @torch.no_grad()
@@ -148,35 +119,3 @@ def evaluate_components(gen: Generator, c, cfg, device="cpu"):
         c.heldout,
         c.embed,
     )
-
-
-def save_prompt_grid(raw: Tensor, n_prompts: int, path, title: str | None = None):
-    """Picture of evaluation samples: for images [P·n, C, H, W] (prompt-major, as ``evaluate``
-    returns them) a grid of up to 10 per prompt, one prompt per column; for 2-D points a
-    scatter plot. Anything else writes nothing and returns None."""
-    if raw.dim() == 2 and raw.shape[1] == 2:
-        return save_scatter(raw, path, title)
-    if raw.dim() != 4:
-        return None
-    per = raw.shape[0] // n_prompts
-    show = raw.view(n_prompts, per, *raw.shape[1:])[:, : min(per, 10)].transpose(0, 1)
-    return save_image_grid(show.reshape(-1, *raw.shape[1:]), path, nrow=n_prompts, title=title)
-
-
-def save_scatter(points: Tensor, path, title: str | None = None):
-    """Scatter plot of 2-D samples [N, 2] over the toy mixture's centres."""
-    from matplotlib.figure import Figure
-
-    from ddrl.data.toy2d import CENTRES
-
-    fig = Figure(figsize=(4, 4))
-    ax = fig.subplots()
-    p = points.detach().float().cpu()
-    ax.scatter(p[:, 0], p[:, 1], s=4, alpha=0.5, label="samples")
-    ax.scatter(CENTRES[:, 0], CENTRES[:, 1], marker="x", c="k", label="data modes")
-    ax.set_aspect("equal")
-    ax.legend(loc="upper left", fontsize=7)
-    if title:
-        ax.set_title(title)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    return path

@@ -1,8 +1,8 @@
 """``ddrl bench``: where an iteration's time goes, against the backbone's own compute.
 
-For each algorithm, in one process: a short real training run (``ddrl.training.loop``) with the device
-synchronised around every phase (``train.sync_timing``), whose rows give the time per phase
-(``ddrl.training.phases``) after the warm-up iterations. Meanwhile every call of the denoiser's
+For each algorithm, in one process: a short real training run (``ddrl.training.loop``) with the
+device synchronised around every phase (``train.sync_timing``), whose rows give the time per phase
+(``ddrl.phases``) after the warm-up iterations. Meanwhile every call of the denoiser's
 ``velocity`` is recorded (shapes, with or without gradient). Afterwards the same calls are
 replayed on the bare backbone at the same shapes, timed: forward for the calls without
 gradient (rollout, reference), forward + backward for the others (policy, data term). Their sum
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ddrl.config import build_config
-from ddrl.training.phases import PHASES
+from ddrl.phases import PHASES
 from ddrl.training.runlog import prepare_run_dir, read_jsonl
 
 QUICK = [  # a few seconds on a CPU: the digits default at a toy size

@@ -15,7 +15,8 @@ from typing import Any
 
 from ddrl.config import build_config
 from ddrl.errors import DDRLError
-from ddrl.evaluation.evaluate import evaluate_components, save_prompt_grid
+from ddrl.evaluation.evaluate import evaluate_components
+from ddrl.evaluation.pictures import save_prompt_grid
 from ddrl.experiments.report import arm_label, arm_slug, write_report
 from ddrl.experiments.toy2d import TOY_COMMON, TOY_QUICK, run_toy2d, toy2d_html
 from ddrl.training.components import build_components, device_of

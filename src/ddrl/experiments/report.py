@@ -19,12 +19,8 @@ import os
 import re
 from pathlib import Path
 
-import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-from torch import Tensor
-
-from ddrl.errors import DDRLError
 
 __all__ = [
     "arm_label",
@@ -32,7 +28,6 @@ __all__ = [
     "plot_heldout_loss",
     "plot_pareto",
     "plot_reward_curves",
-    "save_image_grid",
     "write_report",
 ]
 
@@ -241,37 +236,6 @@ def plot_heldout_loss(metrics: dict, path, loss_rise: float = 0.10) -> Path:
     ax.axhline(threshold, color="r", ls=":", lw=1.2, label=f"{loss_rise:.0%} rise (hacking signal)")
     ax.legend(fontsize=7, loc="best")
     return _save(fig, path)
-
-
-def save_image_grid(images: Tensor, path, nrow: int = 10, title: str | None = None) -> Path:
-    """Save images [N, 1 or 3, H, W] in [-1, 1] as one PNG grid, ``nrow`` images per row."""
-    x = images.detach().cpu().float()
-    if x.dim() == 3:
-        x = x.unsqueeze(1)
-    if x.dim() != 4 or x.shape[1] not in (1, 3) or x.shape[0] == 0:
-        raise DDRLError(f"save_image_grid expects [N, 1 or 3, H, W] images, got {tuple(x.shape)}")
-    n, c, h, w = x.shape
-    x = ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
-    cols = max(1, min(nrow, n))
-    rows = -(-n // cols)
-    pad = 1
-    grid = np.ones((rows * (h + pad) + pad, cols * (w + pad) + pad, c), dtype=np.float32)
-    for i in range(n):
-        top, left = pad + (i // cols) * (h + pad), pad + (i % cols) * (w + pad)
-        grid[top : top + h, left : left + w] = x[i]
-    # Tiny images (8×8 digits) get enlarged so each shows at ≥ ~48 px; nearest keeps pixels crisp.
-    scale = max(1.0, 48.0 / max(h, w))
-    dpi = 100
-    fig = Figure(figsize=(grid.shape[1] * scale / dpi, grid.shape[0] * scale / dpi), dpi=dpi)
-    ax = fig.add_axes((0, 0, 1, 1))
-    if c == 1:
-        ax.imshow(grid[..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    else:
-        ax.imshow(grid, interpolation="nearest")
-    ax.set_axis_off()
-    if title:
-        ax.set_title(title, fontsize=9)
-    return _save(fig, path, dpi=dpi, pad_inches=0.05)
 
 
 def _fmt(v) -> str:

@@ -17,9 +17,9 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from ddrl.models import Cond, guided_velocity
+from ddrl.models.base import Cond, guided_velocity
+from ddrl.phases import phase
 from ddrl.sde import Step
-from ddrl.training.phases import phase
 
 
 @dataclass
@@ -35,7 +35,8 @@ class StepBatch:
     valid: Tensor  # [B] bool: False for groups skipped (non-finite reward)
     cond: Cond  # batch B
     null: Cond | None  # unconditional condition for CFG (None without CFG)
-    x0_data: Tensor  # [B, ...] data (model space) paired with each trajectory's prompt
+    x0_data: Tensor | None  # [B, ...] data (model space) paired with each trajectory's prompt
+    # (None when the loss uses no data)
     noise0: Tensor  # [B, ...] the trajectory's initial noise (x at t = 1)
     first: bool  # this is the first trained timestep of the iteration
     generator: torch.Generator  # for "random" data timesteps
@@ -49,9 +50,11 @@ class StepBatch:
 class LossContext:
     """What a loss may need besides its own config."""
 
-    sde: Any  # the sampler's SDE object (FlowSDE / DanceSDE): ``step`` recomputes transitions
+    step: Callable[..., Step]  # the sampler's SDE step (``ddrl.sde.stepper``); with
+    # prev_sample= it recomputes a recorded transition
     cfg_scale: float  # classifier-free guidance weight used by the rollout
-    make_reference: Callable[[str], Any]  # kind → the Reference (see ddrl.losses.reference)
+    make_reference: Callable[[str], Any] | None = None  # kind → the Reference
+    # (``ddrl.losses.reference``); given to losses with ``needs_reference`` only
 
 
 @dataclass
@@ -63,9 +66,14 @@ class LossOut:
 
 
 class Loss(Protocol):
-    """An algorithm: ``cls(cfg: cls.Config, ctx: LossContext)``."""
+    """An algorithm: ``cls(cfg: cls.Config, ctx: LossContext)``. It says what it needs, so the
+    loop pays only for that: ``needs_data`` (batches carry x0 from the data pool; otherwise no
+    pool is built or drawn from and ``StepBatch.x0_data`` is None) and ``needs_reference``
+    (``ctx.make_reference`` is given). A plugin without them gets both."""
 
     Config: type
+    needs_data: bool
+    needs_reference: bool
 
     def masks(self, b: StepBatch) -> dict[str, Tensor]:
         """term name → bool [B]: which samples each term covers in this batch."""
@@ -88,7 +96,7 @@ def policy_transition(denoiser, b: StepBatch, ctx: LossContext) -> Step:
     """Recompute μ_θ, std and log p_θ(x_next | x_t) of the recorded transition."""
     # As flow_grpo trains with CFG: the unconditional branch carries no gradient.
     v = guided_velocity(denoiser, b.x_t, b.t, b.cond, b.null, ctx.cfg_scale, detach_uncond=True)
-    return ctx.sde.step(b.x_t, v, b.t, b.t_next, prev_sample=b.x_next)
+    return ctx.step(b.x_t, v, b.t, b.t_next, prev_sample=b.x_next)
 
 
 def surrogate(step: Step, b: StepBatch, clip: float) -> tuple[Tensor, dict]:

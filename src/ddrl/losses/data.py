@@ -11,41 +11,14 @@ and initial noise. Cheaper options that keep its meaning (costs and results: doc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-from ddrl.errors import DDRLError, check_choice, check_range
 from ddrl.flow import flow_matching_loss, interpolate, sample_training_t
 from ddrl.losses.base import LossContext, StepBatch, surrogate
-from ddrl.models import Cond
-from ddrl.training.phases import phase
-
-
-@dataclass
-class DataTermConfig:
-    """The flow-matching loss on data (DDRL's forward KL, SFT)."""
-
-    data_beta: float = 0.1  # weight of the flow-matching loss on data (forward KL to p̃_data)
-    data_t: str = "rollout"  # "rollout": the rollout's t and initial noise (release
-    # use_rl_sigma_and_noise); "random": logit-normal t and fresh noise
-    data_on_first_only: bool = False  # computed at the first trained timestep only, still
-    # averaged over items × trained timesteps like the release (so weighted data_beta / n; on
-    # digits at data_beta 0.1 this no longer prevents hacking: docs/DECISIONS.md)
-    data_steps: float = 1.0  # fraction of the trained steps with the data term: a random subset
-    # per iteration, averaged over the chosen steps (unbiased); 1 = every step (release)
-    data_batched: bool = False  # data term and policy term in one forward (same numbers)
-
-    def check(self) -> None:
-        check_range("loss.data_beta", self.data_beta, 0.0)
-        check_choice("loss.data_t", self.data_t, ("rollout", "random"))
-        check_range("loss.data_steps", self.data_steps, 1e-6, 1.0)
-        if self.data_on_first_only and self.data_steps < 1:
-            raise DDRLError(
-                "loss.data_on_first_only and loss.data_steps < 1 both thin out the data term; "
-                "allowed: one of them"
-            )
+from ddrl.losses.config import DataTermConfig
+from ddrl.models.base import Cond, cfg_mix
+from ddrl.phases import phase
 
 
 def chosen_positions(cfg: DataTermConfig, b: StepBatch) -> Tensor:
@@ -107,11 +80,8 @@ def policy_and_data(denoiser, b: StepBatch, ctx: LossContext, cfg: DataTermConfi
     n = b.x_t.shape[0]
     with phase("policy"):
         v = denoiser.velocity(torch.cat(xs), torch.cat(ts), cond)
-        if guided:  # as flow_grpo: the unconditional branch carries no gradient
-            v_c, v_u = v[:n], v[n : 2 * n].detach()
-            v_pol = v_u + ctx.cfg_scale * (v_c - v_u)
-        else:
-            v_pol = v[:n]
-        step = ctx.sde.step(b.x_t, v_pol, b.t, b.t_next, prev_sample=b.x_next)
+        # As flow_grpo: the unconditional branch carries no gradient.
+        v_pol = cfg_mix(v[:n], v[n : 2 * n], ctx.cfg_scale, True) if guided else v[:n]
+        step = ctx.step(b.x_t, v_pol, b.t, b.t_next, prev_sample=b.x_next)
     per, stats = surrogate(step, b, clip)
     return per, step, stats, flow_matching_loss(v[-x_d.shape[0] :], b.x0_data, noise)

@@ -6,28 +6,16 @@ data at every trained timestep; no reference model is kept.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from ddrl.errors import check_range
 from ddrl.losses.base import LossOut, policy_term
-from ddrl.losses.data import DataTermConfig, data_applies, data_mask, data_term, policy_and_data
-
-
-@dataclass
-class DDRLConfig(DataTermConfig):
-    """DDRL's knobs (the data term's, plus the policy term's clip)."""
-
-    clip_range: float = 1e-4  # PPO ratio clip ε (release: 1e-4; the ratio is ≡ 1 on-policy)
-
-    def check(self) -> None:
-        super().check()
-        check_range("loss.clip_range", self.clip_range, 0.0, 1.0)
+from ddrl.losses.config import DDRLConfig
+from ddrl.losses.data import data_applies, data_mask, data_term, policy_and_data
 
 
 class DDRLLoss:
     """Clipped policy term plus the flow-matching loss on data paired with the prompts."""
 
     Config = DDRLConfig
+    needs_data, needs_reference = True, False
 
     def __init__(self, cfg: DDRLConfig, ctx):
         self.cfg, self.ctx = cfg, ctx

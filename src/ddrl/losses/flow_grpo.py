@@ -9,15 +9,12 @@ the same here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-from ddrl.errors import check_choice, check_range
 from ddrl.losses.base import LossOut, policy_term
-from ddrl.losses.reference import REFERENCES
-from ddrl.training.phases import phase
+from ddrl.losses.config import FlowGRPOConfig
+from ddrl.phases import phase
 
 
 def flow_grpo_kl(mean: Tensor, mean_ref: Tensor, sigma: Tensor) -> Tensor:
@@ -25,23 +22,9 @@ def flow_grpo_kl(mean: Tensor, mean_ref: Tensor, sigma: Tensor) -> Tensor:
     return ((mean - mean_ref) ** 2 / (2 * sigma**2)).flatten(1).mean(1)
 
 
-@dataclass
-class FlowGRPOConfig:
-    """Flow-GRPO's knobs."""
-
-    clip_range: float = 1e-4  # PPO ratio clip ε (flow_grpo: 1e-4)
-    beta_kl: float = 0.04  # KL weight in flow_grpo's units (its SD3.5-M OCR config: 0.04)
-    reference: str = "auto"  # the start model: "auto" = adapters disabled under LoRA (no copy),
-    # else a frozen copy; or "frozen_copy" / "adapter_disabled"
-
-    def check(self) -> None:
-        check_range("loss.clip_range", self.clip_range, 0.0, 1.0)
-        check_range("loss.beta_kl", self.beta_kl, 0.0)
-        check_choice("loss.reference", self.reference, REFERENCES)
-
-
 class FlowGRPOLoss:
     Config = FlowGRPOConfig
+    needs_data, needs_reference = False, True
 
     def __init__(self, cfg: FlowGRPOConfig, ctx):
         self.cfg, self.ctx = cfg, ctx
@@ -56,6 +39,6 @@ class FlowGRPOLoss:
         if self.ref is not None:
             with torch.no_grad(), phase("reference"):
                 v_ref = self.ref.velocity(b.x_t, b.t, b.cond, b.null, self.ctx.cfg_scale)
-                ref = self.ctx.sde.step(b.x_t, v_ref, b.t, b.t_next, prev_sample=b.x_next)
+                ref = self.ctx.step(b.x_t, v_ref, b.t, b.t_next, prev_sample=b.x_next)
             terms["kl"] = (flow_grpo_kl(step.mean, ref.mean, step.sigma), self.cfg.beta_kl)
         return LossOut(terms, stats)

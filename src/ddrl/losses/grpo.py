@@ -4,26 +4,15 @@ noise per group, a random subset of timesteps per sample, its shifted linear gri
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from ddrl.errors import check_range
 from ddrl.losses.base import LossOut, policy_term
-
-
-@dataclass
-class PolicyConfig:
-    """The policy term's only knob."""
-
-    clip_range: float = 1e-4  # PPO ratio clip ε (flow_grpo and DanceGRPO: 1e-4)
-
-    def check(self) -> None:
-        check_range("loss.clip_range", self.clip_range, 0.0, 1.0)
+from ddrl.losses.config import PolicyConfig
 
 
 class PolicyOnlyLoss:
     """L = L_pg."""
 
     Config = PolicyConfig
+    needs_data, needs_reference = False, False
 
     def __init__(self, cfg: PolicyConfig, ctx):
         self.cfg, self.ctx = cfg, ctx

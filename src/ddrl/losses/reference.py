@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ddrl.errors import DDRLError
-from ddrl.models import Cond, guided_velocity
+from ddrl.models.base import Cond, guided_velocity
 
 
 class Reference(Protocol):

@@ -3,21 +3,14 @@ that every algorithm sees the same prompts, noise and budget)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from ddrl.losses.base import LossOut
-from ddrl.losses.data import DataTermConfig, data_applies, data_mask, data_term
-
-
-@dataclass
-class SFTConfig(DataTermConfig):
-    """SFT's knobs: the data term's."""
-
-    data_beta: float = 1.0  # weight of the flow-matching loss (only a scale for SFT)
+from ddrl.losses.config import SFTConfig
+from ddrl.losses.data import data_applies, data_mask, data_term
 
 
 class SFTLoss:
     Config = SFTConfig
+    needs_data, needs_reference = True, False
 
     def __init__(self, cfg: SFTConfig, ctx):
         self.cfg = cfg

@@ -1,4 +1,6 @@
-"""Model families by name; "module:Class" names a user Generator class with ``from_pretrained``."""
+"""Model families by name, each a "module:Class" string imported on first use (so naming or
+checking one loads no model code); "module:Class" also names a user Generator class with
+``from_pretrained``. The protocol they follow is ``ddrl.models.base``."""
 
 from __future__ import annotations
 
@@ -6,30 +8,18 @@ import json
 from pathlib import Path
 
 from ddrl.errors import DDRLError, lookup
-from ddrl.models.base import (
-    Codec,
-    Cond,
-    CondCache,
-    Conditioner,
-    Denoiser,
-    Generator,
-    IdentityCodec,
-    clamp_images,
-    decode_images,
-    guided_velocity,
-)
-from ddrl.models.config import LoraConfig, ModelConfig
-from ddrl.models.digits import DigitsGenerator
-from ddrl.models.toy2d import Toy2DGenerator
 
-# Diffusers families load lazily ("module:attr"): importing ddrl does not import them.
-DIFFUSERS_FAMILIES = {
+EMBEDDED = {  # trained from scratch here (``ddrl.training.pretrain``), no downloads
+    "digits": "ddrl.models.digits:DigitsGenerator",
+    "toy2d": "ddrl.models.toy2d:Toy2DGenerator",
+}
+DIFFUSERS_FAMILIES = {  # diffusers pipelines: a hub id, a folder, or "tiny"
     "sd3": "ddrl.models.sd3:SD3Generator",
     "flux": "ddrl.models.flux:FluxGenerator",
     "cosmos": "ddrl.models.cosmos:CosmosGenerator",
     "wan": "ddrl.models.wan:WanGenerator",
 }
-MODELS = {"digits": DigitsGenerator, "toy2d": Toy2DGenerator, **DIFFUSERS_FAMILIES}
+MODELS = {**EMBEDDED, **DIFFUSERS_FAMILIES}
 # diffusers pipeline class (model_index.json "_class_name") → family name
 PIPELINES = {
     "StableDiffusion3Pipeline": "sd3",
@@ -38,32 +28,17 @@ PIPELINES = {
     "WanPipeline": "wan",
 }
 
-__all__ = [
-    "DIFFUSERS_FAMILIES",
-    "MODELS",
-    "PIPELINES",
-    "Codec",
-    "Cond",
-    "CondCache",
-    "Conditioner",
-    "Denoiser",
-    "Generator",
-    "IdentityCodec",
-    "LoraConfig",
-    "ModelConfig",
-    "clamp_images",
-    "decode_images",
-    "family_of",
-    "guided_velocity",
-    "load_generator",
-    "resolve",
-]
+
+def check_model_name(name: str) -> None:
+    """Fail fast on a model name: a built-in (nothing imported) or a "module:Class" plugin."""
+    if name not in MODELS:
+        resolve(name)
 
 
 def resolve(name: str):
-    """A registered family name, or "package.module:Attr" for a user plugin."""
+    """The Generator class of a registered family name, or of "package.module:Attr"."""
     cls = lookup("model", name, MODELS)
-    if name in DIFFUSERS_FAMILIES:  # a built-in diffusers family, imported on first use
+    if name in MODELS:  # a built-in, imported on first use
         cls = lookup("model", cls, {})
     if not hasattr(cls, "from_pretrained"):
         raise DDRLError(
@@ -93,9 +68,7 @@ def family_of(path: str | Path) -> str:
     raise DDRLError(f"no model at {path} (no generator.json or model_index.json)")
 
 
-def load_generator(
-    path: str | Path, name: str = "", config: ModelConfig | None = None
-) -> Generator:
+def load_generator(path: str | Path, name: str = "", config=None):
     """Load a saved generator or pipeline folder; its family comes from the folder unless
     ``name`` is given. ``config``: the run's model section (resolution, LoRA, precision)."""
     return resolve(name or family_of(path)).from_pretrained(path, config=config)

@@ -39,10 +39,6 @@ class Cond:
             {k: torch.cat([v, other.batched[k]]) for k, v in self.batched.items()}, self.shared
         )
 
-    def repeat_interleave(self, n: int) -> Cond:
-        """Each row n times in a row: [B] → [B·n] (a group of n samples per prompt)."""
-        return Cond({k: v.repeat_interleave(n, 0) for k, v in self.batched.items()}, self.shared)
-
     def to(self, device) -> Cond:
         move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
         return Cond(move(self.batched), move(self.shared))
@@ -166,7 +162,12 @@ def guided_velocity(
         return denoiser.velocity(x_t, t, cond)
     n = x_t.shape[0]
     v = denoiser.velocity(torch.cat([x_t, x_t]), torch.cat([t, t]), cond.cat(null))
-    v_c, v_u = v[:n], v[n:]
+    return cfg_mix(v[:n], v[n:], scale, detach_uncond)
+
+
+def cfg_mix(v_c: Tensor, v_u: Tensor, scale: float, detach_uncond: bool = False) -> Tensor:
+    """Classifier-free guidance v = v_u + w·(v_c − v_u) of conditional and unconditional
+    velocities [B, ...]; ``detach_uncond``: no gradient through v_u."""
     if detach_uncond:
         v_u = v_u.detach()
     return v_u + scale * (v_c - v_u)

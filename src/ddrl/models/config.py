@@ -3,22 +3,32 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import Literal
 
-from ddrl.errors import DDRLError, check_choice, check_range
-
-DTYPES = ("float32", "bfloat16", "float16")
-AUTOCAST = ("none", "bfloat16", "float16")
+from ddrl.errors import DDRLError, check_literals, check_range
+from ddrl.models import DIFFUSERS_FAMILIES, EMBEDDED, MODELS, check_model_name
 
 
 @dataclass
 class LoraConfig:
     """peft LoRA adapters on the transformer (used when model.finetune = "lora")."""
 
-    rank: int = 16  # adapter rank r (flow_grpo's SD3.5 LoRA: 32)
-    alpha: float = 0.0  # peft lora_alpha; the update is scaled by alpha / rank; 0 = alpha = rank
-    target_modules: str = ""  # comma-separated module names (e.g. "to_q,to_v"); "" = family default
-    dropout: float = 0.0  # peft lora_dropout on the adapter input
-    init_seed: int = 0  # seed of the adapters' random init (fixed: a resumed run matches)
+    rank: int = field(default=16, metadata={"help": "adapter rank r (flow_grpo's SD3.5 LoRA: 32)"})
+    alpha: float = field(
+        default=0.0,
+        metadata={
+            "help": "peft lora_alpha; the update is scaled by alpha / rank; 0 = alpha = rank"
+        },
+    )
+    target_modules: str = field(
+        default="",
+        metadata={"help": 'comma-separated module names (e.g. "to_q,to_v"); "" = family default'},
+    )
+    dropout: float = field(default=0.0, metadata={"help": "peft lora_dropout on the adapter input"})
+    init_seed: int = field(
+        default=0,
+        metadata={"help": "seed of the adapters' random init (fixed: a resumed run matches)"},
+    )
 
     def check(self) -> None:
         check_range("model.lora.rank", self.rank, 1, 4096)
@@ -31,28 +41,85 @@ class LoraConfig:
 class ModelConfig:
     """Which generator is trained, from which weights, and how."""
 
-    name: str = "digits"  # family: digits | toy2d | sd3 | flux | cosmos | wan | "module:Class"
-    base: str = ""  # weights: a hub id or pipeline folder (diffusers families; "tiny" = a tiny
-    # pipeline built from config into the cache), a saved generator folder; "" = cached base
-    resolution: int = 0  # pixels per side of a square sample; 0 = the family's native size
-    height: int = 0  # non-square samples: height and width in pixels (both, or neither; they
-    width: int = 0  # take precedence over resolution), e.g. Cosmos 720 x 1280, Wan 480 x 832
-    revision: str = ""  # hub branch, tag or commit of model.base; "" = the default branch
-    frames: int = 0  # video frames per sample (cosmos, wan); 0 = the family's default
-    cache_dir: str = ""  # base and reward models; "" = $DDRL_CACHE or ~/.cache/ddrl
-    finetune: str = "full"  # "full": every transformer weight; "lora": peft adapters only
+    name: str = field(
+        default="digits",
+        metadata={"help": 'family: digits | toy2d | sd3 | flux | cosmos | wan | "module:Class"'},
+    )
+    base: str = field(
+        default="",
+        metadata={
+            "help": 'weights: a hub id or pipeline folder (diffusers families; "tiny" = a tiny '
+            'pipeline built from config into the cache), a saved generator folder; "" = cached '
+            "base"
+        },
+    )
+    resolution: int = field(
+        default=0,
+        metadata={"help": "pixels per side of a square sample; 0 = the family's native size"},
+    )
+    height: int = field(
+        default=0,
+        metadata={"help": "non-square samples: height and width in pixels (both, or neither; they"},
+    )
+    width: int = field(
+        default=0,
+        metadata={
+            "help": "take precedence over resolution), e.g. Cosmos 720 x 1280, Wan 480 x 832"
+        },
+    )
+    revision: str = field(
+        default="",
+        metadata={"help": 'hub branch, tag or commit of model.base; "" = the default branch'},
+    )
+    frames: int = field(
+        default=0,
+        metadata={"help": "video frames per sample (cosmos, wan); 0 = the family's default"},
+    )
+    cache_dir: str = field(
+        default="", metadata={"help": 'base and reward models; "" = $DDRL_CACHE or ~/.cache/ddrl'}
+    )
+    finetune: Literal["full", "lora"] = field(
+        default="full",
+        metadata={"help": '"full": every transformer weight; "lora": peft adapters only'},
+    )
     lora: LoraConfig = field(default_factory=LoraConfig)
-    dtype: str = "float32"  # weights of the frozen parts (text encoders, VAE, LoRA's base)
-    autocast: str = "none"  # transformer forward under torch.autocast: none | bfloat16 | float16
-    # (log-probs, advantages and the optimizer state stay float32)
-    gradient_checkpointing: bool = False  # recompute transformer activations in backward
-    compile: bool = False  # torch.compile the transformer's forward in place (one graph per
-    # batch shape: the first iterations compile); not with parallel.strategy=fsdp
-    vae_batch: int = 4  # images or videos per VAE encode/decode call (memory)
-    guidance: float = 0.0  # FLUX's guidance embedding (FluxPipeline default 3.5); 0 = family
-    # default (3.5 where the transformer has a guidance embedding)
-    max_sequence_length: int = 0  # text tokens per prompt; 0 = the pipeline's default
-    release_text_encoders: bool = True  # free the text encoders once every prompt is encoded
+    dtype: Literal["float32", "bfloat16", "float16"] = field(
+        default="float32",
+        metadata={"help": "weights of the frozen parts (text encoders, VAE, LoRA's base)"},
+    )
+    autocast: Literal["none", "bfloat16", "float16"] = field(
+        default="none",
+        metadata={
+            "help": "transformer forward under torch.autocast: none | bfloat16 | float16 "
+            "(log-probs, advantages and the optimizer state stay float32)"
+        },
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute transformer activations in backward"}
+    )
+    compile: bool = field(
+        default=False,
+        metadata={
+            "help": "torch.compile the transformer's forward in place (one graph per batch shape: "
+            "the first iterations compile); not with parallel.strategy=fsdp"
+        },
+    )
+    vae_batch: int = field(
+        default=4, metadata={"help": "images or videos per VAE encode/decode call (memory)"}
+    )
+    guidance: float = field(
+        default=0.0,
+        metadata={
+            "help": "FLUX's guidance embedding (FluxPipeline default 3.5); 0 = family default (3.5 "
+            "where the transformer has a guidance embedding)"
+        },
+    )
+    max_sequence_length: int = field(
+        default=0, metadata={"help": "text tokens per prompt; 0 = the pipeline's default"}
+    )
+    release_text_encoders: bool = field(
+        default=True, metadata={"help": "free the text encoders once every prompt is encoded"}
+    )
 
     def size(self, native: tuple[int, int]) -> tuple[int, int]:
         """(height, width) in pixels: model.height × model.width, else a square
@@ -62,9 +129,8 @@ class ModelConfig:
         return (self.resolution, self.resolution) if self.resolution else native
 
     def check(self) -> None:
-        from ddrl.models import DIFFUSERS_FAMILIES, MODELS, resolve
-
-        resolve(self.name)
+        check_literals(self, "model.")
+        check_model_name(self.name)
         check_range("model.resolution", self.resolution, 0)
         check_range("model.frames", self.frames, 0)
         check_range("model.height", self.height, 0)
@@ -74,14 +140,11 @@ class ModelConfig:
                 f"model.height={self.height}, model.width={self.width}: set both (or neither; "
                 "model.resolution is the square size)"
             )
-        check_choice("model.finetune", self.finetune, ("full", "lora"))
-        check_choice("model.dtype", self.dtype, DTYPES)
-        check_choice("model.autocast", self.autocast, AUTOCAST)
         check_range("model.vae_batch", self.vae_batch, 1)
         check_range("model.guidance", self.guidance, 0.0, 100.0)
         check_range("model.max_sequence_length", self.max_sequence_length, 0)
         self.lora.check()
-        if self.name in MODELS and self.name not in DIFFUSERS_FAMILIES:
+        if self.name in EMBEDDED:
             default = ModelConfig()
             odd = [
                 f.name

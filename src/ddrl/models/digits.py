@@ -18,7 +18,7 @@ from diffusers import SD3Transformer2DModel
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ddrl.errors import DDRLError
+from ddrl.errors import DDRLError, first_line
 from ddrl.models.base import Cond, EulerSchedulerGrid, IdentityCodec
 
 NUM_CLASSES = 10
@@ -142,7 +142,7 @@ class DigitsGenerator(EulerSchedulerGrid, nn.Module):
             transformer = SD3Transformer2DModel.from_pretrained(path / "transformer")
             cond_state = load_file(path / "conditioner.safetensors")
         except Exception as e:  # missing files, bad JSON, truncated safetensors
-            raise DDRLError(f"cannot load digits model from {path}: {e}".splitlines()[0]) from e
+            raise DDRLError(f"cannot load digits model from {path}: {first_line(e)}") from e
         gen = cls(DigitsArch(**meta), transformer=transformer, resolution=resolution)
         gen.conditioner.load_state_dict(cond_state)
         return gen

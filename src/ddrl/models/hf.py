@@ -22,18 +22,14 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ddrl.dist.checkpoint import atomic_dir
-from ddrl.errors import DDRLError
+from ddrl.errors import DDRLError, first_line
+from ddrl.io import atomic_dir
 from ddrl.models.config import LoraConfig, ModelConfig
 from ddrl.models.hf_parts import TORCH_DTYPES
 
 DEFAULTS_FILE = "ddrl_defaults.json"  # optional {"height", "width", "frames"} in a pipeline
 # folder: replaces the family's native size (the tiny video pipelines are 16×16 × 5 frames)
 TINY_VERSION = 1  # bump when a tiny builder changes: the cache folder name includes it
-
-
-def first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ddrl.errors import DDRLError
+from ddrl.errors import DDRLError, first_line
 from ddrl.models.base import Cond, EulerSchedulerGrid, IdentityCodec
 
 
@@ -84,5 +84,5 @@ class Toy2DGenerator(EulerSchedulerGrid, nn.Module):
         except DDRLError:
             raise
         except Exception as e:
-            raise DDRLError(f"cannot load toy2d model from {path}: {e}".splitlines()[0]) from e
+            raise DDRLError(f"cannot load toy2d model from {path}: {first_line(e)}") from e
         return gen

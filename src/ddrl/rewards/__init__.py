@@ -1,68 +1,49 @@
-"""Rewards and gold evaluators by name; "module:attr" names a user factory(ctx) -> Reward."""
+"""Rewards and gold evaluators by name. Each built-in is a "module:attr" string loaded on first
+use, so naming or checking one imports no model code; "module:attr" also names a user
+factory(ctx) -> Reward. Build them with ``ddrl.rewards.build``."""
 
 from __future__ import annotations
 
 import inspect
 
-from ddrl.errors import DDRLError, check_choice, lookup
-from ddrl.rewards.base import (
-    GoldConfig,
-    GoldEvaluator,
-    Reward,
-    RewardConfig,
-    RewardContext,
-    checked_reward,
-)
-from ddrl.rewards.clip_rewards import FACTORIES as CLIP_FACTORIES
-from ddrl.rewards.digits import ClassifierReward, DigitsGold, InkReward
-from ddrl.rewards.multi import MultiReward, parse_names, parse_weights
-from ddrl.rewards.ocr import OCRReward
-from ddrl.rewards.pixels import BrightnessReward
-from ddrl.rewards.remote.client import remote_factory
-from ddrl.rewards.toy2d import RightReward, Toy2DGold
+from ddrl.errors import DDRLError, lookup
 
-# name -> (data set it applies to, factory(ctx) -> Reward); "files" = a user's own image/video
-# data (the diffusers families), "*" = any
+# name -> (data set it applies to, "module:factory(ctx) -> Reward"); "files" = a user's own
+# image/video data (the diffusers families), "*" = any
 REWARDS = {
-    "ink": ("digits", lambda ctx: InkReward()),
-    "classifier": ("digits", ClassifierReward),
-    "right": ("toy2d", lambda ctx: RightReward()),
-    "brightness": ("files", lambda ctx: BrightnessReward()),
+    "ink": ("digits", "ddrl.rewards.digits:ink_reward"),
+    "classifier": ("digits", "ddrl.rewards.digits:ClassifierReward"),
+    "right": ("toy2d", "ddrl.rewards.toy2d:right_reward"),
+    "brightness": ("files", "ddrl.rewards.pixels:brightness_reward"),
     # the paper's SD3.5 text-rendering reward (flow_grpo's ocr.py)
-    "ocr": ("files", OCRReward),
+    "ocr": ("files", "ddrl.rewards.ocr:OCRReward"),
+    # the CLIP family on a user's images; models load when the reward is built
+    "clipscore": ("files", "ddrl.rewards.clip_rewards:clipscore_reward"),
+    "pickscore": ("files", "ddrl.rewards.clip_rewards:pickscore_reward"),
+    "aesthetic": ("files", "ddrl.rewards.aesthetic:aesthetic_reward"),
+    "hpsv2": ("files", "ddrl.rewards.hpsv2:hpsv2_reward"),
     # any reward served by `ddrl reward-server` (reward.url), for every data set
-    "remote": ("*", remote_factory),
+    "remote": ("*", "ddrl.rewards.remote.client:remote_factory"),
 }
-# The CLIP family (clipscore, pickscore, aesthetic, hpsv2) on a user's images; models load lazily.
-REWARDS |= {n: ("files", f) for n, f in CLIP_FACTORIES.items()}
-GOLD = {"digits": DigitsGold, "toy2d": lambda seed=0: Toy2DGold()}
-
-__all__ = [
-    "GOLD",
-    "REWARDS",
-    "GoldConfig",
-    "GoldEvaluator",
-    "Reward",
-    "RewardConfig",
-    "RewardContext",
-    "build_gold",
-    "build_reward",
-    "build_rewards",
-    "MultiReward",
-    "parse_names",
-    "reward_factory",
-    "checked_reward",
-]
+GOLD = {"digits": "ddrl.rewards.digits:DigitsGold", "toy2d": "ddrl.rewards.toy2d:Toy2DGold"}
 
 
-def reward_factory(data: str, name: str):
-    """The factory(ctx) -> Reward for a built-in name that applies to ``data``, or "module:attr"."""
-    table = {n: factory for n, (d, factory) in REWARDS.items() if d in (data, "*")}
-    factory = lookup(f"reward for data {data!r}", name, table)
+def applicable(data: str) -> dict[str, str]:
+    """The built-in rewards that apply to data set ``data``: name → "module:factory"."""
+    return {n: factory for n, (d, factory) in REWARDS.items() if d in (data, "*")}
+
+
+def check_reward_name(data: str, name: str) -> None:
+    """Fail fast, importing nothing for a built-in: ``name`` applies to ``data``, or is a
+    "module:attr" naming a factory that takes one argument (imported now, like any plugin)."""
+    table = applicable(data)
     kind = f"allowed: {', '.join(table)} or 'module:attr' naming a factory(ctx) -> Reward"
+    if name in table:
+        return
+    factory = lookup(f"reward for data {data!r}", name, table)
     if not callable(factory):
         raise DDRLError(f"reward {name!r} is a {type(factory).__name__}, not callable; {kind}")
-    try:  # checked here, before any work: a factory must accept the one RewardContext
+    try:
         inspect.signature(factory).bind(None)
     except TypeError:
         raise DDRLError(
@@ -71,30 +52,3 @@ def reward_factory(data: str, name: str):
         ) from None
     except ValueError:  # a builtin without a signature: it is checked when built
         pass
-    return factory
-
-
-def build_reward(name: str, ctx: RewardContext) -> Reward:
-    """A built-in reward for ``ctx.data`` or a user factory given as "module:attr"."""
-    reward = reward_factory(ctx.data, name)(ctx)
-    if not callable(reward):
-        raise DDRLError(
-            f"reward {name!r}: its factory returned a {type(reward).__name__}, not a callable; "
-            "allowed: a factory(ctx) returning reward(images, prompts) -> Tensor [B]"
-        )
-    return reward
-
-
-def build_rewards(cfg, ctx: RewardContext) -> MultiReward:
-    """Every reward named in ``reward.name`` ("a,b"), with ``reward.weights``."""
-    names = parse_names(cfg.name)
-    rewards = [build_reward(n, ctx) for n in names]
-    return MultiReward(names, rewards, parse_weights(cfg.weights, len(names)), cfg.frames)
-
-
-def build_gold(cfg: GoldConfig) -> GoldEvaluator | None:
-    """The gold evaluator, or None when ``gold.name`` is empty."""
-    if not cfg.name:
-        return None
-    check_choice("gold.name", cfg.name, GOLD)
-    return GOLD[cfg.name](seed=cfg.seed)

@@ -111,7 +111,7 @@ def aesthetic_reward(ctx: RewardContext) -> AestheticReward:
     """reward.model: a folder holding the head (one of AESTHETIC_FILES) and, optionally, the
     CLIP ViT-L/14 it was trained on (config.json etc.; else openai/clip-vit-large-patch14
     is loaded), or a hub repo holding the head ('' = trl-lib/ddpo-aesthetic-predictor)."""
-    src, local = source_of("aesthetic", ctx.model, AESTHETIC_HUB)
+    src, local = source_of("aesthetic", ctx.config.model, AESTHETIC_HUB)
     head = load_aesthetic_head(src, local)  # first: a missing head fails before CLIP loads
     clip = src if local and (Path(src) / "config.json").is_file() else CLIP_L14
     scorer = clip_scorer("aesthetic", clip, clip, ctx)

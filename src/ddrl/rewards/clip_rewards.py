@@ -266,38 +266,18 @@ class ClipReward:
 def clip_scorer(name: str, src: str, processor_src: str, ctx: RewardContext) -> ClipScorer:
     model = load_clip(name, src)
     tok, ip = load_processor(name, processor_src)
-    return ClipScorer(model, tok, Preprocess.from_processor(ip), ctx.device, ctx.batch)
+    return ClipScorer(model, tok, Preprocess.from_processor(ip), ctx.device, ctx.config.batch)
 
 
 def clipscore_reward(ctx: RewardContext) -> ClipReward:
     """reward.model: a CLIP folder or hub id ('' = openai/clip-vit-large-patch14)."""
-    src, _ = source_of("clipscore", ctx.model, CLIP_L14)
+    src, _ = source_of("clipscore", ctx.config.model, CLIP_L14)
     return ClipReward(clip_scorer("clipscore", src, src, ctx), "clipscore")
 
 
 def pickscore_reward(ctx: RewardContext) -> ClipReward:
     """reward.model: a PickScore folder or hub id ('' = yuvalkirstain/PickScore_v1). The
     processor comes from the folder when it has one, else from laion/CLIP-ViT-H-14."""
-    src, local = source_of("pickscore", ctx.model, PICKSCORE)
+    src, local = source_of("pickscore", ctx.config.model, PICKSCORE)
     proc = src if local and has_processor(src) else LAION_H14
     return ClipReward(clip_scorer("pickscore", src, proc, ctx), "pickscore")
-
-
-def aesthetic_reward(ctx: RewardContext):
-    from ddrl.rewards.aesthetic import aesthetic_reward as build
-
-    return build(ctx)
-
-
-def hpsv2_reward(ctx: RewardContext):
-    from ddrl.rewards.hpsv2 import hpsv2_reward as build
-
-    return build(ctx)
-
-
-FACTORIES = {
-    "clipscore": clipscore_reward,
-    "pickscore": pickscore_reward,
-    "aesthetic": aesthetic_reward,
-    "hpsv2": hpsv2_reward,
-}

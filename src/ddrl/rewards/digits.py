@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ddrl.data.digits import classifier_halves
-from ddrl.dist.checkpoint import save_file_atomic
+from ddrl.io import save_file_atomic
 from ddrl.rewards.base import RewardContext, flat_numpy
 
 
@@ -25,6 +25,10 @@ class InkReward:
 
     def __call__(self, images: Tensor, prompts: list[str]) -> Tensor:
         return ((images.clamp(-1, 1) + 1) / 2).flatten(1).mean(1)
+
+
+def ink_reward(ctx: RewardContext) -> InkReward:
+    return InkReward()
 
 
 def _cnn() -> nn.Module:
@@ -61,12 +65,12 @@ class ClassifierReward:
     """r = P_cnn(prompted class | x), the CNN cached under ``cache_dir``."""
 
     def __init__(self, ctx: RewardContext):
-        path = Path(ctx.cache_dir) / "digits" / f"proxy_cnn_seed{ctx.seed}.safetensors"
+        path = Path(ctx.cache_dir) / "digits" / f"proxy_cnn_seed{ctx.config.seed}.safetensors"
         self.net = _cnn()
         if path.is_file():
             self.net.load_state_dict(load_file(path))
         else:
-            self.net = train_digit_cnn(ctx.seed)
+            self.net = train_digit_cnn(ctx.config.seed)
             path.parent.mkdir(parents=True, exist_ok=True)
             save_file_atomic({k: v.contiguous() for k, v in self.net.state_dict().items()}, path)
         self.net.eval().requires_grad_(False)

@@ -144,7 +144,7 @@ def clip_from_open_clip(path: str, arch: str):
 
 def hpsv2_reward(ctx: RewardContext) -> ClipReward:
     """HPSv2.1 = cos(image, prompt) of the HPS-tuned ViT-H-14 (see the module docstring)."""
-    src, local = source_of("hpsv2", ctx.model, HPS_HUB)
+    src, local = source_of("hpsv2", ctx.config.model, HPS_HUB)
     if local:
         folder = Path(src)
         ckpts = [folder / f for f in HPS_FILES if (folder / f).is_file()]
@@ -165,4 +165,4 @@ def hpsv2_reward(ctx: RewardContext) -> ClipReward:
     tok, ip = load_processor("hpsv2", proc)
     pre = Preprocess.from_processor(ip, pad_square=True)
     pre.size = model.config.vision_config.image_size  # ResizeMaxSize(model.visual.image_size)
-    return ClipReward(ClipScorer(model, tok, pre, ctx.device, ctx.batch), "hpsv2")
+    return ClipReward(ClipScorer(model, tok, pre, ctx.device, ctx.config.batch), "hpsv2")

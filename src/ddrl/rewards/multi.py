@@ -16,31 +16,7 @@ from ddrl.errors import DDRLError
 from ddrl.rewards.base import Reward, checked_reward
 
 
-def parse_names(name: str) -> list[str]:
-    """ "ocr,clipscore" → ["ocr", "clipscore"] (a "module:attr" name has no comma)."""
-    names = [n.strip() for n in name.split(",") if n.strip()]
-    if not names:
-        raise DDRLError(f"reward.name={name!r} is empty; give a reward name (or several, a,b)")
-    return names
-
-
-def parse_weights(weights: str, n: int) -> list[float]:
-    """reward.weights ("1,0.5"; "" = all 1) → n floats, each ≥ 0, not all 0."""
-    if not weights.strip():
-        return [1.0] * n
-    try:
-        out = [float(w) for w in weights.split(",")]
-    except ValueError:
-        raise DDRLError(f"reward.weights={weights!r}: give comma-separated numbers") from None
-    if len(out) != n or any(not w >= 0 for w in out) or not any(out):
-        raise DDRLError(
-            f"reward.weights={weights!r}: need {n} non-negative numbers (one per reward in "
-            "reward.name), not all 0"
-        )
-    return out
-
-
-def frame_indices(spec: str, n_frames: int) -> list[int] | None:
+def chosen_frames(spec: str, n_frames: int) -> list[int] | None:
     """reward.frames → the frames scored (None = all)."""
     if spec == "mean":
         return None
@@ -59,7 +35,7 @@ def video_frames(x: Tensor) -> Tensor:
 def per_frame(reward: Reward, name: str, videos: Tensor, prompts: list[str], spec: str) -> Tensor:
     """An image reward on videos [B, 3, F, H, W]: the mean of its per-frame scores → [B]."""
     b, f = videos.shape[0], videos.shape[2]
-    idx = frame_indices(spec, f)
+    idx = chosen_frames(spec, f)
     frames = videos if idx is None else videos[:, :, idx]
     k = frames.shape[2]
     flat = video_frames(frames)

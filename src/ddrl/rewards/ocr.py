@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ddrl.errors import DDRLError
+from ddrl.errors import DDRLError, first_line
 from ddrl.rewards.base import RewardContext
 
 INSTALL_HINT = "pip install 'ddrl[ocr]'"
@@ -96,7 +96,7 @@ class OCRReward:
         try:
             from rapidocr_onnxruntime import RapidOCR
         except ImportError as e:  # the package, or a library it loads (onnxruntime, cv2)
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            msg = first_line(e)
             raise DDRLError(
                 f"reward 'ocr' needs rapidocr-onnxruntime, which cannot be imported ({msg}); "
                 f"install it: {INSTALL_HINT}"
@@ -137,6 +137,3 @@ class OCRReward:
                 continue
             scores.append(ocr_score(text, target))
         return torch.tensor(scores, dtype=torch.float32, device=images.device)
-
-
-FACTORIES = {"ocr": lambda ctx: OCRReward(ctx)}

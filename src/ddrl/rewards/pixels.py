@@ -15,3 +15,7 @@ class BrightnessReward:
 
     def __call__(self, images: Tensor, prompts: list[str]) -> Tensor:
         return ((images.float() + 1) / 2).flatten(1).mean(1)
+
+
+def brightness_reward(ctx) -> BrightnessReward:
+    return BrightnessReward()

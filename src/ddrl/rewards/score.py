@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ddrl.errors import DDRLError
+from ddrl.errors import DDRLError, first_line
 from ddrl.rewards.base import Reward, checked_reward
 
 
@@ -23,7 +23,7 @@ def load_image(path: Path) -> Tensor:
         with Image.open(path) as img:
             arr = np.asarray(img.convert("RGB"), dtype=np.float32)  # [H, W, 3] in 0..255
     except (OSError, UnidentifiedImageError, ValueError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = first_line(e)
         raise DDRLError(f"cannot read image {str(path)!r}: {msg}") from None
     return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).contiguous() / 127.5 - 1.0
 
@@ -77,7 +77,7 @@ def read_prompt_args(prompt: str | None, prompts_file: Path | None, n_images: in
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = first_line(e)
         raise DDRLError(
             f"cannot read --prompts {str(path)!r}: {msg}; allowed: a UTF-8 text file"
         ) from None

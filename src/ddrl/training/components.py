@@ -1,4 +1,5 @@
-"""Build what a run needs from its config: generator, data, rewards, gold evaluator."""
+"""Build what a run needs from its config: generator, data, rewards, gold evaluator, and the
+data term's pool only for an algorithm whose loss uses data (``Loss.needs_data``)."""
 
 from __future__ import annotations
 
@@ -14,19 +15,18 @@ import torch
 from torch import Tensor
 
 from ddrl.config import RunConfig
-from ddrl.data import PairedPool, TaskData, latent_pool, load_data
-from ddrl.data.synthetic import load_pool
+from ddrl.data.latents import latent_pool
+from ddrl.data.pool_io import load_pool
+from ddrl.data.pools import PairedPool, TaskData, load_data
+from ddrl.data.synthetic import synthesize
 from ddrl.errors import DDRLError
-from ddrl.models import DIFFUSERS_FAMILIES, Generator, load_generator, resolve
+from ddrl.losses import loss_class
+from ddrl.models import DIFFUSERS_FAMILIES, load_generator, resolve
+from ddrl.models.base import Generator
 from ddrl.models.hf import ensure_tiny
-from ddrl.rewards import (
-    GoldEvaluator,
-    MultiReward,
-    RewardContext,
-    build_gold,
-    build_reward,
-    build_rewards,
-)
+from ddrl.rewards.base import GoldEvaluator, RewardContext
+from ddrl.rewards.build import build_gold, build_reward, build_rewards
+from ddrl.rewards.multi import MultiReward
 from ddrl.training.pretrain import cache_root, ensure_base
 
 
@@ -35,12 +35,20 @@ class Components:
     gen: Generator  # the starting model; `train` trains its denoiser in place
     base_path: Path
     data: TaskData  # prompts, training and held-out pools (image space)
-    pool: PairedPool  # where the data term draws x0 from (model space; real or synthetic)
+    pool: PairedPool | None  # where the data term draws x0 from (model space; real or
+    # synthetic); None when the run's loss uses no data
     reward: MultiReward  # every configured reward; calling it gives their weighted sum
     gold: GoldEvaluator | None
     eval_rewards: MultiReward | None = None  # eval.rewards: out-of-domain, never trained on
     heldout: PairedPool | None = None  # data.eval_images encoded (model space), for eval
     embed: Callable[[Tensor], Tensor] | None = None  # eval.features: images → features [B, D]
+
+    @property
+    def paired(self) -> bool:
+        """Whether the data term pairs each trajectory with data of its own prompt (the pool
+        has items for every prompt: embedded and synthetic sets); else (a caption set whose
+        captions are not the prompts) it draws data uniformly with its own captions."""
+        return self.pool is not None and self.pool.covers(self.data.prompts)
 
 
 def device_of(cfg: RunConfig) -> str:
@@ -112,8 +120,6 @@ def synthetic_path(cfg: RunConfig, base_path: Path) -> Path:
 
 def synthesize_for(cfg: RunConfig, gen: Generator, data: TaskData, path: Path, log=print):
     """Generate the synthetic regulariser set of ``cfg`` (resumable) into ``path``."""
-    from ddrl.data.synthetic import synthesize
-
     return synthesize(
         gen.to(device_of(cfg)),
         data.prompts,
@@ -165,23 +171,27 @@ def build_pool(cfg: RunConfig, gen: Generator, base_path: Path, data: TaskData, 
     return load_pool(path)
 
 
-def build_components(cfg: RunConfig, log=print) -> Components:
+def build_components(cfg: RunConfig, log=print, training: bool = True) -> Components:
+    """Everything ``cfg`` names, built (and cached) before any run folder is touched. The data
+    pool only when ``training`` with a loss that uses data: evaluation and export, and
+    Flow-GRPO, GRPO and DanceGRPO, never build, generate or draw a data set."""
     gen, base_path = load_base(cfg, log)
     data = load_data(cfg.data)
-    pool = build_pool(cfg, gen, base_path, data, log)
+    needs_data = training and getattr(loss_class(cfg.algorithm), "needs_data", True)
+    pool = build_pool(cfg, gen, base_path, data, log) if needs_data else None
     r = cfg.reward
     device = device_of(cfg) if r.device == "auto" else r.device
-    ctx_args = (cfg.data.name, cache_root(cfg.model.cache_dir), device)
-    ctx = RewardContext.from_config(r, *ctx_args)
-    reward = build_rewards(r, ctx)
+    root = cache_root(cfg.model.cache_dir)
+    reward = build_rewards(r, RewardContext(cfg.data.name, root, device, r))
     ood = None
     if cfg.eval.rewards:
-        ood = build_rewards(dataclasses.replace(r, name=cfg.eval.rewards, weights=""), ctx)
+        o = dataclasses.replace(r, name=cfg.eval.rewards, weights="")
+        ood = build_rewards(o, RewardContext(cfg.data.name, root, device, o))
     heldout = encoded_set(cfg, gen, cfg.data.eval_images, log) if cfg.data.eval_images else None
     embed = None
     if cfg.eval.features:
         fr = dataclasses.replace(r, name=cfg.eval.features, model=cfg.eval.features_model)
-        model = build_reward(cfg.eval.features, RewardContext.from_config(fr, *ctx_args))
+        model = build_reward(cfg.eval.features, RewardContext(cfg.data.name, root, device, fr))
         if not hasattr(model, "features"):
             raise DDRLError(
                 f"eval.features={cfg.eval.features!r} has no image features; allowed: "

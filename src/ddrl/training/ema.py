@@ -7,10 +7,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-
-def trainable(model: nn.Module) -> dict[str, torch.nn.Parameter]:
-    """name → parameter for every parameter that requires grad."""
-    return {k: p for k, p in model.named_parameters() if p.requires_grad}
+from ddrl.dist.checkpoint import trainable
 
 
 @torch.no_grad()

@@ -11,41 +11,21 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from ddrl.data import load_data
-from ddrl.dist.checkpoint import atomic_dir
-from ddrl.errors import check_range
+from ddrl.data.pools import load_data
 from ddrl.flow import flow_matching_loss, interpolate, sample_training_t
-from ddrl.models import MODELS, Cond, Generator, load_generator
+from ddrl.io import atomic_dir
+from ddrl.models import load_generator, resolve
+from ddrl.models.base import Cond, Generator
+from ddrl.training.config import PretrainConfig
 from ddrl.training.ema import ema_update
 
 FORMAT = 2  # bump when the saved layout changes, so stale cache entries are not loaded
-
-
-@dataclass
-class PretrainConfig:
-    """Base-model pretraining (used when model.base is empty)."""
-
-    steps: int = 600  # optimizer steps (digits: ≈110 s on 2 CPU cores, gold accuracy ≈0.98)
-    batch_size: int = 128  # images per step
-    lr: float = 2e-3  # AdamW learning rate after warm-up
-    warmup: int = 100  # linear warm-up steps
-    ema_decay: float = 0.995  # the saved base is the EMA of the weights
-    cfg_dropout: float = 0.1  # fraction of labels replaced by the null class (enables CFG)
-    seed: int = 0  # the base model's own seed (the run's seed never retrains the base)
-
-    def check(self) -> None:
-        check_range("pretrain.steps", self.steps, 1)
-        check_range("pretrain.batch_size", self.batch_size, 1)
-        check_range("pretrain.lr", self.lr, 0.0, 1.0)
-        check_range("pretrain.ema_decay", self.ema_decay, 0.0, 1.0)
-        check_range("pretrain.cfg_dropout", self.cfg_dropout, 0.0, 1.0)
-        check_range("pretrain.seed", self.seed, 0, 2**32 - 1)
 
 
 def cache_root(configured: str = "") -> Path:
@@ -72,7 +52,7 @@ def pretrain(model: str, data: str, cfg: PretrainConfig, log=print) -> Generator
     set's training pool; returns the EMA of the weights."""
     torch.manual_seed(cfg.seed)
     ds = load_data(data)
-    gen = MODELS[model]()
+    gen = resolve(model)()
     ema = copy.deepcopy(gen).requires_grad_(False)
     opt = torch.optim.AdamW(gen.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)))

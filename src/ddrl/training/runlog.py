@@ -42,21 +42,6 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, check_only: bo
     return run_dir
 
 
-def _clean(v: Any) -> Any:
-    return None if isinstance(v, float) and not math.isfinite(v) else v
-
-
-def finite_or_null(row: dict) -> dict:
-    """Non-finite floats as None, so JSON holds null, never the non-standard bare NaN."""
-    return {k: _clean(v) for k, v in row.items()}
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not Path(path).is_file():
-        return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
 class RunLogger:
     """Appends one JSON object per line; truncates rows past ``start`` when a run resumes, so
     a resumed log equals the uninterrupted one."""
@@ -109,3 +94,18 @@ class NullLogger:
 
     def close(self) -> None:
         pass
+
+
+def _clean(v: Any) -> Any:
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def finite_or_null(row: dict) -> dict:
+    """Non-finite floats as None, so JSON holds null, never the non-standard bare NaN."""
+    return {k: _clean(v) for k, v in row.items()}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not Path(path).is_file():
+        return []
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

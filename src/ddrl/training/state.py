@@ -5,9 +5,10 @@ name, through torch.distributed.checkpoint's state-dict helpers), every rank's t
 CUDA) RNG state, the iteration, the samples seen, the world size and strategy, and the base
 model's fingerprint: a resumed run must start from the same base it was launched from, or it
 would silently continue a different model. The rest of the run's state is a function of the
-iteration and needs no saving: the learning-rate schedule (``ddrl.training.loop``), the prompt sampler
-and every noise stream (generators keyed by (seed, iteration[, rank]), ``ddrl.dist.rng``), and the
-reward normalisation (per-group statistics of the iteration's own rewards, no running state).
+iteration and needs no saving: the learning-rate schedule (``ddrl.training.step``), the prompt
+sampler and every noise stream (generators keyed by (seed, iteration[, rank]),
+``ddrl.dist.rng``), and the reward normalisation (per-group statistics of the iteration's own
+rewards, no running state).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ddrl.dist.checkpoint import (
     checkpoints,
-    fingerprint,
     read_state,
     remove_orphans,
     restore_into,
@@ -31,6 +31,7 @@ from ddrl.dist.checkpoint import (
 )
 from ddrl.dist.group import barrier, is_main, world_size
 from ddrl.errors import DDRLError
+from ddrl.io import fingerprint
 from ddrl.training.ema import EMA, trainable
 
 

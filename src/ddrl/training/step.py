@@ -1,65 +1,31 @@
-"""One optimizer step of the loop: which timesteps are trained, the micro-batches they make,
-and the gradient step over all of them with whole-iteration denominators."""
+"""The step: the iteration's micro-batches, one optimizer step over all of them with
+whole-iteration denominators, and the ``Learner`` that owns the optimizer, the EMA, the
+learning-rate warm-up and the non-finite-step policy."""
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 
 import torch
 
 from ddrl.dist.group import all_reduce_sum, reduce_metrics
-from ddrl.dist.parallel import grad_norm_value
-from ddrl.losses import StepBatch
-from ddrl.models import Cond
-from ddrl.sampling import Rollout
-from ddrl.training.phases import phase
+from ddrl.dist.parallel import Parallel, grad_norm_value
+from ddrl.errors import DDRLError
+from ddrl.losses.base import Loss, StepBatch
+from ddrl.phases import phase
+from ddrl.training.config import OptimConfig
+from ddrl.training.ema import EMA
+from ddrl.training.iteration import Iteration
 
 
-def select_timesteps(
-    num_steps: int, fraction: float, how: str, batch: int, g: torch.Generator, skip_last=False
-) -> torch.Tensor:
-    """Step indices [batch, n] trained this iteration, drawn from the candidate steps 0..N−1,
-    or 0..N−2 with ``skip_last``; n = floor(fraction · #candidates), at least 1, as both peers
-    count them (flow_grpo: int(10 · 0.99) = 9; DanceGRPO: int((16 − 1) · 0.6) = 9).
-    "first": steps 0..n−1; "per_sample": a random subset per trajectory; "per_batch": one
-    random subset for all; "strided": every (#candidates/n)-th step from 0. Each row is
-    sorted, so the j-th trained step runs from noise towards data.
-    """
-    pool = num_steps - 1 if skip_last and num_steps > 1 else num_steps
-    n = max(1, math.floor(fraction * pool + 1e-9))
-    if how == "first":
-        row = torch.arange(n)
-    elif how == "strided":
-        row = torch.arange(n) * pool // n
-    elif how == "per_batch":
-        row = torch.randperm(pool, generator=g)[:n].sort().values
-    else:
-        perms = torch.stack([torch.randperm(pool, generator=g) for _ in range(batch)])
-        return perms[:, :n].sort(dim=1).values
-    return row.expand(batch, n).clone()
-
-
-def iter_step_batches(
-    ro: Rollout,
-    adv: torch.Tensor,
-    valid: torch.Tensor,
-    x0_data: torch.Tensor,
-    steps: torch.Tensor,
-    micro: int,
-    g: torch.Generator,
-    data_cond: Cond | None = None,
-    plan: int = 0,
-    stack: int = 1,
-) -> Iterator[StepBatch]:
-    """One StepBatch per (trained-step position j, micro-batch); steps [B, n] from
-    ``select_timesteps`` (per-sample step indices); ``data_cond``: the data items' own
-    condition (batch B) when it is not the trajectories' (unpaired caption data); ``plan``:
-    the iteration's shared seed for per-step choices of the losses. ``stack`` > 1: that many
+def step_batches(b: Iteration, micro: int, stack: int = 1) -> Iterator[StepBatch]:
+    """One StepBatch per (trained-step position j, micro-batch of ``micro`` trajectories) of
+    the iteration's steps [B, n] (per-sample step indices). ``stack`` > 1: that many
     consecutive positions in one batch (stack × micro rows, position-major), one forward
     instead of ``stack``; the per-sample t makes it the same computation."""
-    b_total, n = adv.shape[0], steps.shape[1]
+    ro, steps, data_cond = b.rollout, b.steps, b.data_cond
+    b_total, n = b.advantages.shape[0], steps.shape[1]
     for j0 in range(0, n, stack):
         cols = torch.arange(j0, min(j0 + stack, n))
         for idx in torch.arange(b_total).split(micro):
@@ -71,18 +37,18 @@ def iter_step_batches(
                 t=ro.timesteps[s],
                 t_next=ro.timesteps[s + 1],
                 logp_old=ro.log_probs[s, rows],
-                advantages=adv[rows],
-                valid=valid[rows],
+                advantages=b.advantages[rows],
+                valid=b.valid[rows],
                 cond=ro.cond.index(rows),
                 null=ro.null.index(rows) if ro.null is not None else None,
-                x0_data=x0_data[rows],
+                x0_data=b.x0_data[rows] if b.x0_data is not None else None,
                 data_cond=data_cond.index(rows) if data_cond is not None else None,
                 noise0=ro.states[0, rows],
                 first=j0 == 0,
-                generator=g,
+                generator=b.generator,
                 position=j0,
                 positions=n,
-                plan=plan,
+                plan=b.plan,
             )
 
 
@@ -92,8 +58,14 @@ def _masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def optimizer_step(
-    loss_fn, denoiser, batches: list[StepBatch], params, opt, grad_clip: float, par=None
-):
+    loss_fn: Loss,
+    denoiser,
+    batches: list[StepBatch],
+    params: list[torch.nn.Parameter],
+    opt: torch.optim.Optimizer,
+    grad_clip: float,
+    par: Parallel | None = None,
+) -> tuple[dict[str, torch.Tensor], bool]:
     """Accumulate every batch's loss with whole-iteration denominators and step once.
 
     Each term's loss is Σ_batches Σ_b mask·value / (its mask's count over all batches), so the
@@ -144,3 +116,62 @@ def optimizer_step(
         else:
             opt.zero_grad(set_to_none=True)
     return {"loss": total, "grad_norm": grad_norm.detach(), **sums}, finite
+
+
+class Learner:
+    """The trained side of the loop: ``step`` turns an iteration into ``inner_updates``
+    optimizer steps at the warmed-up learning rate, keeps the EMA, and stops the run after
+    ``max_bad_steps`` consecutive non-finite steps (each one skipped, the checkpoints kept)."""
+
+    def __init__(
+        self,
+        loss_fn: Loss,
+        policy,
+        denoiser: torch.nn.Module,
+        optim: OptimConfig,
+        par: Parallel,
+        log=print,
+    ):
+        self.loss_fn, self.policy, self.par, self.cfg, self.log = loss_fn, policy, par, optim, log
+        self.params = [p for p in denoiser.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(
+            self.params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay
+        )
+        self.ema = EMA(denoiser, optim.ema_decay) if optim.ema_decay > 0 else None
+        self.denoiser, self.bad_steps = denoiser, 0
+
+    def lr(self, it: int) -> float:
+        """Linear warm-up over ``optim.warmup`` iterations, then ``optim.lr``."""
+        return self.cfg.lr * min(1.0, (it + 1) / max(self.cfg.warmup, 1))
+
+    def step(
+        self, b: Iteration, micro: int, stack: int, inner_updates: int, max_bad_steps: int
+    ) -> dict[str, torch.Tensor]:
+        """Train on iteration ``b``; returns the last update's metrics (tensors) and lr."""
+        batches = list(step_batches(b, micro, stack))
+        lr = self.lr(b.index)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        for _ in range(inner_updates):
+            m, finite = optimizer_step(
+                self.loss_fn,
+                self.policy,
+                batches,
+                self.params,
+                self.opt,
+                self.cfg.grad_clip,
+                self.par,
+            )
+            self.bad_steps = 0 if finite else self.bad_steps + 1
+            if not finite:
+                self.log(f"iteration {b.index + 1}: non-finite loss or gradient; step skipped")
+                if self.bad_steps >= max_bad_steps:
+                    raise DDRLError(
+                        f"{self.bad_steps} consecutive non-finite steps (train.max_bad_steps="
+                        f"{max_bad_steps}); last good checkpoint kept. Lower optim.lr or "
+                        "check the reward"
+                    )
+            elif self.ema is not None:
+                with phase("optimizer"):
+                    self.ema.update(self.denoiser)
+        return {**m, "lr": lr}

@@ -1,5 +1,16 @@
-"""The client of ``ddrl reward-server`` (``reward.name = remote``): see ``ddrl.rewards.remote.server``
-for the wire format and the retry policy."""
+"""The client of ``ddrl reward-server`` (``reward.name = remote``); the wire is
+``ddrl.rewards.remote.wire``.
+
+A batch of more than ``batch`` samples
+is split into requests of at most ``batch`` and the scores concatenated in order. A connection
+failure, a timeout (no answer within ``timeout`` seconds) or HTTP 502/503/504 is retried
+``retries`` times, sleeping ``backoff * 2**k`` seconds before retry k (0.5, 1, 2, ... s; no
+jitter: a handful of trainer ranks, not a fleet); then a one-line DDRLError names the URL, the
+number of attempts and the last failure. A reward error (HTTP 500), a rejected request (4xx) or a
+garbled answer (not JSON, no "scores", wrong length, wrong version) is not retried: the same
+images would fail the same way, so it is a one-line DDRLError at once. Proxy environment
+variables are ignored (the service is on the trainer's network).
+"""
 
 from __future__ import annotations
 
@@ -14,14 +25,14 @@ from torch import Tensor
 
 from ddrl.errors import DDRLError, check_range
 from ddrl.rewards.base import RewardContext
-from ddrl.rewards.remote.server import (
+from ddrl.rewards.config import RewardConfig, check_url
+from ddrl.rewards.remote.wire import (
     CONTENT_TYPE,
     MAX_ANSWER_BYTES,
     RETRY_STATUS,
     WIRE_VERSION,
-    RemoteConfig,
-    _one_line,
     encode_request,
+    error_text,
     quantize,
 )
 
@@ -51,7 +62,10 @@ class RemoteReward:
         backoff: float = 0.5,
         batch: int = 16,
     ):
-        RemoteConfig(url, timeout, retries, backoff).check()
+        if isinstance(retries, bool) or not isinstance(retries, int):
+            raise DDRLError(f"reward.retries={retries!r}; allowed: an integer in [0, 100]")
+        check_url(url)  # also when empty: the service is what this reward is
+        RewardConfig("remote", url=url, timeout=timeout, retries=retries, backoff=backoff).check()
         check_range("reward.batch", batch, 1)
         self.url = url.rstrip("/")
         self.timeout = float(timeout)
@@ -92,7 +106,7 @@ class RemoteReward:
             with _open(req, self.timeout) as resp:
                 return json.loads(resp.read(MAX_ANSWER_BYTES))
         except (OSError, ValueError) as e:
-            raise DDRLError(f"reward service {self.url} is not healthy: {_one_line(e)}") from None
+            raise DDRLError(f"reward service {self.url} is not healthy: {error_text(e)}") from None
 
     # one request, with retries ---------------------------------------------------------------
 
@@ -140,11 +154,11 @@ class RemoteReward:
         except urllib.error.URLError as e:
             if isinstance(e.reason, TimeoutError):
                 raise _Retry(f"timed out after {self.timeout:g} s (reward.timeout)") from None
-            raise _Retry(f"cannot connect: {_one_line(e.reason)}") from None
+            raise _Retry(f"cannot connect: {error_text(e.reason)}") from None
         except (OSError, ConnectionError) as e:  # reset, refused mid-way, closed early
-            raise _Retry(_one_line(e)) from None
+            raise _Retry(error_text(e)) from None
         except http.client.HTTPException as e:  # a mangled status line or headers
-            raise _Retry(f"broken HTTP answer: {_one_line(e)}") from None
+            raise _Retry(f"broken HTTP answer: {error_text(e)}") from None
         return self._parse(raw, n)
 
     def _parse(self, raw: bytes, n: int) -> Tensor:
@@ -183,18 +197,14 @@ def _error_message(e: urllib.error.HTTPError) -> str:
     try:
         obj = json.loads(raw)
         if isinstance(obj, dict) and isinstance(obj.get("error"), str):
-            return _one_line(obj["error"])
+            return error_text(obj["error"])
     except (UnicodeDecodeError, json.JSONDecodeError):
         pass
-    text = _one_line(raw[:200].decode("utf-8", "replace")) if raw else ""
+    text = error_text(raw[:200].decode("utf-8", "replace")) if raw else ""
     return text or str(e.reason)
 
 
 def remote_factory(ctx: RewardContext) -> RemoteReward:
     """reward.name = "remote": the service at reward.url (reward.batch images per request)."""
-    cfg = RemoteConfig.from_context(ctx)
-    cfg.check()
-    return RemoteReward(cfg.url, cfg.timeout, cfg.retries, cfg.backoff, batch=ctx.batch)
-
-
-FACTORIES = {"remote": remote_factory}
+    c = ctx.config
+    return RemoteReward(c.url, c.timeout, c.retries, c.backoff, batch=c.batch)

@@ -11,17 +11,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from ddrl.config import load_config
-from ddrl.dist.checkpoint import fingerprint, load_checkpoint, load_into
+from ddrl.dist.checkpoint import find_checkpoint, load_trained
 from ddrl.errors import DDRLError
-from ddrl.models import Generator, load_generator
-from ddrl.training.ema import trainable
+from ddrl.models import load_generator
+from ddrl.models.base import Generator
+from ddrl.training.components import load_base
 
 
 def load_run_generator(run: Path, step: int | None = None) -> Generator:
     """RUN/final, or the ``step`` checkpoint (its EMA weights when kept) on the run's base."""
-    from ddrl.evaluation.run_eval import _checkpoint
-    from ddrl.training.components import load_base
-
     run = Path(run)
     if not (run / "config.json").is_file():
         if (run / "generator.json").is_file() and step is None:
@@ -30,12 +28,9 @@ def load_run_generator(run: Path, step: int | None = None) -> Generator:
     cfg = load_config(run / "config.json")
     if step is None and (run / "final" / "generator.json").is_file():
         return load_generator(run / "final", config=cfg.model)
-    ckpt = _checkpoint(run, step)
+    ckpt = find_checkpoint(run, step)
     gen, _ = load_base(cfg)
-    meta, parts = load_checkpoint(ckpt)
-    if meta.get("base_fingerprint") != fingerprint(gen.denoiser):
-        raise DDRLError(f"checkpoint {ckpt} was not trained from this run's base model")
-    load_into(trainable(gen.denoiser), parts["ema" if "ema" in parts else "model"], str(ckpt))
+    load_trained(gen.denoiser, ckpt)
     return gen
 
 
@@ -54,3 +49,8 @@ def export(run: Path, out: Path, merge: bool, step: int | None = None) -> Path:
             "(export without --merge)"
         )
     return gen.export(out)
+
+
+def cmd_export(args) -> None:
+    out = export(Path(args.run), Path(args.out), merge=args.merge, step=args.step)
+    print(f"exported to {out}")

@@ -2,63 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from ddrl.errors import DDRLError, check_choice
-
-
-@dataclass
-class DataConfig:
-    """The prompt set and the data the data term draws x0 from."""
-
-    name: str = "digits"  # data set: digits | toy2d (embedded) | files (your own, diffusers models)
-    source: str = "real"  # "real": the task's training images; "synthetic": `ddrl synth` samples
-    synthetic_path: str = ""  # synthetic pool (.safetensors); "" = the cache default for the base
-    prompts: str = ""  # files: training prompt file (.txt, .jsonl, .json, .csv, .parquet)
-    eval_prompts: str = ""  # files: held-out prompt file, same formats; "" = data.prompts
-    images: str = ""  # files: real data for source=real: caption folder or .jsonl/.csv/.parquet
-    eval_images: str = ""  # files: held-out image/video-caption set (same formats) for the
-    # held-out diffusion loss in evaluation; "" = none
-    synthetic_per_prompt: int = 8  # files: samples per prompt when the synthetic set is
-    # generated (by `ddrl synth`, or by the first `ddrl train` that needs it)
-
-    def check(self) -> None:
-        from ddrl.data import DATA_NAMES
-        from ddrl.data.files import PROMPT_EXT
-
-        check_choice("data.name", self.name, DATA_NAMES)
-        check_choice("data.source", self.source, ("real", "synthetic"))
-        given = [
-            k for k in ("prompts", "eval_prompts", "images", "eval_images") if getattr(self, k)
-        ]
-        if self.name != "files":
-            if given:
-                raise DDRLError(
-                    f"data.{given[0]}={getattr(self, given[0])!r} needs data.name='files' "
-                    f"(data.name={self.name!r} has its own prompts and data)"
-                )
-            return
-        if self.synthetic_per_prompt < 1:
-            raise DDRLError(f"data.synthetic_per_prompt={self.synthetic_per_prompt}: at least 1")
-        for key in ("prompts", "eval_prompts"):
-            value = getattr(self, key)
-            shipped = Path(__file__).parent.parent / "presets" / "prompts" / value
-            if value and not Path(os.path.expanduser(value)).exists() and shipped.is_file():
-                setattr(self, key, str(shipped))  # a prompt file shipped with the presets
-                value = str(shipped)
-            if value and Path(value).suffix.lower() not in PROMPT_EXT:
-                raise DDRLError(f"data.{key}={value!r}: allowed formats: {', '.join(PROMPT_EXT)}")
-        for key in given:
-            value = getattr(self, key)
-            if not Path(os.path.expanduser(value)).exists():
-                raise DDRLError(f"data.{key}={value!r} does not exist")
-        if not self.prompts and not self.images:
-            raise DDRLError("data.name='files' needs data.prompts (a prompt file) or data.images")
+from ddrl.data import DATASETS
+from ddrl.data.config import DataConfig
+from ddrl.errors import DDRLError, check_choice, lookup
 
 
 class PairedPool:
@@ -115,3 +66,11 @@ class TaskData:
         """n prompts drawn uniformly (with replacement) from the prompt set."""
         idx = torch.randint(len(self.prompts), (n,), generator=generator)
         return [self.prompts[i] for i in idx.tolist()]
+
+
+def load_data(cfg: DataConfig | str) -> TaskData:
+    """The task data named by ``cfg.name``: an embedded set, or ``files`` (the user's own,
+    from its data.* settings); a bare name stands for its default DataConfig."""
+    cfg = DataConfig(name=cfg) if isinstance(cfg, str) else cfg
+    check_choice("data.name", cfg.name, DATASETS)
+    return lookup("data.name", DATASETS[cfg.name], {})(cfg)

@@ -1,0 +1,82 @@
+"""The run's config: one typed section per component, each declared by its owner in a
+torch-free module, with ``Literal`` choices and a one-line help in every field's metadata."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ddrl.config.core import AdvantageConfig, SamplerConfig
+from ddrl.data.config import DataConfig
+from ddrl.dist.config import ParallelConfig
+from ddrl.errors import DDRLError, check_choice, check_range
+from ddrl.evaluation.config import EvalConfig
+from ddrl.losses.config import DDRLConfig
+from ddrl.models.config import ModelConfig
+from ddrl.rewards import check_reward_name
+from ddrl.rewards.config import GoldConfig, RewardConfig, parse_names
+from ddrl.training.config import OptimConfig, PretrainConfig, TrainConfig
+
+PRESETS = Path(__file__).parents[1] / "presets"
+PRESET_NAMES = tuple(sorted(p.stem for p in PRESETS.glob("*.toml")))
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs: one section per component, each owned by it (every leaf has a
+    default and a one-line help in its field metadata)."""
+
+    seed: int = field(
+        default=0,
+        metadata={
+            "help": "the run's randomness: (seed, iteration) shared, (seed, rank, iteration) own"
+        },
+    )
+    preset: str = field(
+        default="digits",
+        metadata={"help": "presets/<name>.toml: model, data, reward, sizes (`ddrl presets`)"},
+    )
+    algorithm: str = field(
+        default="ddrl",
+        metadata={"help": 'ddrl | flow_grpo | dance_grpo | grpo | sft | "module:Loss"'},
+    )
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    gold: GoldConfig = field(default_factory=GoldConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    loss: Any = field(
+        default_factory=DDRLConfig, metadata={"help": "the algorithm's own config (its Config)"}
+    )
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def check(self) -> None:
+        check_choice("preset", self.preset, PRESET_NAMES)
+        check_range("seed", self.seed, 0, 2**32 - 1)
+        check_range("eval.seed", self.eval.seed, 0, 2**32 - 1)  # EvalConfig seeds torch with it
+        # Names are checked here, before any model is built or pretrained: a typo fails fast.
+        for name in parse_names(self.reward.name):
+            check_reward_name(self.data.name, name)
+        for name in parse_names(self.eval.rewards) if self.eval.rewards else []:
+            check_reward_name(self.data.name, name)
+        if self.eval.features:
+            check_reward_name(self.data.name, self.eval.features)
+        for f in dataclasses.fields(self):
+            sub = getattr(self, f.name)
+            if hasattr(sub, "check"):
+                sub.check()
+        per_step = getattr(self.loss, "data_on_first_only", False) or (
+            getattr(self.loss, "data_steps", 1.0) < 1
+        )
+        if self.train.steps_per_forward > 1 and per_step:
+            raise DDRLError(
+                "train.steps_per_forward > 1 stacks trained steps, but loss.data_on_first_only "
+                "/ loss.data_steps choose per step; allowed: steps_per_forward=1 with them"
+            )

@@ -1,0 +1,68 @@
+"""The eval section of a run's config (torch-free)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ddrl.errors import check_literals, check_range
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation samples and schedule."""
+
+    every: int = field(
+        default=0,
+        metadata={"help": "evaluate every N training iterations (and at 0 and the end); 0 = off"},
+    )
+    samples_per_prompt: int = field(
+        default=30, metadata={"help": "ODE samples per prompt (digits: 10 prompts → 300 images)"}
+    )
+    seed: int = field(
+        default=12345,
+        metadata={
+            "help": "noise seed of evaluation samples and the held-out loss (fixed across runs)"
+        },
+    )
+    loss_t_points: int = field(
+        default=10, metadata={"help": "t grid (midpoints) of the held-out diffusion loss"}
+    )
+    grid: Literal["scheduler", "linear"] = field(
+        default="scheduler",
+        metadata={
+            "help": "ODE grid of evaluation samples, the same for every algorithm (a preset's "
+            'training grid, e.g. DanceGRPO\'s "linear", does not change how it is judged)'
+        },
+    )
+    rewards: str = field(
+        default="",
+        metadata={
+            "help": 'out-of-domain rewards scored but never trained on ("clipscore,pickscore": '
+            "the paper checks they do not fall), logged as ood_<name>"
+        },
+    )
+    features: str = field(
+        default="",
+        metadata={
+            "help": 'a reward whose model embeds images ("clipscore", "pickscore", "hpsv2"): '
+            'diversity and Fréchet distance in its space for real models; "" = pixels only'
+        },
+    )
+    features_model: str = field(
+        default="", metadata={"help": 'that model\'s hub id or folder ("" = its default)'}
+    )
+    loss_warn: float = field(
+        default=0.10,
+        metadata={
+            "help": "warn when the held-out diffusion loss rises by more than this fraction over "
+            "iteration 0's (the paper's warning sign of hacking: +10%)"
+        },
+    )
+
+    def check(self) -> None:
+        check_literals(self, "eval.")
+        check_range("eval.every", self.every, 0)
+        check_range("eval.samples_per_prompt", self.samples_per_prompt, 2)
+        check_range("eval.loss_t_points", self.loss_t_points, 1)
+        check_range("eval.loss_warn", self.loss_warn, 0.0)

@@ -1,0 +1,97 @@
+"""Pictures of samples, drawn with pillow (no plotting library in the core): image grids and
+the 2-D toy's scatter plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from torch import Tensor
+
+from ddrl.data.toy2d import CENTRES
+from ddrl.errors import DDRLError
+
+MIN_SIDE = 48  # tiny images (8×8 digits) are enlarged, nearest-neighbour, to at least this
+TITLE_PX = 14  # height of the title strip
+
+
+def _titled(img: Image.Image, title: str | None) -> Image.Image:
+    if not title:
+        return img
+    out = Image.new("RGB", (img.width, img.height + TITLE_PX), "white")
+    out.paste(img, (0, TITLE_PX))
+    ImageDraw.Draw(out).text((2, 1), title, fill="black")
+    return out
+
+
+def _save(img: Image.Image, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format="PNG")
+    return path
+
+
+def save_image_grid(images: Tensor, path, nrow: int = 10, title: str | None = None) -> Path:
+    """Save images [N, 1 or 3, H, W] in [-1, 1] as one PNG grid, ``nrow`` images per row,
+    1-pixel white gutters, a title strip above when ``title`` is given."""
+    x = images.detach().cpu().float()
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    if x.dim() != 4 or x.shape[1] not in (1, 3) or x.shape[0] == 0:
+        raise DDRLError(f"save_image_grid expects [N, 1 or 3, H, W] images, got {tuple(x.shape)}")
+    n, c, h, w = x.shape
+    x = ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
+    cols = max(1, min(nrow, n))
+    rows = -(-n // cols)
+    pad = 1
+    grid = np.ones((rows * (h + pad) + pad, cols * (w + pad) + pad, c), dtype=np.float32)
+    for i in range(n):
+        top, left = pad + (i // cols) * (h + pad), pad + (i % cols) * (w + pad)
+        grid[top : top + h, left : left + w] = x[i]
+    pixels = (grid * 255).round().astype(np.uint8)
+    img = Image.fromarray(pixels[..., 0] if c == 1 else pixels).convert("RGB")
+    scale = max(1, -(-MIN_SIDE // max(h, w)))
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    return _save(_titled(img, title), path)
+
+
+def save_scatter(points: Tensor, path, title: str | None = None) -> Path:
+    """Scatter plot of 2-D samples [N, 2] (blue dots) over the toy mixture's modes (black
+    crosses), on a square canvas covering both."""
+    centres = CENTRES
+    side, margin = 400, 20
+    p = points.detach().float().cpu()
+    allp = np.concatenate([p.numpy(), centres.numpy()])
+    finite = allp[np.isfinite(allp).all(1)]
+    lo, hi = finite.min(0) - 0.5, finite.max(0) + 0.5
+    span = float(max(hi - lo))
+
+    def to_px(x: float, y: float) -> tuple[float, float]:
+        u = margin + (x - lo[0]) / span * (side - 2 * margin)
+        v = side - margin - (y - lo[1]) / span * (side - 2 * margin)
+        return u, v
+
+    img = Image.new("RGB", (side, side), "white")
+    draw = ImageDraw.Draw(img)
+    for x, y in p[np.isfinite(p.numpy()).all(1)].tolist():
+        u, v = to_px(x, y)
+        draw.ellipse((u - 1.5, v - 1.5, u + 1.5, v + 1.5), fill=(70, 110, 200))
+    for x, y in centres.tolist():
+        u, v = to_px(x, y)
+        draw.line((u - 5, v - 5, u + 5, v + 5), fill="black", width=2)
+        draw.line((u - 5, v + 5, u + 5, v - 5), fill="black", width=2)
+    return _save(_titled(img, title), path)
+
+
+def save_prompt_grid(raw: Tensor, n_prompts: int, path, title: str | None = None):
+    """Picture of evaluation samples: for images [P·n, C, H, W] (prompt-major, as ``evaluate``
+    returns them) a grid of up to 10 per prompt, one prompt per column; for 2-D points a
+    scatter plot. Anything else writes nothing and returns None."""
+    if raw.dim() == 2 and raw.shape[1] == 2:
+        return save_scatter(raw, path, title)
+    if raw.dim() != 4:
+        return None
+    per = raw.shape[0] // n_prompts
+    show = raw.view(n_prompts, per, *raw.shape[1:])[:, : min(per, 10)].transpose(0, 1)
+    return save_image_grid(show.reshape(-1, *raw.shape[1:]), path, nrow=n_prompts, title=title)

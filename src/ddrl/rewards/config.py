@@ -1,0 +1,152 @@
+"""The reward and gold sections of a run's config, and the parsing of their lists (torch-free)."""
+
+from __future__ import annotations
+
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ddrl.errors import DDRLError, check_literals, check_range
+
+
+def parse_names(name: str) -> list[str]:
+    """ "ocr,clipscore" → ["ocr", "clipscore"] (a "module:attr" name has no comma)."""
+    names = [n.strip() for n in name.split(",") if n.strip()]
+    if not names:
+        raise DDRLError(f"reward.name={name!r} is empty; give a reward name (or several, a,b)")
+    return names
+
+
+def parse_weights(weights: str, n: int) -> list[float]:
+    """reward.weights ("1,0.5"; "" = all 1) → n floats, each ≥ 0, not all 0."""
+    if not weights.strip():
+        return [1.0] * n
+    try:
+        out = [float(w) for w in weights.split(",")]
+    except ValueError:
+        raise DDRLError(f"reward.weights={weights!r}: give comma-separated numbers") from None
+    if len(out) != n or any(not w >= 0 for w in out) or not any(out):
+        raise DDRLError(
+            f"reward.weights={weights!r}: need {n} non-negative numbers (one per reward in "
+            "reward.name), not all 0"
+        )
+    return out
+
+
+def check_url(url: str) -> None:
+    """A `ddrl reward-server` address: http(s)://HOST[:PORT], no query or fragment."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise DDRLError(f"reward.url={url!r}; allowed: http://HOST:PORT of a `ddrl reward-server`")
+    if parts.query or parts.fragment:
+        raise DDRLError(f"reward.url={url!r} has a query or fragment; allowed: none")
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise DDRLError(f"reward.url={url!r} has a bad port; allowed: 1..65535") from None
+
+
+@dataclass
+class RewardConfig:
+    """The training (proxy) reward."""
+
+    name: str = field(
+        default="ink",
+        metadata={
+            "help": 'built-in name (see `ddrl.rewards.REWARDS`) or "module:attr" factory; '
+            'several as "a,b" (see weights and aggregate)'
+        },
+    )
+    weights: str = field(
+        default="", metadata={"help": 'one weight per reward in name, "1,0.5"; "" = all 1'}
+    )
+    aggregate: Literal["flow_grpo", "cosmos_rl"] = field(
+        default="flow_grpo",
+        metadata={
+            "help": 'several rewards → advantages: "flow_grpo" = normalise the weighted sum in '
+            'its group; "cosmos_rl" = normalise each, then their weighted mean (release)'
+        },
+    )
+    scale: float = field(
+        default=1.0,
+        metadata={"help": "multiplies the reward (advantages are normalised, so mostly for logs)"},
+    )
+    seed: int = field(
+        default=0,
+        metadata={
+            "help": "seed of a reward model trained on first use (fixed, not the run's seed)"
+        },
+    )
+    model: str = field(
+        default="",
+        metadata={"help": 'weights of a learned reward: hub id or local folder; "" = its default'},
+    )
+    batch: int = field(default=16, metadata={"help": "images per reward-model call"})
+    device: Literal["auto", "cpu", "cuda"] = field(
+        default="auto",
+        metadata={"help": "where a reward model runs: auto = the run's device"},
+    )
+    frames: str = field(
+        default="mean",
+        metadata={"help": 'video → image reward: "mean" over frames, or frame indices "0,-1"'},
+    )
+    url: str = field(
+        default="",
+        metadata={
+            "help": "http://host:port of a `ddrl reward-server` (used when reward.name = remote)"
+        },
+    )
+    timeout: float = field(
+        default=60.0,
+        metadata={"help": "seconds the client waits on the server (connect, send, answer)"},
+    )
+    retries: int = field(
+        default=3,
+        metadata={"help": "extra attempts after a connection failure, timeout or HTTP 502/503/504"},
+    )
+    backoff: float = field(
+        default=0.5,
+        metadata={"help": "seconds before the first retry, doubled before each further one"},
+    )
+    overlap: bool = field(
+        default=False,
+        metadata={
+            "help": "decode and score each rollout chunk (sampler.batch) in a worker thread while "
+            "the next chunk samples: hides CPU-side or remote rewards; the same rewards"
+        },
+    )
+
+    def check(self) -> None:
+        check_literals(self, "reward.")
+        check_range("reward.scale", self.scale, -1e12, 1e12)
+        check_range("reward.seed", self.seed, 0, 2**32 - 1)
+        check_range("reward.batch", self.batch, 1)
+        check_range("reward.timeout", self.timeout, 1e-3, 86400.0)
+        check_range("reward.retries", self.retries, 0, 100)
+        check_range("reward.backoff", self.backoff, 0.0, 3600.0)
+        parse_weights(self.weights, len(parse_names(self.name)))
+        if self.url:
+            check_url(self.url)
+        if self.frames != "mean":
+            try:
+                [int(i) for i in self.frames.split(",")]
+            except ValueError:
+                raise DDRLError(
+                    f"reward.frames={self.frames!r}; allowed: mean, or frame indices like 0,-1"
+                ) from None
+
+
+@dataclass
+class GoldConfig:
+    """The held-out judge used only by evaluation (never by the training loop)."""
+
+    name: str = field(
+        default="digits", metadata={"help": 'digits | toy2d | "" (none: gold metrics are left out)'}
+    )
+    seed: int = field(
+        default=0,
+        metadata={"help": "seed of the gold model (fixed across runs so evaluations compare)"},
+    )
+
+    def check(self) -> None:
+        check_range("gold.seed", self.seed, 0, 2**32 - 1)

@@ -1,0 +1,157 @@
+"""One iteration's batch, built in one pass: rollout → reward → advantage → data → trained steps.
+
+Every rank builds the whole batch's plan (prompts, noise, trained steps) from the iteration's
+keyed generators (``ddrl.dist.rng``) and keeps its own rows, so a trajectory never depends on
+the number of ranks and a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ddrl.config import RunConfig
+from ddrl.dist.group import gathered_advantages
+from ddrl.dist.rng import current_rank, noise_generator, rank_generator, shared_generator
+from ddrl.models.base import Cond, CondCache, decode_images
+from ddrl.phases import phase
+from ddrl.rewards.multi import MultiReward
+from ddrl.sampling import Rollout, rollout
+from ddrl.training.components import Components
+
+
+@dataclass
+class Iteration:
+    """This rank's share (rows) of iteration ``index``'s B = P·G trajectories, ready to train."""
+
+    index: int  # 0-based iteration
+    rollout: Rollout  # this rank's trajectories [B/W]
+    each: Tensor  # [B, K] every trajectory's K rewards (all ranks), × reward.scale
+    rewards: Tensor  # [B] their weighted sum
+    advantages: Tensor  # [B/W] this rank's, normalised over whole groups
+    valid: Tensor  # [B/W] bool: False where the group had a non-finite reward
+    valid_all: Tensor  # [B] the same for the whole batch
+    x0_data: Tensor | None  # [B/W, ...] the data term's x0 (None: the loss uses no data)
+    data_cond: Cond | None  # their own condition when unpaired (None: the trajectories')
+    steps: Tensor  # [B/W, n] trained step indices, sorted (noise → data)
+    plan: int  # the iteration's shared seed for the losses' per-step choices
+    generator: torch.Generator  # this rank's own stream (noise drawn per micro-batch)
+
+
+class OverlappedScorer:
+    """Decodes and scores rollout chunks in one worker thread while the next chunk samples
+    (``reward.overlap``); ``result()`` waits for the last one. Per-sample rewards, so the
+    values are those of scoring the whole batch at once (to the rounding of batched kernels)."""
+
+    def __init__(self, codec, reward: MultiReward, prompts: list[str], device):
+        self.codec, self.reward, self.prompts, self.device = codec, reward, prompts, device
+        self.pool, self.jobs = ThreadPoolExecutor(1, thread_name_prefix="ddrl-reward"), []
+
+    def _score(self, part: slice, x: Tensor) -> Tensor:
+        with torch.no_grad():  # grad mode is per thread
+            return self.reward.each(decode_images(self.codec, x), self.prompts[part])
+
+    def __call__(self, part: slice, x: Tensor) -> None:
+        self.jobs.append(self.pool.submit(self._score, part, x))
+
+    def result(self) -> Tensor:
+        """Rewards [B, K] of every chunk, in order."""
+        try:
+            return torch.cat([j.result().to(self.device) for j in self.jobs])
+        finally:
+            self.pool.shutdown()
+
+
+def select_timesteps(
+    num_steps: int, fraction: float, how: str, batch: int, g: torch.Generator, skip_last=False
+) -> torch.Tensor:
+    """Step indices [batch, n] trained this iteration, drawn from the candidate steps 0..N−1,
+    or 0..N−2 with ``skip_last``; n = floor(fraction · #candidates), at least 1, as both peers
+    count them (flow_grpo: int(10 · 0.99) = 9; DanceGRPO: int((16 − 1) · 0.6) = 9).
+    "first": steps 0..n−1; "per_sample": a random subset per trajectory; "per_batch": one
+    random subset for all; "strided": every (#candidates/n)-th step from 0. Each row is
+    sorted, so the j-th trained step runs from noise towards data.
+    """
+    pool = num_steps - 1 if skip_last and num_steps > 1 else num_steps
+    n = max(1, math.floor(fraction * pool + 1e-9))
+    if how == "first":
+        row = torch.arange(n)
+    elif how == "strided":
+        row = torch.arange(n) * pool // n
+    elif how == "per_batch":
+        row = torch.randperm(pool, generator=g)[:n].sort().values
+    else:
+        perms = torch.stack([torch.randperm(pool, generator=g) for _ in range(batch)])
+        return perms[:, :n].sort(dim=1).values
+    return row.expand(batch, n).clone()
+
+
+def collect(
+    cfg: RunConfig, c: Components, it: int, rows: slice, encode: CondCache, device
+) -> Iteration:
+    """Iteration ``it``'s batch for this rank's ``rows`` of the P·G trajectories.
+
+    The shared stream (seed, it) draws the prompts, the trained steps and the plan seed, in
+    that order; the noise stream draws the rollout's noise and then the data pairing; the
+    rank's own stream is left for per-micro-batch noise (``Iteration.generator``)."""
+    gen, tc = c.gen, cfg.train
+    P, G = tc.prompts_per_iter, tc.group_size
+    g_shared, g_noise = shared_generator(cfg.seed, it), noise_generator(cfg.seed, it)
+    rank = current_rank()
+    g_own = g_noise if rank == 0 else rank_generator(cfg.seed, it, rank)
+    with phase("rollout"):
+        prompts = c.data.sample_prompts(P, g_shared)
+        every_prompt = [q for q in prompts for _ in range(G)]
+        scorer = (  # scores each chunk while the next samples (reward.overlap)
+            OverlappedScorer(gen.codec, c.reward, every_prompt[rows], device)
+            if cfg.reward.overlap
+            else None
+        )
+        gen.denoiser.eval()
+        ro = rollout(gen, prompts, G, cfg.sampler, g_noise, device, encode, rows, scorer)
+        gen.denoiser.train()
+    if scorer is None:
+        with phase("decode"):
+            images = decode_images(gen.codec, ro.final)
+    with phase("reward"):  # with overlap: waiting for the last chunk's rewards
+        mine = scorer.result() if scorer else c.reward.each(images, ro.prompts).to(device)
+        mine = mine * cfg.reward.scale  # [B/W, K]
+    with phase("advantage"):
+        # [B, K] and [B]: groups normalise whole, whichever ranks hold their samples
+        each, adv_all, valid_all = gathered_advantages(
+            mine, c.reward.weights, G, cfg.advantage, cfg.reward.aggregate
+        )
+        x0_data = data_cond = None
+        if c.pool is not None and c.paired:
+            x0_data = c.pool.paired(every_prompt, g_noise)[rows].to(device)
+        elif c.pool is not None:
+            x0_data, captions = c.pool.sample(P * G, g_noise)
+            x0_data, data_cond = x0_data[rows].to(device), encode(captions[rows]).to(device)
+        steps = select_timesteps(
+            cfg.sampler.num_steps,
+            tc.timestep_fraction,
+            tc.timestep_selection,
+            P * G,
+            g_shared,
+            tc.skip_last_step,
+        )[rows].to(device)
+        # Drawn after every earlier use of the shared stream, which it leaves as it was.
+        plan = int(torch.randint(2**31 - 1, (1,), generator=g_shared))
+    return Iteration(
+        it,
+        ro,
+        each,
+        each @ c.reward.weights.to(each),
+        adv_all[rows],
+        valid_all[rows],
+        valid_all,
+        x0_data,
+        data_cond,
+        steps,
+        plan,
+        g_own,
+    )
