@@ -27,12 +27,12 @@ test-slow: $(STAMP)  ## the slow suite: full demo end to end
 	$(PY) -m pytest -q -m slow
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
 
 format: $(STAMP)
-	$(VENV)/bin/ruff check --fix src tests benchmarks
-	$(VENV)/bin/ruff format src tests benchmarks
+	$(VENV)/bin/ruff check --fix src tests
+	$(VENV)/bin/ruff format src tests
 
 compare: $(STAMP)  ## the full reward-hacking comparison (ink + classifier, ~25-50 min on 2 cores)
 	$(VENV)/bin/ddrl compare --out runs/compare --overwrite

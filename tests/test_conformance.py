@@ -127,9 +127,20 @@ def test_scheduler_grid_dynamic_shift_matches_flux_pipeline(n, seq_len):
 
 
 def test_calculate_shift_values():
-    """μ = 1.15 at 1024² (4096 packed tokens) and 0.63 at 512² (1024 tokens)."""
+    """μ = 1.15 at 1024² (4096 packed tokens) and 0.63 at 512² (1024 tokens), by hand; ours
+    (``dynamic_mu`` from a scheduler config, FLUX's and SD3's defaults) gives the same."""
+    from ddrl.models.hf import dynamic_mu
+
     assert _calculate_shift(4096) == pytest.approx(1.15)
     assert _calculate_shift(1024) == pytest.approx(0.63)
+    flux = {"base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5}
+    for seq in (256, 1024, 3000, 4096):
+        assert dynamic_mu(flux, seq, max_shift=1.15) == pytest.approx(_calculate_shift(seq))
+    # a config without the keys takes the pipeline's defaults; SD3's max_shift is 1.16
+    assert dynamic_mu({}, 4096, max_shift=1.16) == pytest.approx(1.16)
+    assert dynamic_mu({}, 1024, max_shift=1.16) == pytest.approx(
+        _calculate_shift(1024, max_shift=1.16)
+    )
 
 
 # DanceGRPO fastvideo/train_grpo_flux.py L127–128 (sd3_time_shift), L311–313 (the schedule).

@@ -13,6 +13,7 @@ import json
 
 import pytest
 import torch
+from conftest import one_line
 from diffusers import (
     Cosmos2_5_PredictBasePipeline,
     CosmosTransformer3DModel,
@@ -231,12 +232,6 @@ def test_full_finetune_save_load_export(tiny, tmp_path):
     out = gen.export(tmp_path / "export")
     assert (pipeline(plain(out), gen) - x).abs().max() < TOL
     assert load(out, out).sample_shape == gen.sample_shape
-
-
-def one_line(excinfo) -> str:
-    msg = str(excinfo.value)
-    assert "\n" not in msg
-    return msg
 
 
 def test_bad_inputs(tiny):

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import one_line_error
 from PIL import Image
 
 from ddrl.data import files, media
@@ -16,17 +17,6 @@ from ddrl.data.latents import latent_pool
 from ddrl.data.media import frame_indices, read_items
 from ddrl.data.pool_io import load_pool
 from ddrl.data.pools import load_data
-from ddrl.errors import DDRLError
-
-
-def one_line_error(fn, *args, match: str = "", **kw) -> str:
-    with pytest.raises(DDRLError) as e:
-        fn(*args, **kw)
-    msg = str(e.value)
-    assert "\n" not in msg and msg, msg
-    if match:
-        assert match in msg, msg
-    return msg
 
 
 def png(path: Path, w: int = 8, h: int = 8, value: int = 128) -> Path:
@@ -366,19 +356,19 @@ def test_latent_pool_killed_run_leaves_no_cache(tmp_path, monkeypatch):
         latent_pool(cfg, Dies(), "v", 8, 0, cache, log=lambda m: None, batch=2)
     assert not (cache / "latents").exists() or not any((cache / "latents").iterdir())
 
-    import ddrl.data.synthetic as synthetic
+    import ddrl.data.latents as latents
 
-    real_save = synthetic.save_pool
+    real_save = latents.save_pool
 
     def killed(pool, path):
         Path(path).write_bytes(b"half a file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(synthetic, "save_pool", killed)
+    monkeypatch.setattr(latents, "save_pool", killed)
     with pytest.raises(KeyboardInterrupt):
         latent_pool(cfg, PoolCodec(), "v", 8, 0, cache, log=lambda m: None)
     assert [p.name[:5] for p in (cache / "latents").iterdir()] == [".tmp-"]  # never a key folder
-    monkeypatch.setattr(synthetic, "save_pool", real_save)
+    monkeypatch.setattr(latents, "save_pool", real_save)
     codec = PoolCodec()
     pool = latent_pool(cfg, codec, "v", 8, 0, cache, log=lambda m: None)
     assert codec.encoded == 4 and len(pool) == 4

@@ -33,6 +33,8 @@ from ddrl.training.runlog import prepare_run_dir, read_jsonl
 SETUP = ["train.iterations=3", "train.prompts_per_iter=3", "train.group_size=4"]
 PARAM_TOL = 1e-5  # the summation order of the gradients differs (float32 rounding only)
 
+pytestmark = pytest.mark.distributed  # several processes (gloo); `-m 'not distributed'` skips them
+
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import group_ids, step_batches_of
+from conftest import group_ids, iteration_of, run_quick, step_batches_of
 from helpers_quick import quick
 
 from ddrl.advantages import group_advantages
@@ -25,12 +25,6 @@ from ddrl.training.runlog import prepare_run_dir, read_jsonl
 from ddrl.training.step import optimizer_step
 
 QUIET = {"log": lambda *a: None}
-
-
-def _run(tmp_path, name, *ov):
-    cfg = build_config(overrides=quick(*ov))
-    out = prepare_run_dir(tmp_path / name, resume=False, overwrite=False)
-    return cfg, out, train(cfg, out, **QUIET)
 
 
 # ------------------------------------------------------------------ timestep subsets
@@ -106,7 +100,7 @@ def test_loop_pairs_data_with_prompts_and_uses_the_rollout_t_and_noise(tmp_path)
     from ddrl.data.pools import load_data
 
     Recorder.seen.clear()
-    _run(tmp_path, "rec", "algorithm=test_loop:Recorder", "train.iterations=1")
+    run_quick(tmp_path, "rec", "algorithm=test_loop:Recorder", "train.iterations=1")
     data = load_data("digits").train
     from ddrl.flow import scheduler_grid
 
@@ -200,12 +194,14 @@ def test_data_on_first_only_is_weighted_like_the_release(tiny_digits):
 
 # ------------------------------------------------------------------ inner updates, clipping
 def test_inner_updates_move_the_ratio_and_clipping_acts(tmp_path):
-    _, out, _ = _run(tmp_path, "inner", "algorithm=grpo", "train.inner_updates=3", "optim.lr=1e-3")
+    _, out, _ = run_quick(
+        tmp_path, "inner", "algorithm=grpo", "train.inner_updates=3", "optim.lr=1e-3"
+    )
     rows = read_jsonl(out / "metrics.jsonl")
     # the row reports the last inner update: its ratio has left 1 and some samples are clipped
     assert all(r["ratio_dev_max"] > 1e-4 for r in rows)
     assert all(0 < r["clipped_mean"] <= 1 for r in rows)
-    _, out1, _ = _run(tmp_path, "one", "algorithm=grpo", "optim.lr=1e-3")
+    _, out1, _ = run_quick(tmp_path, "one", "algorithm=grpo", "optim.lr=1e-3")
     assert all(
         r["ratio_dev_max"] < 1e-5 and r["clipped_mean"] == 0
         for r in read_jsonl(out1 / "metrics.jsonl")
@@ -228,13 +224,42 @@ def test_grad_clipping(tiny_digits):
     torch.testing.assert_close(clipped, raw * (clip / raw.norm()), rtol=1e-4, atol=1e-10)
 
 
-def test_grad_clip_zero_means_no_clipping_in_config():
-    assert build_config(overrides=["optim.grad_clip=0"]).optim.grad_clip == 0
+def test_grad_clip_zero_means_no_clipping_in_config(tiny_digits):
+    """optim.grad_clip=0 reaches the Learner's step unclipped: AdamW's first update moves each
+    weight by about lr (|m/√v| ≈ 1); a tiny positive clip (1e-12) scales the gradient under
+    AdamW's eps and freezes the weights instead."""
+    import copy
+
+    from ddrl.dist.config import ParallelConfig
+    from ddrl.dist.parallel import Parallel
+    from ddrl.training.step import Learner
+
+    den, loss, ro, r = _setup(tiny_digits, "ddrl")
+    adv, valid = group_advantages(r, group_ids(12, 4), AdvantageConfig())
+    x0 = torch.rand(ro.final.shape, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    steps = select_timesteps(3, 1.0, "first", 12, torch.Generator())
+    moved = {}
+    for clip in ("0", "1e-12"):
+        over = [
+            f"optim.grad_clip={clip}",
+            "optim.lr=1e-3",
+            "optim.warmup=1",
+            "optim.weight_decay=0",
+        ]
+        optim = build_config(overrides=over).optim
+        d = copy.deepcopy(den)
+        before = torch.cat([p.detach().flatten().clone() for p in d.parameters()])
+        learner = Learner(loss, d, d, optim, Parallel(ParallelConfig(), "cpu"))
+        m = learner.step(iteration_of(ro, adv, valid, x0, steps), 12, 1, 1, 3)
+        after = torch.cat([p.detach().flatten() for p in d.parameters()])
+        moved[clip] = (after - before).abs().max().item()
+        assert m["grad_norm"].item() > 1e-3  # the logged norm is the one before clipping
+    assert moved["0"] > 0.5 * optim.lr and moved["1e-12"] < 1e-6, moved
 
 
 # ------------------------------------------------------------------ lr, EMA, reference
 def test_warmup_learning_rates(tmp_path):
-    _, out, _ = _run(tmp_path, "lr", "train.iterations=3", "optim.warmup=2", "optim.lr=1e-3")
+    _, out, _ = run_quick(tmp_path, "lr", "train.iterations=3", "optim.warmup=2", "optim.lr=1e-3")
     assert [r["lr"] for r in read_jsonl(out / "metrics.jsonl")] == pytest.approx([5e-4, 1e-3, 1e-3])
 
 
@@ -243,7 +268,7 @@ def test_evaluation_uses_the_ema(tmp_path):
     from ddrl.training.components import build_components
     from ddrl.training.ema import trainable
 
-    cfg, out, _ = _run(tmp_path, "ema", "optim.ema_decay=0.5", "optim.lr=1e-2", "eval.every=2")
+    cfg, out, _ = run_quick(tmp_path, "ema", "optim.ema_decay=0.5", "optim.lr=1e-2", "eval.every=2")
     logged = read_jsonl(out / "eval.jsonl")[-1]
     _, parts = load_checkpoint(latest_checkpoint(out))
     c = build_components(cfg, **QUIET)
@@ -285,7 +310,7 @@ def test_flow_grpo_reference_stays_frozen(tiny_digits):
 @pytest.mark.parametrize("algorithm", ["ddrl", "flow_grpo", "dance_grpo", "grpo", "sft"])
 def test_resume_is_exact_for_every_algorithm(tmp_path, algorithm):
     ov = (f"algorithm={algorithm}", "train.iterations=3", "train.checkpoint_every=1")
-    cfg, full, _ = _run(tmp_path, "full", *ov)
+    cfg, full, _ = run_quick(tmp_path, "full", *ov)
     cfg_short = build_config(
         overrides=quick(*ov[:1], "train.iterations=1", "train.checkpoint_every=1")
     )

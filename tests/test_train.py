@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from conftest import run_quick
 from helpers_quick import quick
 
 from ddrl.cli.evaluate import evaluate_run
@@ -21,12 +22,6 @@ from ddrl.training.runlog import prepare_run_dir, read_jsonl
 from ddrl.training.state import TrainState
 
 QUIET = {"log": lambda *a: None}
-
-
-def _run(tmp_path, name, *ov):
-    cfg = build_config(overrides=quick(*ov))
-    out = prepare_run_dir(tmp_path / name, resume=False, overwrite=False)
-    return cfg, out, train(cfg, out, **QUIET)
 
 
 def _params_with_gradient(gen) -> set[str]:
@@ -68,7 +63,7 @@ LOSS_TERMS = {
 
 @pytest.mark.parametrize("algorithm", ["ddrl", "flow_grpo", "dance_grpo", "sft"])
 def test_every_parameter_changes(tmp_path, algorithm):
-    cfg, out, row = _run(
+    cfg, out, row = run_quick(
         tmp_path, algorithm, f"algorithm={algorithm}", "optim.weight_decay=0", "optim.lr=1e-3"
     )
     base, _ = load_base(cfg, **QUIET)
@@ -100,7 +95,7 @@ def test_every_parameter_changes(tmp_path, algorithm):
 
 
 def test_on_policy_ratio_is_exactly_one(tmp_path):
-    _, out, _ = _run(tmp_path, "r", "algorithm=ddrl")
+    _, out, _ = run_quick(tmp_path, "r", "algorithm=ddrl")
     for r in read_jsonl(out / "metrics.jsonl"):
         # ratio_dev = |ρ − 1|: one update per rollout batch ⇒ ρ ≡ 1, nothing clipped.
         assert r["ratio_dev_mean"] == pytest.approx(0.0, abs=1e-6)
@@ -115,7 +110,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
         "optim.ema_decay=0.9",
         "eval.every=2",
     )
-    cfg, full, _ = _run(tmp_path, "full", *ov)
+    cfg, full, _ = run_quick(tmp_path, "full", *ov)
     cfg_half = build_config(overrides=quick(*ov, "train.iterations=2"))
     half = prepare_run_dir(tmp_path / "half", resume=False, overwrite=False)
     train(cfg_half, half, **QUIET)
@@ -233,7 +228,7 @@ def test_corrupted_checkpoint_file_is_detected_by_its_checksum(tmp_path, tiny_mo
 def test_run_seed_changes_the_rollouts_not_the_base(tmp_path):
     rows, fingerprints = [], []
     for seed in (0, 1):
-        _, out, row = _run(tmp_path, f"s{seed}", f"seed={seed}", "train.iterations=1")
+        _, out, row = run_quick(tmp_path, f"s{seed}", f"seed={seed}", "train.iterations=1")
         rows.append(row)
         fingerprints.append(load_checkpoint(latest_checkpoint(out))[0]["base_fingerprint"])
     assert fingerprints[0] == fingerprints[1]
@@ -242,7 +237,7 @@ def test_run_seed_changes_the_rollouts_not_the_base(tmp_path):
 
 def test_toy_reward_rises(tmp_path):
     """GRPO on the 2-D toy with reward = x: the mean reward must go up."""
-    cfg, out, _ = _run(
+    cfg, out, _ = run_quick(
         tmp_path,
         "toy",
         "preset=toy2d",
@@ -300,7 +295,7 @@ def test_heldout_loss_of_trained_base_beats_random_init(tmp_path):
 
 
 def test_toy2d_eval_writes_scatter(tmp_path):
-    cfg, out, _ = _run(
+    cfg, out, _ = run_quick(
         tmp_path,
         "toy_eval",
         "preset=toy2d",
@@ -321,7 +316,7 @@ def test_tensorboard_scalars(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    _, out, _ = _run(tmp_path, "tb", "train.tensorboard=true", "eval.every=1")
+    _, out, _ = run_quick(tmp_path, "tb", "train.tensorboard=true", "eval.every=1")
     acc = EventAccumulator(str(out / "tb"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 
-def _bcast(t: Tensor, x: Tensor) -> Tensor:
+def batch_view(t: Tensor, x: Tensor) -> Tensor:
     """Reshape t [B] (or scalar) to broadcast against x [B, ...]."""
     t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
     return t.reshape(-1, *([1] * (x.dim() - 1))) if t.dim() > 0 else t
@@ -18,7 +18,7 @@ def _bcast(t: Tensor, x: Tensor) -> Tensor:
 
 def interpolate(x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
     """x_t = (1 − t)·x0 + t·ε.  x0, noise: [B, ...]; t: [B] or scalar."""
-    t = _bcast(t, x0)
+    t = batch_view(t, x0)
     return (1 - t) * x0 + t * noise
 
 
@@ -29,7 +29,7 @@ def velocity_target(x0: Tensor, noise: Tensor) -> Tensor:
 
 def predict_x0(x_t: Tensor, v: Tensor, t: Tensor) -> Tensor:
     """x̂0 = x_t − t·v (exact on the straight path)."""
-    return x_t - _bcast(t, x_t) * v
+    return x_t - batch_view(t, x_t) * v
 
 
 def shift_timesteps(t: Tensor, shift: float) -> Tensor:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ddrl.config.core import DanceSDE, FlowSDE
-from ddrl.flow import _bcast
+from ddrl.flow import batch_view
 
 
 @dataclass
@@ -64,7 +64,7 @@ def _finish(
 
 def ode_step(x: Tensor, v: Tensor, t: Tensor, t_next: Tensor) -> Step:
     """Euler step x_next = x + v·dt (deterministic; log_prob is 0 by convention)."""
-    dt = _bcast(t_next - t, x)
+    dt = batch_view(t_next - t, x)
     x_next = x + v * dt
     zero = torch.zeros_like(dt)
     return Step(x_next, x_next, zero, torch.zeros(x.shape[0], device=x.device), zero)
@@ -86,9 +86,9 @@ def flow_sde_step(
     (the numerator keeps t = 1), μ = x + [v + σ_t²/(2t)·(x + (1 − t)·v)]·dt,
     std = σ_t·sqrt(−dt). Pass ``noise`` to sample or ``prev_sample`` to score a transition.
     """
-    tb, dt = _bcast(t, x), _bcast(t_next - t, x)
+    tb, dt = batch_view(t, x), batch_view(t_next - t, x)
     # σ_t diverges at t = 1; flow_grpo substitutes the next grid point in the denominator only.
-    t_den = torch.where(tb >= 1.0, _bcast(t_next, x), tb).clamp(max=1 - 1e-6)
+    t_den = torch.where(tb >= 1.0, batch_view(t_next, x), tb).clamp(max=1 - 1e-6)
     sigma = noise_level * torch.sqrt(tb / (1 - t_den))
     tt = tb.clamp(min=1e-6)
     mean = x + (v + sigma**2 / (2 * tt) * (x + (1 - tb) * v)) * dt
@@ -111,7 +111,7 @@ def dance_sde_step(
     x̂0 = x − t·v,  score = −(x − (1 − t)·x̂0)/t²,  μ = x + dt·v − ½η²·score·dt,
     std = η·sqrt(−dt).
     """
-    tb, dt = _bcast(t, x), _bcast(t_next - t, x)
+    tb, dt = batch_view(t, x), batch_view(t_next - t, x)
     tt = tb.clamp(min=1e-6)
     x0_hat = x - tb * v
     score = -(x - (1 - tb) * x0_hat) / tt**2

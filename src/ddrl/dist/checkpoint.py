@@ -160,7 +160,7 @@ def find_checkpoint(run_dir: Path, spec: str | int | None = None, flag: str = "-
             return cand
     kept = ", ".join(sorted(p.name for p in root.glob("step-*"))) if root.is_dir() else ""
     allowed = ("auto, or one of " if flag == "--resume" else "one of ") + (kept or "(none)")
-    raise DDRLError(f"{flag} {spec}: no such checkpoint in {run_dir}; allowed: {allowed}")
+    raise DDRLError(f"{flag} {spec}: no such checkpoint; allowed: {allowed}")
 
 
 def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

@@ -18,7 +18,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from ddrl.experiments.compare import check_overrides, evaluate_base, run_arm
-from ddrl.experiments.report import _save, arm_slug, write_report
+from ddrl.experiments.report import arm_slug, save_figure, write_report
 from ddrl.training.runlog import prepare_run_dir
 
 # The settings where DDRL and Flow-GRPO matched at 30 iterations (docs/LOG.md, 2026-11-24).
@@ -63,7 +63,7 @@ def plot_long_curves(regime: dict, path) -> Path:
         ax.set(xlabel="iteration", ylabel=key, title=f"{title} ({regime['reward']})")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="best")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def run_long(

@@ -160,7 +160,7 @@ def hacking_analysis(metrics: dict, loss_rise: float = 0.10, gold_drop: float = 
     return out
 
 
-def _save(fig: Figure, path, **kwargs) -> Path:
+def save_figure(fig: Figure, path, **kwargs) -> Path:
     # A bare Figure (no pyplot) renders with Agg and leaves the caller's backend untouched.
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -189,7 +189,7 @@ def plot_reward_curves(metrics: dict, path) -> Path:
     _curve_panel(ax1, metrics, "proxy_reward", f"proxy reward{f' ({reward})' if reward else ''}")
     _curve_panel(ax2, metrics, "gold_accuracy", "gold accuracy")
     ax2.legend(fontsize=7, loc="best")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_pareto(metrics: dict, path) -> Path:
@@ -224,7 +224,7 @@ def plot_pareto(metrics: dict, path) -> Path:
         ax.margins(0.12)  # room for the setting annotations at the edges
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="best")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_heldout_loss(metrics: dict, path, loss_rise: float = 0.10) -> Path:
@@ -235,7 +235,7 @@ def plot_heldout_loss(metrics: dict, path, loss_rise: float = 0.10) -> Path:
     threshold = float(metrics["base"]["heldout_diffusion_loss"]) * (1 + loss_rise)
     ax.axhline(threshold, color="r", ls=":", lw=1.2, label=f"{loss_rise:.0%} rise (hacking signal)")
     ax.legend(fontsize=7, loc="best")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _fmt(v) -> str:

@@ -75,8 +75,9 @@ def train(
     shipped = functools.partial(ema.applied, c.gen.denoiser) if ema else contextlib.nullcontext
     final = functools.partial(_save_final, c, par, run_dir, shipped)
     if resume and start >= tc.iterations:
-        beyond = "" if start == tc.iterations else ", beyond"
-        log(f"nothing to do: run is at iteration {start}{beyond} train.iterations={tc.iterations}")
+        n = tc.iterations
+        where = f" of {n}" if start == n else f", beyond train.iterations={n}"
+        log(f"nothing to do: run is at iteration {start}{where}")
         if not (run_dir / "final").is_dir():  # killed between checkpoint and save
             final()
         barrier()
