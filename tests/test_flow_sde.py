@@ -1,4 +1,4 @@
-"""The rectified-flow path and the Gaussian sampler steps (DESIGN.md §2–3)."""
+"""The rectified-flow path and the Gaussian sampler steps (docs/CONFORMANCE.md)."""
 
 import math
 import typing

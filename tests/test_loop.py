@@ -264,9 +264,9 @@ def test_warmup_learning_rates(tmp_path):
 
 
 def test_evaluation_uses_the_ema(tmp_path):
+    from ddrl.dist.checkpoint import trainable
     from ddrl.evaluation.evaluate import evaluate_components
     from ddrl.training.components import build_components
-    from ddrl.training.ema import trainable
 
     cfg, out, _ = run_quick(tmp_path, "ema", "optim.ema_decay=0.5", "optim.lr=1e-2", "eval.every=2")
     logged = read_jsonl(out / "eval.jsonl")[-1]

@@ -27,17 +27,9 @@ def velocity_target(x0: Tensor, noise: Tensor) -> Tensor:
     return noise - x0
 
 
-def predict_x0(x_t: Tensor, v: Tensor, t: Tensor) -> Tensor:
-    """x̂0 = x_t − t·v (exact on the straight path)."""
-    return x_t - batch_view(t, x_t) * v
-
-
 def shift_timesteps(t: Tensor, shift: float) -> Tensor:
     """SD3's resolution shift: t' = s·t / (1 + (s − 1)·t); s = 1 is the identity."""
     return shift * t / (1 + (shift - 1) * t)
-
-
-GRIDS = ("scheduler", "linear")
 
 
 def linear_grid(num_steps: int, shift: float = 1.0) -> Tensor:
@@ -48,37 +40,35 @@ def linear_grid(num_steps: int, shift: float = 1.0) -> Tensor:
 
 
 def scheduler_grid(
-    num_steps: int, shift: float = 1.0, mu: float | None = None, scheduler=None
+    num_steps: int, shift: float = 0.0, mu: float | None = None, scheduler=None
 ) -> Tensor:
-    """The grid [N + 1] of diffusers' ``FlowMatchEulerDiscreteScheduler`` (SD3/FLUX pipelines,
-    flow_grpo): its ``sigmas`` after ``set_timesteps(N)``, i.e. shift(linspace(1, σ_min, N))
-    then 0 with σ_min = shift(1/1000) (so the last point is shifted twice: 0.0089 at shift 3,
-    N = 10); the last step is tiny. With ``mu`` the scheduler uses
-    FLUX's resolution-dependent exponential shift on sigmas = linspace(1, 1/N, N), as
-    ``FluxPipeline`` passes them. ``scheduler``: a real model's own scheduler (its config is
-    copied; the instance is not modified)."""
-    import numpy as np
+    """The grid [N + 1] (1 → 0) of a diffusers scheduler: its ``sigmas`` after
+    ``set_timesteps(N)``, from a copy built from its config (the instance is never modified).
+
+    ``scheduler``: a real model's own (FlowMatchEulerDiscrete, UniPC, ...); None = diffusers'
+    ``FlowMatchEulerDiscreteScheduler()`` (SD3/FLUX pipelines, flow_grpo): shift(linspace(1,
+    σ_min, N)) then 0 with σ_min = shift(1/1000), so the last point is shifted twice (0.0089
+    at shift 3, N = 10) and the last step is tiny. ``shift`` > 0 replaces the scheduler's shift
+    (``shift``, or ``flow_shift`` for UniPC; static, dynamic shifting off). ``mu``: FLUX's
+    resolution-dependent exponential shift on sigmas = linspace(1, 1/N, N), as ``FluxPipeline``
+    passes them."""
+    import numpy as np  # diffusers takes ~1.5 s to import: only grids need it
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    if scheduler is not None:
-        sched = type(scheduler).from_config(scheduler.config)
-    elif mu is not None:
-        sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
-    else:
-        sched = FlowMatchEulerDiscreteScheduler(shift=shift)
+    base = scheduler if scheduler is not None else FlowMatchEulerDiscreteScheduler()
+    over = {}
+    if shift > 0:
+        over["flow_shift" if "flow_shift" in base.config else "shift"] = shift
+        if base.config.get("use_dynamic_shifting"):
+            over["use_dynamic_shifting"] = False
+    elif mu is not None and scheduler is None:
+        over["use_dynamic_shifting"] = True
+    sched = type(base).from_config(base.config, **over)
     if mu is not None:
         sched.set_timesteps(sigmas=np.linspace(1.0, 1.0 / num_steps, num_steps), mu=mu)
     else:
         sched.set_timesteps(num_steps)
     return sched.sigmas.float().cpu()
-
-
-def timestep_grid(num_steps: int, shift: float = 1.0, kind: str = "scheduler") -> Tensor:
-    """Sampling grid [num_steps + 1] from 1 down to 0: ``kind`` is "scheduler" (diffusers /
-    flow_grpo) or "linear" (DanceGRPO); see ``scheduler_grid`` and ``linear_grid``."""
-    return (
-        scheduler_grid(num_steps, shift) if kind == "scheduler" else linear_grid(num_steps, shift)
-    )
 
 
 def flow_matching_loss(v_pred: Tensor, x0: Tensor, noise: Tensor) -> Tensor:
@@ -95,18 +85,3 @@ def sample_training_t(
     else:
         t = torch.sigmoid(torch.randn(n, generator=generator, device=device))
     return t.clamp(1e-4, 1 - 1e-4)
-
-
-def scheduler_sigmas(scheduler, num_steps: int, shift: float = 0.0) -> Tensor:
-    """A model's own scheduler's sigmas [N + 1] (1 → 0) after ``set_timesteps(N)``: a copy of
-    ``scheduler`` built from its config (the instance is not modified). ``shift`` > 0 replaces
-    its shift (``shift`` for FlowMatchEulerDiscreteScheduler, ``flow_shift`` for UniPC)."""
-    over = {}
-    if shift > 0:
-        key = "flow_shift" if "flow_shift" in scheduler.config else "shift"
-        over[key] = shift
-        if scheduler.config.get("use_dynamic_shifting"):
-            over["use_dynamic_shifting"] = False
-    sched = type(scheduler).from_config(scheduler.config, **over)
-    sched.set_timesteps(num_steps)
-    return sched.sigmas.float().cpu()

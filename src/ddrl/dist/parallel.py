@@ -10,7 +10,7 @@
   copy is sharded the same way; under LoRA the reference is the adapter-disabled base itself.
 
 Both reduce gradients by SUM, not the usual mean: each rank's loss is already its share of
-the whole iteration's mean (``ddrl.training.loop.optimizer_step``), so the sum is the one-process
+the whole iteration's mean (``ddrl.training.step.optimizer_step``), so the sum is the one-process
 gradient. Gradients are synchronised once per optimizer step: every backward but the step's
 last runs under ``no_sync`` (DDP) / ``set_requires_gradient_sync(False)`` (FSDP2).
 """

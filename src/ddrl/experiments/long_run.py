@@ -1,6 +1,6 @@
 """`ddrl long`: the paper's long-training claim in miniature.
 
-DDRL's argument (DESIGN.md §1-2) is about long training: a reverse KL to a reference model is
+DDRL's argument (the paper) is about long training: a reverse KL to a reference model is
 evaluated on the policy's own samples, where the reference is itself unreliable off the data
 manifold, so it only slows the drift; the forward KL to data holds an equilibrium. At 30
 iterations a tuned reverse KL matches DDRL on digits; this runs both at matched settings for

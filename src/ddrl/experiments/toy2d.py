@@ -15,12 +15,11 @@ from typing import Any
 import torch
 
 from ddrl.config import build_config
-from ddrl.dist.checkpoint import latest_checkpoint, load_checkpoint, load_into
+from ddrl.dist.checkpoint import latest_checkpoint, load_trained
 from ddrl.experiments.report import arm_slug
 from ddrl.experiments.toy2d_tilt import plot_toy2d_arms, predicted_mode_weights, tilt_table
 from ddrl.sampling import sample_ode
 from ddrl.training.components import build_components
-from ddrl.training.ema import trainable
 from ddrl.training.loop import train
 from ddrl.training.runlog import prepare_run_dir
 
@@ -40,11 +39,9 @@ TILT_SAMPLES = 4000
 
 def _samples(cfg, out: Path | None, seed: int = 7) -> torch.Tensor:
     """ODE samples [TILT_SAMPLES, 2] of the run's final weights (the base if ``out`` is None)."""
-    c = build_components(cfg, log=lambda *a: None)
+    c = build_components(cfg, log=lambda *a: None, training=False)
     if out is not None:
-        _, parts = load_checkpoint(latest_checkpoint(out))
-        den = c.gen.denoiser.requires_grad_(True)
-        load_into(trainable(den), parts["model"], f"checkpoint of {out}")
+        load_trained(c.gen.denoiser.requires_grad_(True), latest_checkpoint(out))
     g = torch.Generator().manual_seed(seed)
     return sample_ode(c.gen, [""] * TILT_SAMPLES, cfg.sampler, g)
 

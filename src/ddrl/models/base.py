@@ -17,6 +17,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from ddrl.flow import scheduler_grid
+
 
 @dataclass
 class Cond:
@@ -102,9 +104,7 @@ class EulerSchedulerGrid:
     (digits, toy2d), which have no scheduler of their own."""
 
     def timestep_grid(self, num_steps: int, shift: float = 0.0) -> Tensor:
-        from ddrl.flow import scheduler_grid
-
-        return scheduler_grid(num_steps, shift or 1.0)
+        return scheduler_grid(num_steps, shift)
 
 
 class IdentityCodec:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ddrl.errors import DDRLError
+from ddrl.flow import scheduler_grid
 from ddrl.models.base import Cond
 from ddrl.models.config import ModelConfig
 from ddrl.models.hf import DiffusersGenerator, dynamic_mu
@@ -130,14 +131,9 @@ class FluxGenerator(DiffusersGenerator):
     def timestep_grid(self, num_steps: int, shift: float = 0.0) -> Tensor:
         """FluxPipeline's sigmas [N + 1]: shift(linspace(1, 1/N, N)) then 0, with mu from the
         image token count (dynamic shifting, FLUX.1-dev); ``shift`` > 0: a static shift."""
-        from ddrl.flow import scheduler_grid
-
-        sc, sched = self.scheduler.config, self.scheduler
-        if shift > 0:
-            sched = type(sched).from_config(sc, shift=shift, use_dynamic_shifting=False)
         seq = (self.sample_shape[1] // 2) * (self.sample_shape[2] // 2)
-        mu = dynamic_mu(sc, seq, max_shift=1.15)  # FluxPipeline's default
-        return scheduler_grid(num_steps, mu=mu, scheduler=sched)
+        mu = dynamic_mu(self.scheduler.config, seq, max_shift=1.15)  # FluxPipeline's default
+        return scheduler_grid(num_steps, shift, mu=mu, scheduler=self.scheduler)
 
     @classmethod
     def build_tiny(cls, path: Path) -> None:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ddrl.errors import DDRLError, first_line
+from ddrl.flow import scheduler_grid
 from ddrl.io import atomic_dir
 from ddrl.models.config import LoraConfig, ModelConfig
 from ddrl.models.hf_parts import TORCH_DTYPES
@@ -224,9 +225,7 @@ class DiffusersGenerator(nn.Module):
     def timestep_grid(self, num_steps: int, shift: float = 0.0) -> Tensor:
         """The model's own scheduler's sigmas [N + 1] from 1 to 0 (``shift`` > 0 overrides the
         scheduler's shift)."""
-        from ddrl.flow import scheduler_sigmas
-
-        return scheduler_sigmas(self.scheduler, num_steps, shift)
+        return scheduler_grid(num_steps, shift, scheduler=self.scheduler)
 
     def lora_state(self) -> dict[str, Tensor]:
         """The adapter weights in the diffusers/peft key format ``load_lora_weights`` reads."""

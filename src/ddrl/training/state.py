@@ -27,12 +27,13 @@ from ddrl.dist.checkpoint import (
     remove_orphans,
     restore_into,
     save_checkpoint,
+    trainable,
     verify,
 )
 from ddrl.dist.group import barrier, is_main, world_size
 from ddrl.errors import DDRLError
 from ddrl.io import fingerprint
-from ddrl.training.ema import EMA, trainable
+from ddrl.training.ema import EMA
 
 
 def rng_state() -> dict[str, torch.Tensor]:
