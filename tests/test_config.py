@@ -134,7 +134,7 @@ BAD_OVERRIDES = [
     (["sampler.shared_noise=maybe"], ["'maybe'", "allowed: true, false"]),
     (["optim.betas=0.8"], ["optim.betas", "'0.8'", "2"]),
     (["train.group_size=1"], ["train.group_size=1", "allowed", "[2, inf]"]),
-    (["optim.lr=-1"], ["optim.lr=-1.0", "allowed", "[0.0, 1.0]"]),
+    (["optim.lr=-1"], ["optim.lr=-1.0", "allowed", "(0, 1]"]),
     (["sampler.sde.kind=bogus"], ["'bogus'", "allowed", "dance", "flow"]),
     (["sampler.sde.noise_level=0"], ["sampler.sde.noise_level=0.0", "allowed"]),
     (["sampler.grid=cosine"], ["'cosine'", "allowed", "linear", "scheduler"]),

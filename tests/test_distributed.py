@@ -202,7 +202,16 @@ def one_and_two(tmp_path_factory):
     two = root / "two"
     done = _torchrun("train", "--out", str(two), *overrides, "parallel.strategy=ddp")
     assert done.stdout.count("trained ") == 1  # rank 0 alone reports
+    assert done.stderr.count("ddrl train: done in") == 1, done.stderr[-2000:]
     return overrides, one, two
+
+
+def test_under_torchrun_one_rank_speaks_for_an_error(tmp_path):
+    """A config error under torchrun: one `ddrl: error:` line (rank 0's), not one per rank."""
+    done = _torchrun("train", "--out", str(tmp_path / "r"), "train.iterations=ten", ok=False)
+    assert done.returncode != 0
+    assert done.stderr.count("ddrl: error: train.iterations='ten' is not an int") == 1, done.stderr
+    assert not (tmp_path / "r").exists()
 
 
 def test_two_ddp_processes_take_the_single_process_steps(one_and_two):

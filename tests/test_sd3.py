@@ -191,3 +191,25 @@ def test_bad_inputs(folder, tmp_path):
     shutil.copytree(folder, half)
     shutil.rmtree(half / "transformer")
     one_line_error(lambda: load(half), match="cannot load")
+
+
+def test_a_long_prompt_says_once_that_it_was_truncated(folder, capfd):
+    """A 10,000-character prompt: one short line (not three ~10k-character warnings from the
+    pipeline's CLIP-L, CLIP-G and T5 tokenizers), and the embedding is still made."""
+    g = load(folder)
+    capfd.readouterr()
+    cond = g.conditioner.encode(["a cat " * 1700])
+    err = capfd.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ddrl: prompt(s) among"), err[:500]
+    assert "truncated" in lines[0] and len(lines[0]) < 500
+    assert cond.batched["prompt_embeds"].shape[0] == 1
+
+
+def test_loading_a_pipeline_prints_no_torchvision_notice():
+    import subprocess
+    import sys
+
+    code = "from ddrl.models import resolve\nfor n in ('sd3', 'flux', 'wan', 'cosmos'): resolve(n)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "torchvision" not in done.stderr, done.stderr[-2000:]

@@ -30,11 +30,15 @@ def atomic_dir(path: Path, race_ok: bool = True):
     """Yields a fresh temporary sibling folder; when the block finishes it is renamed to
     ``path``, so a crash never leaves half a folder there. If ``path`` appeared meanwhile
     (another process built the same thing) the temporary folder is dropped (``race_ok``) or
-    that is a one-line error."""
+    that is a one-line error. A block that raises leaves nothing behind."""
     path = Path(path)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    yield tmp
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         tmp.rename(path)

@@ -51,6 +51,8 @@ def cmd_score(args) -> None:
 
 
 def cmd_reward_server(args) -> None:
+    if not 0 <= args.port <= 65535:  # before the reward is built; socket would overflow
+        raise DDRLError(f"--port {args.port} is out of range; allowed: 0..65535 (0 = a free one)")
     _, _, reward = _reward_from_args(args)
     serve(
         reward,

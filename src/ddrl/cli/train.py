@@ -5,16 +5,17 @@ folder are checked before torch and the model code are imported (``_train``)."""
 from __future__ import annotations
 
 import contextlib
+import copy
+import shutil
 import signal
-import sys
 import threading
 from pathlib import Path
 
-from ddrl.cli.args import resolve_args
-from ddrl.config import load_config, to_dict
-from ddrl.config.resolve import flatten
+from ddrl.cli.args import resolve_args, say
+from ddrl.config import load_config, set_key, to_dict
+from ddrl.config.resolve import flatten, parse_overrides, read_file
 from ddrl.errors import DDRLError
-from ddrl.training.runlog import prepare_run_dir, read_jsonl
+from ddrl.training.runlog import LOCK_FILE, RunLock, has_records, prepare_run_dir, read_jsonl
 
 
 @contextlib.contextmanager
@@ -76,9 +77,11 @@ def _train_config(args, out: Path):
             raise DDRLError(
                 "--resume continues the run in --out and --overwrite moves it aside; pick one"
             )
-        empty = not out.exists() or (out.is_dir() and not any(out.iterdir()))
+        empty = not out.exists() or (
+            out.is_dir() and not [p for p in out.iterdir() if p.name != LOCK_FILE]
+        )
         if args.resume == "auto" and empty:
-            print(f"ddrl: no run in {out} yet; starting it", file=sys.stderr)
+            say(f"ddrl: no run in {out} yet; starting it")
             args.resume = None
         else:
             prepare_run_dir(out, resume=True, overwrite=False)  # only checks the folder
@@ -88,54 +91,84 @@ def _train_config(args, out: Path):
     return cfg
 
 
-MAY_CHANGE = ("train.iterations", "parallel.")  # the run's length, and its layout over ranks
+# The run's length, its layout over ranks, and what only changes what is shown.
+MAY_CHANGE = ("train.iterations", "parallel.", "train.progress", "train.tensorboard")
 
 
 def _resume_config(args, out: Path):
-    """The run's own config.json; only train.iterations and parallel.* (how the same run is
-    laid out over ranks) may change. A --config, --preset or other override must resolve to
-    what the run was started with (a restart script repeats the first command), else a
-    one-line error naming the first difference."""
-    changes = [o for o in args.overrides if o.split("=", 1)[0].strip().startswith(MAY_CHANGE)]
-    others = [o for o in args.overrides if o not in changes]
+    """The run's own config.json is the base; only train.iterations, parallel.* and the display
+    keys (train.progress, train.tensorboard) may change. Every other key the user typed (an
+    override, a key of a --config file, --preset) must agree with the run (a restart script
+    repeats the first command), else a one-line error naming that key."""
+    typed: dict = {}
+    for f in args.config:
+        typed.update(flatten(read_file(f)))
+    if args.preset:
+        typed["preset"] = args.preset
+    typed.update(parse_overrides(list(args.overrides)))
+    changes = [f"{k}={v}" for k, v in typed.items() if k.startswith(MAY_CHANGE)]
     saved = load_config(out / "config.json", changes, MAY_CHANGE, "--resume")
-    if args.config or args.preset or others:
-        given = flatten(to_dict(resolve_args(args)))
-        had = flatten(to_dict(saved))
-        diff = [k for k in sorted(given) if not k.startswith(MAY_CHANGE) and given[k] != had.get(k)]
-        if diff:
-            k = diff[0]
+    had = flatten(to_dict(saved))
+    for key, raw in typed.items():
+        if key.startswith(MAY_CHANGE):
+            continue
+        probe = copy.deepcopy(saved)
+        set_key(probe, key, raw)
+        given = flatten(to_dict(probe))
+        if given != had:
+            k = next((k for k in (key, *sorted(given)) if given.get(k) != had.get(k)), key)
             raise DDRLError(
-                f"--resume may only change train.iterations and parallel.*; {out} has "
-                f"{k}={had.get(k)!r}, the command line gives {k}={given[k]!r}"
+                f"--resume may only change {', '.join(MAY_CHANGE).replace('.,', '.*,')}; {out} "
+                f"has {k}={had.get(k)!r}, the command line gives {k}={given.get(k)!r}"
             )
     return saved
 
 
 def _train(cfg, args, out: Path) -> None:
-    """Every rank: build the components (rank 0 first: it may fill the cache), create the run
-    folder (rank 0; only once they are built), train, print the summary (rank 0)."""
+    """Every rank: check the layout, take the run's lock (resuming: at once), build the
+    components (rank 0 first: it may fill the cache), create the run folder (rank 0, once they
+    are built) and take its lock, train, print the summary (rank 0). A run folder this command
+    created is removed again when the run fails before it records anything."""
     # Imported here: every check above answers before torch and the families load.
     from ddrl.dist.checkpoint import find_checkpoint
-    from ddrl.dist.group import barrier, batch_slice, is_main, main_first, process_group
+    from ddrl.dist.group import barrier, batch_slice, is_main, main_first, on_main, process_group
+    from ddrl.dist.parallel import resolve_strategy
     from ddrl.training.components import build_components, device_of
     from ddrl.training.loop import train
 
     with process_group(device_of(cfg)):  # device_of: e.g. no CUDA, before an old run moves
+        resolve_strategy(cfg.parallel, device_of(cfg))  # e.g. fsdp outside torchrun
         batch_slice(cfg.train.prompts_per_iter * cfg.train.group_size)  # splits over the ranks?
-        # Base, data and reward (a plugin's kind of output) are built, or fail, before the run
-        # folder is created or an old one is moved aside.
-        with main_first():
-            c = build_components(cfg)
-        if not args.resume and is_main():
-            prepare_run_dir(out, resume=False, overwrite=args.overwrite)
-        barrier()
-        resume = False
-        if args.resume:
-            resume = (
-                True if args.resume == "auto" else find_checkpoint(out, args.resume, "--resume")
+        lock = on_main(RunLock(out).acquire) if args.resume else None  # one writer, at once
+        try:
+            # Base, data and reward (a plugin's kind of output, a reward service's health) are
+            # built, or fail, before the run folder is created or an old one is moved aside.
+            with main_first():
+                c = build_components(cfg)
+            if not args.resume:
+                lock = on_main(lambda: _create(out, args.overwrite))
+            barrier()
+            resume = args.resume == "auto" or (
+                bool(args.resume) and find_checkpoint(out, args.resume, "--resume")
             )
-        with sigterm_requested() as stop:
-            row = train(cfg, out, resume=resume, stop=stop, components=c)
+            try:
+                with sigterm_requested() as stop:
+                    row = train(cfg, out, resume=resume, stop=stop, components=c)
+            except DDRLError:
+                if not args.resume and is_main() and not has_records(out):
+                    shutil.rmtree(out, ignore_errors=True)  # ours, and nothing recorded in it
+                raise
+        finally:
+            if lock is not None:
+                lock.release()
         if is_main() and (row or not args.resume):  # a resume with nothing to do has said so
             print(train_summary(out, row))
+
+
+def _create(out: Path, overwrite: bool) -> RunLock:
+    """Create the run folder (moving an old one aside with ``overwrite``) and lock it; a
+    launch that lost the race to another is refused naming the holder."""
+    if (out / LOCK_FILE).is_file():
+        RunLock(out).acquire().release()  # held: refused, naming the holder
+    prepare_run_dir(out, resume=False, overwrite=overwrite)
+    return RunLock(out).acquire()

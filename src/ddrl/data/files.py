@@ -181,10 +181,13 @@ def frame_files(folder: Path) -> list[Path]:
 
 
 def _caption_file(path: Path) -> str:
+    """The caption in a ``.txt`` beside a file: non-empty text (an empty one is refused, as an
+    empty caption in a table is)."""
     try:
-        return path.read_text(encoding="utf-8").strip()
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise DDRLError(f"cannot read caption {path}: {first_line(e)}") from None
+    return _text(text, str(path), "caption")
 
 
 def _list_folder(root: Path) -> list[Item]:

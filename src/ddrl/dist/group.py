@@ -19,7 +19,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -27,6 +28,8 @@ import torch.distributed as dist
 from ddrl.config.core import AdvantageConfig
 from ddrl.advantages import combine_advantages
 from ddrl.errors import DDRLError
+
+T = TypeVar("T")
 
 
 def group_up() -> bool:
@@ -74,6 +77,21 @@ def process_group(device: str) -> Iterator[None]:
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
+
+
+def on_main(fn: Callable[[], T]) -> T | None:
+    """Run ``fn`` on rank 0 only (a collective): a DDRLError there is raised on every rank, so
+    no rank waits for a partner that has stopped. Returns ``fn``'s result on rank 0."""
+    result, err = None, None
+    if is_main():
+        try:
+            result = fn()
+        except DDRLError as e:
+            err = str(e)
+    err = gather_objects(err)[0]
+    if err:
+        raise DDRLError(err)
+    return result
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -31,6 +32,17 @@ from ddrl.models.hf_parts import TORCH_DTYPES
 DEFAULTS_FILE = "ddrl_defaults.json"  # optional {"height", "width", "frames"} in a pipeline
 # folder: replaces the family's native size (the tiny video pipelines are 16×16 × 5 frames)
 TINY_VERSION = 1  # bump when a tiny builder changes: the cache folder name includes it
+
+
+def _not_the_torchvision_fallback(record: logging.LogRecord) -> bool:
+    return "requires torchvision (not installed); falling back" not in record.getMessage()
+
+
+# diffusers' pipeline modules import CLIP / SigLIP image processors (for IP-adapters, which ddrl
+# never uses); without torchvision transformers falls back to their PIL versions and says so on
+# every command. A CPU torchvision is not on the package index here (PyPI's build needs CUDA
+# torch: docs/DECISIONS.md), so that one notice is dropped; the fallback itself is unchanged.
+logging.getLogger("transformers.utils.import_utils").addFilter(_not_the_torchvision_fallback)
 
 
 @contextlib.contextmanager

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import sys
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +47,41 @@ class HFDenoiser(nn.Module):
         return v.float()
 
 
+class _Truncations(logging.Filter):
+    """Holds back diffusers' "part of your input was truncated" lines (each repeats the cut
+    text: ~10k characters for a long prompt) and keeps their reasons, to say once, briefly."""
+
+    def __init__(self):
+        super().__init__()
+        self.reasons: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if "was truncated because" not in msg:
+            return True
+        self.reasons.add(msg.split("because", 1)[1].split(":", 1)[0].strip())
+        return False
+
+
+@contextlib.contextmanager
+def one_line_truncation_notice(what: str):
+    """While inside, diffusers' truncation warnings are replaced by one short stderr line
+    naming ``what`` was truncated and why (the text encoders' token limits)."""
+    handlers = logging.getLogger("diffusers").handlers
+    notice = _Truncations()
+    for h in handlers:
+        h.addFilter(notice)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            h.removeFilter(notice)
+        if notice.reasons:
+            why = "; ".join(sorted(notice.reasons))[:300]
+            print(f"ddrl: {what} longer than the text encoders take were truncated ({why})",
+                  file=sys.stderr)  # fmt: skip
+
+
 class TextConditioner(nn.Module):
     """Prompt embeddings computed once per distinct prompt and kept (CPU, ``model.dtype``);
     after ``prepare`` has seen every prompt a run uses, the text encoders can be released."""
@@ -76,7 +113,8 @@ class TextConditioner(nn.Module):
             )
         for s in range(0, len(new), batch):
             chunk = new[s : s + batch]
-            c = self.encode_batch(chunk)
+            with one_line_truncation_notice(f"prompt(s) among {chunk[0][:40]!r}…"):
+                c = self.encode_batch(chunk)
             self.shared = {k: v.cpu() for k, v in c.shared.items()}
             for i, p in enumerate(chunk):
                 self.rows[p] = {k: v[i : i + 1].cpu() for k, v in c.batched.items()}

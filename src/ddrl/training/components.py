@@ -198,4 +198,7 @@ def build_components(cfg: RunConfig, log=print, training: bool = True) -> Compon
                 "clipscore, pickscore, hpsv2 (CLIP image towers)"
             )
         embed = model.features
+    for r in [*reward.rewards, *(ood.rewards if ood else [])]:  # a reward service: is it up?
+        if callable(getattr(r, "health", None)):
+            r.health()
     return Components(gen, base_path, data, pool, reward, build_gold(cfg.gold), ood, heldout, embed)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ddrl.errors import check_literals, check_range
+from ddrl.errors import DDRLError, check_literals, check_range
 
 
 @dataclass
@@ -36,7 +36,8 @@ class OptimConfig:
     )
 
     def check(self) -> None:
-        check_range("optim.lr", self.lr, 0.0, 1.0)
+        if not 0.0 < self.lr <= 1.0:  # also 1e-400, which parses as 0.0
+            raise DDRLError(f"optim.lr={self.lr!r} is out of range; allowed: (0, 1], finite")
         check_range("optim.weight_decay", self.weight_decay, 0.0)
         check_range("optim.grad_clip", self.grad_clip, 0.0)
         check_range("optim.warmup", self.warmup, 0)

@@ -1,10 +1,14 @@
-"""Run folders and per-iteration logging: metrics.jsonl, eval.jsonl, optional tensorboard."""
+"""Run folders (created, moved aside, locked to one writer) and per-iteration logging:
+metrics.jsonl, eval.jsonl, optional tensorboard."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
+import os
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +44,58 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, check_only: bo
     if not check_only:
         run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+LOCK_FILE = ".lock"  # in the run folder; held by the one process that writes the run
+
+
+class RunLock:
+    """One writer per run folder: an exclusive ``flock`` on ``<run>/.lock``, held until
+    ``release`` or the end of the process. The OS drops it when the holder dies (kill -9
+    included), so a killed run never blocks its restart; the file names the holder (host, PID,
+    since when) for the one-line refusal a second launch gets."""
+
+    def __init__(self, run_dir: Path):
+        self.path, self.fd = Path(run_dir) / LOCK_FILE, None
+
+    def acquire(self) -> RunLock:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "another process"
+                os.close(fd)
+                raise DDRLError(
+                    f"run folder {self.path.parent} is in use by {holder}; one process writes "
+                    "a run (wait for it to finish, or stop it first)"
+                ) from None
+            try:  # a holder releasing meanwhile unlinks the file: lock the one at the path
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        since = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{socket.gethostname()} PID {os.getpid()} since {since}".encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        """Remove the file and drop the lock (a refused or finished command leaves nothing)."""
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self.fd)  # closing the descriptor drops the lock
+            self.fd = None
+
+
+def has_records(run_dir: Path) -> bool:
+    """Whether a run folder holds anything a run produced: a checkpoint, a final model or a
+    logged row (a folder with only config.json and empty logs holds nothing to lose)."""
+    run_dir = Path(run_dir)
+    logged = any(read_jsonl(run_dir / n) for n in ("metrics.jsonl", "eval.jsonl"))
+    return logged or (run_dir / "checkpoints").exists() or (run_dir / "final").exists()
 
 
 class RunLogger:
