@@ -60,6 +60,7 @@ def rollout(
     cfg: SamplerConfig,
     generator: torch.Generator,
     device: str | torch.device = "cpu",
+    *,
     encode: CondCache | None = None,
     rows: slice | None = None,
     on_chunk: Callable[[slice, Tensor], None] | None = None,

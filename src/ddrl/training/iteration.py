@@ -112,7 +112,9 @@ def collect(
             else None
         )
         gen.denoiser.eval()
-        ro = rollout(gen, prompts, G, cfg.sampler, g_noise, device, encode, rows, scorer)
+        ro = rollout(
+            gen, prompts, G, cfg.sampler, g_noise, device, encode=encode, rows=rows, on_chunk=scorer
+        )
         gen.denoiser.train()
     if scorer is None:
         with phase("decode"):
