@@ -325,3 +325,26 @@ def test_report_of_real_model_runs(tmp_path, capsys):
     assert metrics["base"]["iteration"] == 0 and len(metrics["arms"][0]["curve"]) == 3
     assert main(["report", str(held), "--out", str(tmp_path / "x")]) == 2
     assert "not an evaluated run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset", [*TINY, "digits", "toy2d"])
+def test_each_family_names_its_shard_units(preset):
+    """The blocks a family names for FSDP2 are every block of its transformer (what the generic
+    "*blocks" rule finds for a plugin), each a distinct module; toy2d's MLP is one root unit."""
+    from torch import nn
+
+    from ddrl.dist import parallel
+    from ddrl.training.components import load_base
+
+    cfg = build_config(overrides=[f"preset={preset}", "pretrain.steps=1"])
+    den = load_base(cfg, log=lambda *a: None)[0].denoiser
+    named = den.shard_units()
+    generic = [
+        b
+        for name, m in den.named_modules()
+        if isinstance(m, nn.ModuleList) and name.rsplit(".", 1)[-1].endswith("blocks")
+        for b in m
+    ]
+    assert [id(m) for m in named] == [id(m) for m in generic]
+    assert len({id(m) for m in named}) == len(named) and (named or preset == "toy2d")
+    assert parallel.shard_units(den) == named

@@ -47,8 +47,11 @@ def resolve_strategy(cfg: ParallelConfig, device: torch.device | str) -> str:
 
 
 def shard_units(module: nn.Module) -> list[nn.Module]:
-    """The transformer blocks: every child of a ModuleList whose name ends with "blocks"
-    (SD3/Cosmos ``transformer_blocks``, FLUX also ``single_transformer_blocks``, Wan ``blocks``)."""
+    """The blocks FSDP2 shards one by one: those the denoiser names (``shard_units()``, each
+    family's own), else every child of a ModuleList whose name ends with "blocks" (a plugin)."""
+    named = getattr(module, "shard_units", None)
+    if callable(named):
+        return list(named())
     units = []
     for name, m in module.named_modules():
         if isinstance(m, nn.ModuleList) and name.rsplit(".", 1)[-1].endswith("blocks"):

@@ -52,6 +52,9 @@ class Denoiser(Protocol):
 
     def velocity(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor: ...
 
+    # Optional: ``shard_units() -> list[nn.Module]``, the blocks FSDP2 shards one by one (each
+    # family names its own; ``ddrl.dist.parallel`` falls back to every "*blocks" ModuleList).
+
 
 class Conditioner(Protocol):
     """Frozen prompt encoder."""

@@ -120,6 +120,8 @@ class CosmosDenoiser(HFDenoiser):
     """v_θ(x_t, t, c) from CosmosTransformer3DModel; x_t [B, C, T, h, w], t [B] = σ,
     c.batched: "prompt_embeds" [B, L, D] and optionally "given" / "given_mask"."""
 
+    BLOCKS = ("transformer_blocks",)
+
     def forward_velocity(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         b, _, f, h, w = x_t.shape
         sigma = t.float().view(b, 1, 1, 1, 1).expand(b, 1, f, 1, 1)

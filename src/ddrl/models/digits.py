@@ -43,6 +43,10 @@ class DigitsDenoiser(nn.Module):
         super().__init__()
         self.transformer = transformer
 
+    def shard_units(self) -> list[nn.Module]:
+        """The SD3 joint blocks, each its own FSDP2 unit."""
+        return list(self.transformer.transformer_blocks)
+
     def velocity(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         out = self.transformer(
             hidden_states=x_t,

@@ -54,6 +54,8 @@ class FluxDenoiser(HFDenoiser):
     """FLUX's transformer on unpacked latents: x_t [B, C, h, w], t [B] ∈ [0, 1],
     Cond(prompt_embeds [B, L, D], pooled [B, P]; shared txt_ids [L, 3]) → v [B, C, h, w]."""
 
+    BLOCKS = ("transformer_blocks", "single_transformer_blocks")  # double-, single-stream
+
     def __init__(self, transformer, autocast: str, guidance: float | None):
         super().__init__(transformer, autocast)
         self.guidance = guidance

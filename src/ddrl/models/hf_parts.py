@@ -23,10 +23,16 @@ class HFDenoiser(nn.Module):
     Inputs are cast to the transformer's dtype, the forward runs under the configured autocast,
     and the velocity comes back float32 so that log-probs and losses are computed in float32."""
 
+    BLOCKS: tuple[str, ...] = ()  # the transformer's ModuleLists of blocks (FSDP2 units)
+
     def __init__(self, transformer: nn.Module, autocast: str = "none"):
         super().__init__()
         self.transformer = transformer
         self.autocast = autocast
+
+    def shard_units(self) -> list[nn.Module]:
+        """The blocks FSDP2 shards one by one: every block of the family's ``BLOCKS`` lists."""
+        return [b for name in self.BLOCKS for b in getattr(self.transformer, name)]
 
     @property
     def dtype(self) -> torch.dtype:

@@ -27,6 +27,8 @@ class SD3Denoiser(HFDenoiser):
     """SD3's MMDiT: x_t [B, C, h, w], t [B] ∈ [0, 1], Cond(prompt_embeds [B, L, D],
     pooled [B, P]) → v [B, C, h, w]."""
 
+    BLOCKS = ("transformer_blocks",)  # MMDiT joint blocks
+
     def forward_velocity(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         c = cond.batched
         return self.transformer(

@@ -30,6 +30,10 @@ class Toy2DDenoiser(nn.Module):
             nn.Linear(hidden, 2),
         )
 
+    def shard_units(self) -> list[nn.Module]:
+        """None: the small MLP is one FSDP2 unit (the root)."""
+        return []
+
     def velocity(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         freqs = torch.arange(1, 5, device=x_t.device, dtype=x_t.dtype) * torch.pi
         tt = t.expand(x_t.shape[0])[:, None] * freqs

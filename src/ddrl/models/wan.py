@@ -96,6 +96,8 @@ class WanDenoiser(HFDenoiser):
     """v_θ(x_t, t, c) = WanTransformer3DModel(x_t, t·1000, prompt_embeds);
     x_t [B, C, T, h, w], t [B], c.batched["prompt_embeds"] [B, L, D]."""
 
+    BLOCKS = ("blocks",)
+
     def __init__(self, transformer, autocast: str = "none", expand_timesteps: bool = False):
         super().__init__(transformer, autocast)
         self.expand_timesteps = expand_timesteps
