@@ -1,5 +1,5 @@
-"""The `ddrl` command: pretrain, synth, train, eval, export, score, reward-server, report, demo,
-compare, long, bench, config, presets.
+"""The `ddrl` command: pretrain, synth, train, eval, export, sample, score, reward-server, report,
+demo, compare, long, bench, config, presets.
 
 Every subcommand takes config files (``--config``) and ``key=value`` overrides; user errors
 print one line (``ddrl: error: ...``) and exit with status 2. On SIGTERM, ``train`` finishes and
@@ -17,6 +17,7 @@ import sys
 import time
 from importlib import import_module
 
+from ddrl.cli.args import say
 from ddrl.config import PRESET_NAMES
 from ddrl.errors import DDRLError, Terminated
 from ddrl.losses import LOSSES
@@ -94,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="new output folder")
     s.add_argument("--merge", action="store_true", help="a whole pipeline with LoRA fused in")
     s.add_argument("--step", type=int, default=None, help="checkpoint iteration")
+    s = add("sample", "sample", "render N samples per prompt from a run or a model folder", False)
+    s.add_argument("run", help="run folder (RUN/final, or --step) or a saved model folder")
+    s.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for more)")
+    s.add_argument("--n", type=int, default=1, help="samples per prompt")
+    s.add_argument("--seed", type=int, default=0, help="noise seed (the same seed, the same files)")
+    s.add_argument("--out", required=True, help="new (or empty) output folder")
+    s.add_argument("--step", type=int, default=None, help="checkpoint iteration")
     s = add("pretrain", "models", "train (or reuse) the preset's base model; prints its path")
     s = add("synth", "models", "generate the synthetic data set from the base (resumable)")
     s.add_argument(
@@ -162,7 +170,7 @@ def _set_threads(from_command_line: bool) -> None:
     if from_command_line:
         threads, why = default_threads()
         if threads != torch.get_num_threads():
-            print(f"ddrl: {threads} CPU thread(s) ({why})", file=sys.stderr)
+            say(f"ddrl: {threads} CPU thread(s) ({why})")
         torch.set_num_threads(threads)
     elif os.environ.get("DDRL_THREADS"):
         torch.set_num_threads(int(os.environ["DDRL_THREADS"]))
@@ -177,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     args.overrides = [*args.overrides, *extra]
-    commands_with_out = ("train", "demo", "compare", "long", "export", "report")
+    commands_with_out = ("train", "demo", "compare", "long", "export", "report", "sample")
     if args.command in commands_with_out and not args.out.strip():
         # Path("") is the current folder: --overwrite would move it aside.
         print(f"ddrl: error: --out {args.out!r} is empty; allowed: a folder path", file=sys.stderr)
@@ -189,21 +197,18 @@ def main(argv: list[str] | None = None) -> int:
         module, name = args.fn.split(":")
         getattr(import_module(module), name)(args)
     except DDRLError as e:
-        print(f"ddrl: error: {e}", file=sys.stderr)
+        say(f"ddrl: error: {e}")
         return 2
     except Terminated as e:
-        print(
-            f"ddrl: terminated (SIGTERM) after checkpoint {e.checkpoint}; continue with --resume",
-            file=sys.stderr,
-        )
+        say(f"ddrl: terminated (SIGTERM) after checkpoint {e.checkpoint}; continue with --resume")
         return 143  # 128 + SIGTERM, what a killed process reports
     except KeyboardInterrupt:
-        print(
+        say(
             "ddrl: interrupted; the last checkpoint is intact (resume with --resume)",
             file=sys.stderr,
         )
         return 130
-    print(f"ddrl {args.command}: done in {time.time() - t0:.0f}s", file=sys.stderr)
+    say(f"ddrl {args.command}: done in {time.time() - t0:.0f}s")
     return 0
 
 

@@ -1,29 +1,66 @@
-"""`ddrl export`: a run's trained weights as files the plain diffusers pipeline reads.
+"""`ddrl export`: a run's trained weights as files the plain diffusers pipeline reads, with a
+model card.
 
 Without ``--merge`` the trained part only (a LoRA adapter in the format diffusers'
 ``load_lora_weights`` reads, or the full transformer); with ``--merge`` a self-contained
 pipeline folder (every component of the base, the adapter fused in) that
-``Pipeline.from_pretrained(folder)`` loads like any other checkpoint.
+``Pipeline.from_pretrained(folder)`` loads like any other checkpoint. Either way the folder gets
+a ``README.md`` in the Hugging Face Hub's model-card format: what was trained (family, base,
+algorithm, rewards, iterations, LoRA or full, merged or not), the last logged metrics, and a
+usage snippet with the sizes the model was trained at (plain diffusers reads no
+``ddrl_defaults.json``: without them a pipeline renders at its full default size) and the
+packages its pipeline needs. Weights and card appear together or not at all.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from ddrl.cli.card import CARD, model_card
 from ddrl.config import load_config
-from ddrl.dist.checkpoint import find_checkpoint, load_trained
 from ddrl.errors import DDRLError
-from ddrl.models import load_generator
-from ddrl.models.base import Generator
-from ddrl.training.components import load_base
 
 
-def load_run_generator(run: Path, step: int | None = None) -> Generator:
-    """RUN/final, or the ``step`` checkpoint (its EMA weights when kept) on the run's base."""
+def saved_model_config(folder: Path):
+    """The ModelConfig a saved model folder loads with: None (its family's defaults), or for a
+    LoRA adapter one with its rank, alpha and target modules, read from the adapter's own
+    metadata (as diffusers' ``save_lora_weights`` wrote it)."""
+    from safetensors import safe_open
+
+    from ddrl.models.config import LoraConfig, ModelConfig
+
+    try:
+        meta = json.loads((folder / "generator.json").read_text())
+    except json.JSONDecodeError as e:
+        raise DDRLError(f"corrupt {folder / 'generator.json'}: {e}") from e
+    if meta.get("finetune") != "lora":
+        return None
+    path = folder / "pytorch_lora_weights.safetensors"
+    try:
+        with safe_open(path, "pt") as f:
+            lora = json.loads((f.metadata() or {})["lora_adapter_metadata"])
+        lora = LoraConfig(
+            rank=int(lora["transformer.r"]),
+            alpha=float(lora["transformer.lora_alpha"]),
+            target_modules=",".join(sorted(lora["transformer.target_modules"])),
+        )
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise DDRLError(f"cannot read the LoRA adapter's settings in {path}: {e}") from e
+    return ModelConfig(name=meta["type"], base=meta["base"], finetune="lora", lora=lora)
+
+
+def load_run_generator(run: Path, step: int | None = None):
+    """RUN/final, or the ``step`` checkpoint (its EMA weights when kept) on the run's base; or
+    a saved model folder (generator.json)."""
+    from ddrl.dist.checkpoint import find_checkpoint, load_trained
+    from ddrl.models import load_generator
+    from ddrl.training.components import load_base
+
     run = Path(run)
     if not (run / "config.json").is_file():
         if (run / "generator.json").is_file() and step is None:
-            return load_generator(run)
+            return load_generator(run, config=saved_model_config(run))
         raise DDRLError(f"{run} is not a run folder (no config.json) or a saved model folder")
     cfg = load_config(run / "config.json")
     if step is None and (run / "final" / "generator.json").is_file():
@@ -35,20 +72,32 @@ def load_run_generator(run: Path, step: int | None = None) -> Generator:
 
 
 def export(run: Path, out: Path, merge: bool, step: int | None = None) -> Path:
-    """Write the trained weights (``merge``: a whole merged pipeline) into ``out`` (new)."""
-    out = Path(out)
+    """Write the trained weights (``merge``: a whole merged pipeline) and the model card into
+    ``out`` (new), all at once."""
+    from ddrl.io import atomic_dir
+    from ddrl.models.hf import DEFAULTS_FILE
+
+    run, out = Path(run), Path(out)
     if out.exists():
         raise DDRLError(f"--out {out} exists; choose a new folder (nothing is overwritten)")
+    cfg = load_config(run / "config.json") if (run / "config.json").is_file() else None
     gen = load_run_generator(run, step)
-    if not merge:
-        gen.save_pretrained(out)
-        return out
-    if not hasattr(gen, "export"):
+    if merge and not hasattr(gen, "export"):
         raise DDRLError(
             f"--merge applies to the diffusers families; a {type(gen).__name__} is saved whole "
             "(export without --merge)"
         )
-    return gen.export(out)
+    card = model_card(gen, out, merge, run, cfg, step)
+    with atomic_dir(out, race_ok=False) as tmp:
+        if merge:
+            gen.export(tmp)
+            if gen.frames:  # the trained size travels with the folder (ddrl reads it back)
+                size = {"height": gen.height, "width": gen.width, "frames": gen.frames}
+                (tmp / DEFAULTS_FILE).write_text(json.dumps(size))
+        else:
+            gen.save_pretrained(tmp)
+        (tmp / CARD).write_text(card)
+    return out
 
 
 def cmd_export(args) -> None:

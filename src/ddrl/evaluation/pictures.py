@@ -1,11 +1,12 @@
-"""Pictures of samples, drawn with pillow (no plotting library in the core): image grids and
-the 2-D toy's scatter plot."""
+"""Pictures of samples, drawn with pillow (no plotting library in the core): image grids, the
+2-D toy's scatter plot, and single images and videos at their own size (``ddrl sample``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
@@ -95,3 +96,42 @@ def save_prompt_grid(raw: Tensor, n_prompts: int, path, title: str | None = None
     per = raw.shape[0] // n_prompts
     show = raw.view(n_prompts, per, *raw.shape[1:])[:, : min(per, 10)].transpose(0, 1)
     return save_image_grid(show.reshape(-1, *raw.shape[1:]), path, nrow=n_prompts, title=title)
+
+
+def to_uint8(x: Tensor) -> np.ndarray:
+    """Values in [-1, 1] (clamped) → uint8 [0, 255], channels last: [C, ...] → [..., C]."""
+    x = ((x.detach().cpu().float().clamp(-1, 1) + 1) / 2 * 255).round().to(dtype=torch.uint8)
+    return x.movedim(0, -1).numpy()
+
+
+def save_image(image: Tensor, path) -> Path:
+    """One image [1 or 3, H, W] in [-1, 1] as a PNG of exactly H × W pixels (grey or RGB)."""
+    if image.dim() != 3 or image.shape[0] not in (1, 3):
+        raise DDRLError(f"save_image expects a [1 or 3, H, W] image, got {tuple(image.shape)}")
+    pixels = to_uint8(image)
+    return _save(Image.fromarray(pixels[..., 0] if image.shape[0] == 1 else pixels), path)
+
+
+def save_video(video: Tensor, path, fps: int = 16) -> Path:
+    """One video [3, F, H, W] in [-1, 1] as ``path`` with suffix .mp4 (H.264 through imageio and
+    imageio-ffmpeg, the ``data`` extra) or, without them, an animated .gif (pillow). Returns the
+    path written."""
+    if video.dim() != 4 or video.shape[0] != 3:
+        raise DDRLError(f"save_video expects a [3, F, H, W] video, got {tuple(video.shape)}")
+    frames = to_uint8(video)  # [F, H, W, 3]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import imageio.v2 as imageio
+        import imageio_ffmpeg  # noqa: F401  (imageio's mp4 writer needs its ffmpeg binary)
+    except ImportError:
+        gif = [Image.fromarray(f) for f in frames]
+        out = path.with_suffix(".gif")
+        gif[0].save(out, save_all=True, append_images=gif[1:], duration=1000 // fps, loop=0)
+        return out
+    out = path.with_suffix(".mp4")
+    # macro_block_size=1: the exact size (never rescaled to multiples of 16)
+    imageio.mimwrite(
+        out, list(frames), format="FFMPEG", fps=fps, macro_block_size=1, ffmpeg_log_level="error"
+    )
+    return out

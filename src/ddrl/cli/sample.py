@@ -1,0 +1,131 @@
+"""`ddrl sample`: N samples per prompt from a run or a saved model, drawn as evaluation draws
+them (``ddrl.sampling.sample_ode``: the Euler ODE over ``sampler.eval_steps`` steps of the
+``eval.grid`` grid, ``sampler.shift``, ``sampler.cfg_scale`` guidance) and written whole or
+not at all: one PNG per image (its own size), one mp4 per video (an animated GIF without
+imageio-ffmpeg), one scatter picture per prompt for 2-D points.
+
+RUN is a run folder (``final/``, or ``--step N``'s checkpoint) sampled with its own config, or a
+model folder (``generator.json``, or a diffusers pipeline folder with ``model_index.json``)
+sampled with the default sampler settings (its family's preset for digits and toy2d). Only
+``sampler.eval_steps`` and ``sampler.cfg_scale`` may be overridden.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from ddrl.config import PRESET_NAMES, RunConfig, build_config, load_config
+from ddrl.config.resolve import parse_overrides
+from ddrl.errors import DDRLError, check_range
+from ddrl.models import family_of
+
+ALLOWED = ("sampler.eval_steps", "sampler.cfg_scale")
+FPS = 16  # frames per second of written videos (Wan's and Cosmos' own)
+
+
+def check_sample_args(
+    run: Path, prompts: list[str], n: int, seed: int, out: Path, step: int | None, overrides
+) -> None:
+    """The one-line refusals ``ddrl sample`` gives before any work."""
+    if not prompts:
+        raise DDRLError("no prompt given; allowed: --prompt TEXT, once per prompt")
+    check_range("--n", n, 1)
+    check_range("--seed", seed, 0, 2**63 - 1)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DDRLError(f"--out {out} is not an empty folder; allowed: a new or empty folder")
+    bad = [k for k in parse_overrides(list(overrides)) if k not in ALLOWED]
+    if bad:
+        raise DDRLError(f"ddrl sample may only change {', '.join(ALLOWED)}; got {bad}")
+    if (run / "config.json").is_file():
+        return
+    if not ((run / "generator.json").is_file() or (run / "model_index.json").is_file()):
+        raise DDRLError(
+            f"{run} is not a run folder (config.json) or a saved model folder (generator.json, "
+            "or a diffusers pipeline's model_index.json)"
+        )
+    if step is not None:
+        raise DDRLError(f"{run} is a model folder, not a run; --step does not apply")
+
+
+def sample_config(run: Path, overrides) -> RunConfig:
+    """A run's own config.json, or for a model folder the defaults (a built-in family's preset),
+    with ``sampler.eval_steps`` / ``sampler.cfg_scale`` overridden."""
+    if (run / "config.json").is_file():
+        return load_config(run / "config.json", list(overrides), ALLOWED, "ddrl sample")
+    family = family_of(run)  # a one-line error for a corrupt generator.json / model_index.json
+    own = [f"preset={family}"] if family in PRESET_NAMES else []
+    return build_config(overrides=[*own, *overrides])
+
+
+def load_for_sampling(run: Path, step: int | None):
+    """The generator of RUN: a run's final/ (or ``step``) weights, or a model folder."""
+    from ddrl.cli.export import load_run_generator
+    from ddrl.models import load_generator
+
+    if (run / "config.json").is_file() or (run / "generator.json").is_file():
+        return load_run_generator(run, step)
+    return load_generator(run)  # a diffusers pipeline folder (model_index.json)
+
+
+def sample(
+    run: Path,
+    prompts: list[str],
+    out: Path,
+    n: int = 1,
+    seed: int = 0,
+    step: int | None = None,
+    overrides=(),
+) -> list[Path]:
+    """Render ``n`` samples per prompt of RUN into the new folder ``out`` (see the module
+    docstring); returns the files written, prompt-major."""
+    run, out = Path(run), Path(out)
+    check_sample_args(run, prompts, n, seed, out, step, overrides)
+    cfg = sample_config(run, overrides)
+    # Imported once the arguments are checked: torch and the families.
+    import torch
+
+    from ddrl.dist.checkpoint import find_checkpoint
+    from ddrl.evaluation.pictures import save_image, save_scatter, save_video
+    from ddrl.io import atomic_dir
+    from ddrl.models.base import decode_images
+    from ddrl.sampling import sample_ode
+    from ddrl.training.components import device_of
+
+    if step is not None:  # a missing checkpoint is named before the model loads
+        find_checkpoint(run, step)
+    dev = device_of(cfg)
+    gen = load_for_sampling(run, step).to(dev)
+    gen.denoiser.eval()
+    every = [p for p in prompts for _ in range(n)]
+    sampler = dataclasses.replace(cfg.sampler, grid=cfg.eval.grid)  # as evaluation samples
+    with torch.no_grad():
+        z = sample_ode(gen, every, sampler, torch.Generator().manual_seed(seed), dev)
+        x = decode_images(gen.codec, z.to(dev)).cpu()
+    wp, ws = len(str(len(prompts) - 1)), len(str(n - 1))
+    names = []
+    with atomic_dir(out, race_ok=False) as tmp:
+        tmp.mkdir(parents=True)
+        for i in range(len(prompts)):
+            rows = x[i * n : (i + 1) * n]
+            if x.dim() == 2:  # 2-D points: one scatter picture of the prompt's n samples
+                names.append(save_scatter(rows, tmp / f"p{i:0{wp}d}.png").name)
+                continue
+            for j, s in enumerate(rows):
+                stem = tmp / f"p{i:0{wp}d}_s{j:0{ws}d}"
+                saved = save_video(s, stem, FPS) if s.dim() == 4 else save_image(s, f"{stem}.png")
+                names.append(saved.name)
+    return [out / name for name in names]
+
+
+def cmd_sample(args) -> None:
+    for path in sample(
+        Path(args.run),
+        list(args.prompt),
+        Path(args.out),
+        n=args.n,
+        seed=args.seed,
+        step=args.step,
+        overrides=args.overrides,
+    ):
+        print(path)
