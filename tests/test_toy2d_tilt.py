@@ -150,3 +150,19 @@ def test_plot_writes_png(tmp_path):
     )  # fmt: skip
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000
+
+
+@pytest.mark.parametrize("arms, grid", [(6, (2, 3)), (4, (2, 2)), (5, (2, 3)), (3, (1, 3))])
+def test_plot_is_a_grid_readable_at_page_width(tmp_path, arms, grid):
+    """Six arms used to be one 25-inch strip, unreadable at a page's width: now rows of at
+    most three panels, filled evenly, the panels unused by the arms hidden."""
+    from PIL import Image
+
+    samples = {f"arm {i}": sample_tilted(300, 1.0, seed=i) for i in range(arms)}
+    out = plot_toy2d_arms(samples, tmp_path / "g.png")
+    width, height = Image.open(out).size
+    rows, cols = grid
+    # A panel is about as tall as it is wide (its table under it adds a little).
+    assert 0.7 < (width / cols) / (height / rows) < 1.4, (width, height)
+    if arms == 6:
+        assert width / height < 2.5  # the strip was about 6 : 1

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from ddrl.data.toy2d import CENTRES
@@ -22,7 +22,8 @@ def _titled(img: Image.Image, title: str | None) -> Image.Image:
         return img
     out = Image.new("RGB", (img.width, img.height + TITLE_PX), "white")
     out.paste(img, (0, TITLE_PX))
-    ImageDraw.Draw(out).text((2, 1), title, fill="black")
+    # pillow's scalable default font: the bitmap one drops the space after an underscore
+    ImageDraw.Draw(out).text((2, 1), title, fill="black", font=ImageFont.load_default(size=11))
     return out
 
 

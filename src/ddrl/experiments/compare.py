@@ -14,11 +14,19 @@ from pathlib import Path
 from typing import Any
 
 from ddrl.config import build_config
+from ddrl.config.resolve import parse_overrides
 from ddrl.errors import DDRLError
 from ddrl.evaluation.evaluate import evaluate_components
 from ddrl.evaluation.pictures import save_prompt_grid
 from ddrl.experiments.report import arm_label, arm_slug, write_report
-from ddrl.experiments.toy2d import TOY_COMMON, TOY_QUICK, run_toy2d, toy2d_html
+from ddrl.experiments.toy2d import (
+    TOY_ARMS,
+    TOY_COMMON,
+    TOY_QUICK_ARMS,
+    run_toy2d,
+    toy2d_html,
+    toy_arm_overrides,
+)
 from ddrl.training.components import build_components, device_of
 from ddrl.training.loop import train
 from ddrl.training.runlog import prepare_run_dir, read_jsonl
@@ -51,23 +59,37 @@ QUICK_COMMON = {
 }
 
 
+# What `--quick` can and cannot show, said once at the top of its report.
+QUICK_BANNER = (
+    "QUICK MODE: the digits regimes are a smoke test (a 20-step base that the gold evaluator "
+    "cannot read, 2 iterations per arm), so no arm can hack or differ there and their bullets "
+    "and figures say nothing about the algorithms; the 2-D section runs at full size with "
+    "three arms and does show the mechanism (`ddrl compare` without --quick runs everything "
+    "at full size)."
+)
+QUICK_TOY_BANNER = "QUICK MODE: the 2-D picture at full size, with three of its five arms."
+# Keys a regime or its arms set themselves: a user's value would silently turn a regime into
+# another (reward.name on ink) or every arm into one algorithm, so it is refused.
+REGIME_KEYS = ("preset", "model.name", "data.name", "reward.name", "algorithm")
+
+
 def _ov(d: dict[str, Any]) -> list[str]:
     return [f"{k}={v}" for k, v in d.items()]
+
+
+def arm_overrides(
+    algorithm: str, setting: dict, common: dict, overrides: list[str] = ()
+) -> list[str]:
+    """An arm's whole override list: algorithm, ``common``, its setting, then ``overrides``."""
+    own = [f"algorithm={algorithm}", *_ov(common), *_ov(setting), "train.progress=false"]
+    return [*own, *overrides]
 
 
 def run_arm(
     algorithm: str, setting: dict, common: dict, out: Path, overrides: list[str] = (), log=print
 ) -> dict:
     """Train one arm into ``out`` and return its metrics.json entry (curve from eval.jsonl)."""
-    cfg = build_config(
-        overrides=[
-            f"algorithm={algorithm}",
-            *_ov(common),
-            *_ov(setting),
-            "train.progress=false",
-            *overrides,
-        ]
-    )
+    cfg = build_config(overrides=arm_overrides(algorithm, setting, common, overrides))
     t0 = time.time()
     train(cfg, prepare_run_dir(out, resume=False, overwrite=False), log=log)
     seconds = time.time() - t0
@@ -109,14 +131,22 @@ def run_compare(
 ) -> dict:
     """Run every arm for every reward regime (digits rewards, and "toy2d" for the 2-D tilt
     picture); write metrics.json, report.html and figures."""
-    check_overrides(overrides)
-    out = prepare_run_dir(out, resume=False, overwrite=overwrite)
     arms_spec, common = (QUICK_ARMS, QUICK_COMMON) if quick else (FULL_ARMS, FULL_COMMON)
+    toy_arms = TOY_QUICK_ARMS if quick else TOY_ARMS
+    digits = [r for r in rewards if r != "toy2d"]
+    plans = {
+        r: [arm_overrides(a, s, common, [f"reward.name={r}", *overrides]) for a, s in arms_spec]
+        for r in digits
+    }
+    if "toy2d" in rewards:
+        plans["toy2d"] = toy_arm_overrides(toy_arms, TOY_COMMON, overrides)
+    check_overrides(overrides, plans)
+    out = prepare_run_dir(out, resume=False, overwrite=overwrite)
     regimes, grids, toy = {}, {}, None
     if "toy2d" in rewards:
         log("[compare] toy2d: the reward-tilted mixture in two dimensions")
-        toy = run_toy2d(out / "toy2d", common=TOY_QUICK if quick else TOY_COMMON, log=log)
-    for reward in [r for r in rewards if r != "toy2d"]:
+        toy = run_toy2d(out / "toy2d", toy_arms, TOY_COMMON, list(overrides), log)
+    for reward in digits:
         rdir = out / reward
         rdir.mkdir()
         log(f"[compare] {reward}: evaluating the base model")
@@ -161,9 +191,6 @@ def run_compare(
         "that the proxy reward never saw; the held-out diffusion loss uses 297 held-out "
         "images that no model trained on."
     )
-    if quick:
-        notes = "QUICK MODE: a smoke test of the pipeline (tiny base, 2 iterations); its numbers "
-        notes += "mean nothing about the algorithms. " + notes
     write_report(
         {"regimes": regimes},
         out,
@@ -171,12 +198,36 @@ def run_compare(
         title="ddrl: reward hacking comparison",
         notes=notes,
         extra_html=toy2d_html(toy, out) if toy else "",
+        banner=(QUICK_BANNER if digits else QUICK_TOY_BANNER) if quick else "",
     )
     log(f"[compare] wrote {out / 'report.html'}")
     return metrics
 
 
-def check_overrides(overrides: list[str]) -> None:
-    """Resolve the user's overrides once and check the device, before any folder is moved
-    aside: a bad key or an absent GPU must not cost the user their old output."""
+def check_overrides(
+    overrides: list[str],
+    plans: dict[str, list[list[str]]] | None = None,
+    fixed: tuple[str, ...] = REGIME_KEYS,
+) -> None:
+    """Resolve the user's overrides and check the device before any folder is moved aside: a
+    bad key or an absent GPU must not cost the user their old output.
+
+    ``plans`` maps each regime to the whole override lists of its arms (the user's included,
+    as the runs will use them): every one is resolved, so a key that an arm of a regime cannot
+    take (``loss.data_beta`` on a Flow-GRPO arm) is a one-line error naming that regime before
+    anything runs, and a key in ``fixed`` (set by the regime or its arms) is refused.
+    """
+    given = parse_overrides(list(overrides))
+    for regime, arm_lists in (plans or {}).items():
+        key = next((k for k in given if k in fixed), None)
+        if key is not None:
+            raise DDRLError(
+                f"override {key}={given[key]} cannot apply to the {regime} regime: its runs set "
+                f"{key} themselves; allowed: keys other than {', '.join(fixed)}"
+            )
+        for ov in arm_lists:
+            try:
+                build_config(overrides=ov)
+            except DDRLError as e:
+                raise DDRLError(f"regime {regime}: {e}") from None
     device_of(build_config(overrides=list(overrides)))

@@ -11,7 +11,13 @@ import json
 import time
 from pathlib import Path
 
-from ddrl.experiments.compare import QUICK_COMMON, check_overrides, evaluate_base, run_arm
+from ddrl.experiments.compare import (
+    QUICK_COMMON,
+    arm_overrides,
+    check_overrides,
+    evaluate_base,
+    run_arm,
+)
 from ddrl.experiments.report import write_report
 from ddrl.training.runlog import prepare_run_dir
 
@@ -32,9 +38,10 @@ def run_demo(
 ) -> dict:
     """Writes ``out/summary.json``: {base|ddrl|flow_grpo|dance_grpo: {metric: value, seconds}}."""
     t_start = time.time()
-    check_overrides(overrides)
-    out = prepare_run_dir(out, resume=False, overwrite=overwrite)
     common = QUICK_COMMON if quick else DEMO_COMMON
+    ink = ["reward.name=ink", *overrides]
+    check_overrides(overrides, {"ink": [arm_overrides(a, s, common, ink) for a, s in DEMO_ARMS]})
+    out = prepare_run_dir(out, resume=False, overwrite=overwrite)
     t0 = time.time()
     base = evaluate_base(common, "ink", list(overrides), out, log)
     pre = json.loads((Path(base["base_path"]) / "pretrain.json").read_text())
@@ -48,9 +55,7 @@ def run_demo(
     arms, grids = [], {"base": out / "samples_base.png"}
     for algorithm, setting in DEMO_ARMS:
         log(f"[demo] training {algorithm}")
-        arm = run_arm(
-            algorithm, setting, common, out / algorithm, ["reward.name=ink", *overrides], log
-        )
+        arm = run_arm(algorithm, setting, common, out / algorithm, ink, log)
         arms.append(arm)
         summary[algorithm] = {
             **{k: arm["final"][k] for k in KEYS},

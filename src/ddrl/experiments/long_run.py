@@ -17,8 +17,14 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from ddrl.experiments.compare import check_overrides, evaluate_base, run_arm
-from ddrl.experiments.report import arm_slug, save_figure, write_report
+from ddrl.experiments.compare import (
+    REGIME_KEYS,
+    arm_overrides,
+    check_overrides,
+    evaluate_base,
+    run_arm,
+)
+from ddrl.experiments.report import arm_slug, legend_if_labelled, save_figure, write_report
 from ddrl.training.runlog import prepare_run_dir
 
 # The settings where DDRL and Flow-GRPO matched at 30 iterations (docs/LOG.md, 2026-11-24).
@@ -62,7 +68,7 @@ def plot_long_curves(regime: dict, path) -> Path:
         ax.axhline(regime["base"][key], color="k", ls="--", lw=1, label="base")
         ax.set(xlabel="iteration", ylabel=key, title=f"{title} ({regime['reward']})")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="best")
+    legend_if_labelled(axes[0], fontsize=7, loc="best")
     return save_figure(fig, path)
 
 
@@ -80,9 +86,18 @@ def run_long(
 ) -> dict:
     """Train every (reward, arm, seed) for ``iterations``; write long.json, report.html and
     long_curves_<reward>.png. The base model is the same for every seed (pretrain.seed)."""
-    check_overrides(overrides)
-    out = prepare_run_dir(out, resume=False, overwrite=overwrite)
     common = {"train.iterations": iterations, "eval.every": eval_every, **(QUICK if quick else {})}
+    plans = {
+        r: [
+            arm_overrides(a, s, common, [f"reward.name={r}", f"seed={seed}", *overrides])
+            for a, s in arms
+            for seed in seeds
+        ]
+        for r in rewards
+    }
+    # Each run sets its own seed (--seeds): a seed=... override would make them one run.
+    check_overrides(overrides, plans, fixed=(*REGIME_KEYS, "seed"))
+    out = prepare_run_dir(out, resume=False, overwrite=overwrite)
     regimes, t0 = {}, time.time()
     for reward in rewards:
         rdir = out / reward

@@ -4,6 +4,8 @@ Each run's ``eval.jsonl`` is its curve (``eval.every``), its last row its final 
 iteration-0 row the base; ``samples_final.png`` its sample grid. Real-model runs have no gold
 evaluator: the report then judges by the held-out diffusion loss and lists the out-of-domain
 rewards (``eval.rewards`` → ``ood_<name>``) in the metrics table beside the training reward.
+A run evaluated without held-out images (``data.eval_images``) has no held-out loss either:
+its figures say so and its table shows a dash. The folder appears whole or not at all.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 from ddrl.config import load_config
 from ddrl.errors import DDRLError
 from ddrl.experiments.report import write_report
+from ddrl.io import atomic_dir
 from ddrl.training.runlog import read_jsonl
 
 
@@ -40,10 +43,22 @@ def runs_metrics(runs: list[Path]) -> tuple[dict, dict[str, Path]]:
 
 
 def report_runs(runs: list[Path], out: Path, loss_rise: float = 0.10) -> Path:
-    """Write ``out/report.html`` (+ figures and ``metrics.json``) comparing ``runs``."""
-    metrics, grids = runs_metrics(runs)
+    """Write ``out/report.html`` (+ figures and ``metrics.json``) comparing ``runs``.
+
+    ``out`` must not exist (a report never replaces anything); it is built in a temporary
+    sibling folder and renamed into place at the end, so a failure leaves no ``out`` at all.
+    """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    if out.exists() or out.is_symlink():
+        raise DDRLError(f"--out {out} already exists; allowed: a new folder (never overwritten)")
+    blocker = next((p for p in out.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise DDRLError(f"--out {out}: {blocker} is a file; allowed: a folder path")
+    metrics, grids = runs_metrics(runs)
     names = ", ".join(a["label"] for a in metrics["arms"])
-    return write_report(metrics, out, grids, title=f"ddrl runs: {names}", loss_rise=loss_rise)
+    # The sibling sits beside ``out``, so the relative links to the runs' grids stay right.
+    with atomic_dir(out, race_ok=False) as tmp:
+        tmp.mkdir(parents=True)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        write_report(metrics, tmp, grids, title=f"ddrl runs: {names}", loss_rise=loss_rise)
+    return out / "report.html"

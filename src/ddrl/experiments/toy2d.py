@@ -8,6 +8,9 @@ pair, as Theorem 3.1's tilted mixture p* ∝ p_data·exp(r/β) predicts; Flow-GR
 
 from __future__ import annotations
 
+import html
+import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +36,9 @@ TOY_ARMS: list[tuple[str, str, dict[str, Any]]] = [
 # 200 iterations at lr 1e-3: about 3 s per arm on one CPU core, long enough for every arm to
 # reach its regime (docs/LOG.md 2026-11-24).
 TOY_COMMON = {"train.iterations": 200, "optim.lr": 1e-3, "train.progress": "false"}
-TOY_QUICK = {"train.iterations": 2, "pretrain.steps": 20, "train.progress": "false"}
+# `ddrl compare --quick`: the three regimes of the picture (keeps the modes, empties the left
+# pair, leaves the data) at the full size above, which takes seconds (docs/LOG.md 2026-12-06).
+TOY_QUICK_ARMS = [TOY_ARMS[0], TOY_ARMS[2], TOY_ARMS[4]]
 TILT_SAMPLES = 4000
 
 
@@ -46,6 +51,22 @@ def _samples(cfg, out: Path | None, seed: int = 7) -> torch.Tensor:
     return sample_ode(c.gen, [""] * TILT_SAMPLES, cfg.sampler, g)
 
 
+def _base_overrides(common: dict, overrides: list[str]) -> list[str]:
+    return ["preset=toy2d", *[f"{k}={v}" for k, v in common.items()], *overrides]
+
+
+def toy_arm_overrides(
+    arms=TOY_ARMS, common: dict = TOY_COMMON, overrides: list[str] = ()
+) -> list[list[str]]:
+    """Each arm's whole override list: the toy preset, ``common``, the user's ``overrides``
+    (they reach every arm), then the arm's algorithm and setting."""
+    ov = _base_overrides(common, list(overrides))
+    return [
+        [*ov, f"algorithm={algorithm}", *[f"{k}={v}" for k, v in setting.items()]]
+        for _, algorithm, setting in arms
+    ]
+
+
 def run_toy2d(
     out: Path, arms=TOY_ARMS, common: dict = TOY_COMMON, overrides: list[str] = (), log=print
 ) -> dict:
@@ -53,12 +74,10 @@ def run_toy2d(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    ov = ["preset=toy2d", *[f"{k}={v}" for k, v in common.items()], *overrides]
-    samples = {"base": _samples(build_config(overrides=ov), None)}
-    for label, algorithm, setting in arms:
-        cfg = build_config(
-            overrides=[*ov, f"algorithm={algorithm}"] + [f"{k}={v}" for k, v in setting.items()]
-        )
+    samples = {"base": _samples(build_config(overrides=_base_overrides(common, overrides)), None)}
+    arm_ovs = toy_arm_overrides(arms, common, overrides)
+    for (label, algorithm, setting), ov in zip(arms, arm_ovs, strict=True):
+        cfg = build_config(overrides=ov)
         run = prepare_run_dir(out / arm_slug(algorithm, setting), resume=False, overwrite=False)
         train(cfg, run, log=lambda *a: None)
         samples[label] = _samples(cfg, run)
@@ -77,14 +96,13 @@ def run_toy2d(
 
 def toy2d_html(toy: dict, out_dir: Path) -> str:
     """The report section: the figure and a table of measured vs predicted mode weights."""
-    import html
-    import os
-
-    fmt = lambda w: " / ".join(f"{x:.3f}" for x in w)  # noqa: E731
+    # No sample on the data's support leaves no weights to measure: a dash, not "nan".
+    num = lambda x, spec: format(x, spec) if math.isfinite(x) else "\u2014"  # noqa: E731
+    fmt = lambda w: " / ".join(num(x, ".3f") for x in w)  # noqa: E731
     rows = "".join(
         f"<tr><td>{html.escape(r['arm'])}</td><td>{fmt(r['weights'])}</td>"
-        f"<td>{r['off_support']:.3f}</td><td>{r['implied_beta']:.3g}</td>"
-        f"<td>{fmt(r['predicted_at_beta'])}</td><td>{r['kl']:.4f}</td></tr>\n"
+        f"<td>{num(r['off_support'], '.3f')}</td><td>{num(r['implied_beta'], '.3g')}</td>"
+        f"<td>{fmt(r['predicted_at_beta'])}</td><td>{num(r['kl'], '.4f')}</td></tr>\n"
         for r in toy["table"]
     )
     rel = os.path.relpath(Path(toy["figure"]).resolve(), Path(out_dir).resolve())
@@ -95,7 +113,8 @@ def toy2d_html(toy: dict, out_dir: Path) -> str:
         "components stay on the data's modes. β̂ is the temperature whose tilted weights are "
         "closest to the measured ones (KL at β̂ in the last column: how well the tilt family "
         "fits). Off-support: fraction of samples farther than 3 std from every mode.</p>\n"
-        "<table><tr><th>arm</th><th>measured weights</th><th>off-support</th><th>β̂</th>"
-        f"<th>tilt weights at β̂</th><th>KL</th></tr>\n{rows}</table>\n"
+        '<div class="wide"><table><tr><th>arm</th><th>measured weights</th><th>off-support</th>'
+        "<th>β̂</th><th>tilt weights at β̂</th><th>KL</th></tr>\n"
+        f"{rows}</table></div>\n"
         f'<figure><img src="{html.escape(rel)}" alt="toy2d arms"></figure>\n'
     )

@@ -189,18 +189,25 @@ def plot_toy2d_arms(
     centres: Tensor = CENTRES,
     std: float = STD,
     radius: float = 3.0,
+    ncols: int = 3,
     xlim: tuple[float, float] = (-4.0, 8.0),
     ylim: tuple[float, float] = (-4.0, 4.0),
 ) -> Path:
-    """One scatter panel per arm, data centres and radius·std circles, weights in a text box.
+    """One scatter panel per arm, data centres and radius·std circles, weights in a table
+    under each panel; rows of at most ``ncols`` panels, filled evenly (six arms: 2 × 3, four:
+    2 × 2), so that the figure stays readable at a page's width instead of one thin strip.
 
     The view is fixed (runaway samples would otherwise rescale every panel); the count of
     points outside it is printed in the panel. Returns the written path.
     """
     c = torch.as_tensor(centres, dtype=torch.float64)
     n = max(len(samples), 1)
-    fig = Figure(figsize=(4.2 * n, 4.0), layout="constrained")
-    axes = fig.subplots(1, n, squeeze=False)[0]
+    rows = math.ceil(n / ncols)
+    cols = math.ceil(n / rows)
+    fig = Figure(figsize=(4.4 * cols, 4.3 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).flatten()
+    for ax in axes[len(samples) :]:
+        ax.set_visible(False)
     for ax, (arm, pts) in zip(axes, samples.items(), strict=False):
         x = torch.as_tensor(pts).detach().to("cpu", torch.float64).reshape(-1, 2)
         inside = (x[:, 0] >= xlim[0]) & (x[:, 0] <= xlim[1]) & (x[:, 1] >= ylim[0])
@@ -210,19 +217,22 @@ def plot_toy2d_arms(
         for k, (cx, cy) in enumerate(c.tolist()):
             ax.add_patch(Circle((cx, cy), radius * std, fill=False, color="k", lw=0.8, ls="--"))
             ax.plot(cx, cy, "r+", ms=8)
-            ax.annotate(str(k), (cx, cy), xytext=(4, 4), textcoords="offset points", fontsize=7)
+            ax.annotate(str(k), (cx, cy), xytext=(4, 4), textcoords="offset points", fontsize=8)
         meas = measured_mode_weights(x, c, std, radius)
         pred = None if predicted is None or arm not in predicted else predicted[arm]
         # A table under the panel, not a box inside it: runaway points must never be hidden.
         lines = ["mode " + "".join(f"{k:>6}" for k in range(len(c)))]
-        lines.append("meas " + "".join(f"{w:6.3f}" for w in meas["weights"].tolist()))
-        if pred is not None:
+        if torch.isfinite(meas["weights"]).all():
+            lines.append("meas " + "".join(f"{w:6.3f}" for w in meas["weights"].tolist()))
+        else:
+            lines.append("meas  none: no sample on the data's support")
+        if pred is not None and torch.isfinite(torch.as_tensor(pred)).all():
             lines.append("pred " + "".join(f"{float(w):6.3f}" for w in pred))
         lines.append(
             f"off-support {meas['off_support']:.3f}  outside view {int((~inside).sum())}/{len(x)}"
         )
         ax.text(0.5, -0.1, "\n".join(lines), transform=ax.transAxes, ha="center", va="top",
-                family="monospace", fontsize=7, multialignment="left")  # fmt: skip
+                family="monospace", fontsize=9, multialignment="left")  # fmt: skip
         ax.set(xlim=xlim, ylim=ylim, title=arm, aspect="equal")
         ax.grid(alpha=0.2)
     if title:
