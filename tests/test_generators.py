@@ -319,7 +319,7 @@ def test_report_of_real_model_runs(tmp_path, capsys):
     runs = [str(tmp_path / "ddrl"), str(tmp_path / "flow_grpo")]
     assert main(["report", *runs, "--out", str(tmp_path / "rep")]) == 0
     page = (tmp_path / "rep" / "report.html").read_text()
-    assert "ood_brightness" in page and "no gold evaluator" in page
+    assert "ood_<wbr>brightness" in page and "no gold evaluator" in page  # header: wraps at _
     metrics = json.loads((tmp_path / "rep" / "metrics.json").read_text())
     assert [a["label"] for a in metrics["arms"]] == ["ddrl", "flow_grpo"]
     assert metrics["base"]["iteration"] == 0 and len(metrics["arms"][0]["curve"]) == 3
