@@ -10,12 +10,13 @@ import pytest
 import torch
 from conftest import one_line_error
 
-import ddrl.experiments.report as report
+import ddrl.experiments.figures as figures_module
 import ddrl.experiments.runs_report as runs_report
 from ddrl.cli import main
 from ddrl.config import build_config, save_config
 from ddrl.evaluation.pictures import save_image_grid
-from ddrl.experiments.report import arm_label, hacking_analysis, write_report
+from ddrl.experiments.hacking import arm_label, hacking_analysis
+from ddrl.experiments.report import write_report
 from ddrl.experiments.runs_report import report_runs
 
 BASE = {
@@ -225,13 +226,13 @@ def _without(metrics, *keys):
 def figures(monkeypatch):
     """Every figure the report saves, by file name (the real files are written too)."""
     saved = {}
-    real = report.save_figure
+    real = figures_module.save_figure
 
     def keep(fig, path, **kw):
         saved[path.name] = fig
         return real(fig, path, **kw)
 
-    monkeypatch.setattr(report, "save_figure", keep)
+    monkeypatch.setattr(figures_module, "save_figure", keep)
     return saved
 
 

@@ -18,7 +18,8 @@ from ddrl.config.resolve import parse_overrides
 from ddrl.errors import DDRLError
 from ddrl.evaluation.evaluate import evaluate_components
 from ddrl.evaluation.pictures import save_prompt_grid
-from ddrl.experiments.report import arm_label, arm_slug, write_report
+from ddrl.experiments.hacking import arm_label, arm_slug
+from ddrl.experiments.report import write_report
 from ddrl.experiments.toy2d import (
     TOY_ARMS,
     TOY_COMMON,

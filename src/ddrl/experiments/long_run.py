@@ -24,7 +24,9 @@ from ddrl.experiments.compare import (
     evaluate_base,
     run_arm,
 )
-from ddrl.experiments.report import arm_slug, legend_if_labelled, save_figure, write_report
+from ddrl.experiments.figures import legend_if_labelled, save_figure
+from ddrl.experiments.hacking import arm_slug
+from ddrl.experiments.report import write_report
 from ddrl.training.runlog import prepare_run_dir
 
 # The settings where DDRL and Flow-GRPO matched at 30 iterations (docs/LOG.md, 2026-11-24).

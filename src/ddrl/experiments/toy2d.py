@@ -19,7 +19,7 @@ import torch
 
 from ddrl.config import build_config
 from ddrl.dist.checkpoint import latest_checkpoint, load_trained
-from ddrl.experiments.report import arm_slug
+from ddrl.experiments.hacking import arm_slug
 from ddrl.experiments.toy2d_tilt import plot_toy2d_arms, predicted_mode_weights, tilt_table
 from ddrl.sampling import sample_ode
 from ddrl.training.components import build_components
