@@ -56,3 +56,12 @@ def all_nan(ctx):
 def returns_a_number(ctx):
     """A "factory" whose product is not a reward (not callable)."""
     return 3
+
+
+def spread_ink(ctx):
+    """The ink reward stretched to about [-25, 25]: a reward ``reward.clip`` has to clamp."""
+
+    def reward(images, prompts):
+        return (((images.clamp(-1, 1) + 1) / 2).flatten(1).mean(1) * 50.0).float()
+
+    return reward

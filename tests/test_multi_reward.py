@@ -126,3 +126,29 @@ def test_a_whole_video_reward_gets_the_videos_unsplit():
     videos = torch.rand(2, 3, 5, 4, 4)
     got = MultiReward(["v"], [WholeVideo()], [1.0]).each(videos, ["a", "b"])[:, 0]
     assert seen == [(2, 3, 5, 4, 4)] and torch.allclose(got, videos.flatten(1).mean(1))
+
+
+def test_reward_clip_clamps_raw_rewards_before_the_scale(tmp_path):
+    """reward.clip = c: r ← min(max(r, −c), c), then × reward.scale (the DDRL release's order:
+    reward_models.py L224-227); NaN passes through, so its group is still skipped. The loop's
+    logged reward mean is the mean of the clamped, scaled rewards (checked against a run
+    without the clamp: the clamped run's mean is the hand-clamped one's)."""
+    from conftest import run_quick
+
+    from ddrl.rewards.multi import clip_rewards
+
+    raw = torch.tensor([[-12.0, 0.5], [4.9, 7.0], [float("nan"), -5.0]])
+    by_hand = [[max(min(v, 5.0), -5.0) if v == v else v for v in row] for row in raw.tolist()]
+    got = clip_rewards(raw, 5.0).tolist()
+    for g_row, h_row in zip(got, by_hand, strict=True):
+        for g, h in zip(g_row, h_row, strict=True):
+            assert (math.isnan(g) and math.isnan(h)) or g == h
+    assert torch.equal(clip_rewards(raw[1:2], 0.0), raw[1:2])  # 0 = off
+    name = "reward.name=plugins_for_tests:spread_ink"
+    _, _, free = run_quick(tmp_path, "free", name, "train.iterations=1")
+    _, _, clipped = run_quick(
+        tmp_path, "clipped", name, "reward.clip=1", "reward.scale=2", "train.iterations=1"
+    )
+    # the ink reward of a 30-step base is ~0.3·50 = 15 > 1 everywhere: every sample clamps to 1
+    assert free["reward_mean"] > 5 and clipped["reward_mean"] == pytest.approx(2.0)
+    assert clipped["reward_std"] == pytest.approx(0.0, abs=1e-6)

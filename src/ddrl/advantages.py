@@ -72,7 +72,7 @@ def combine_advantages(
 
     "flow_grpo": A = norm(Σ_k w_k·r_k), the weighted sum of raw rewards normalised in its
     group (flow_grpo's MultiScorer). "cosmos_rl": A = Σ_k w_k·norm(r_k) / Σ_k w_k, each reward
-    normalised in its group first, then averaged (the DDRL release, t2v_model.py L544-546,
+    normalised in its group first, then averaged (the DDRL release, wfm_trainer.py L544-546,
     equal weights there); the λ transform and the clamp come after the average, as there.
     A group with a non-finite value of any reward is skipped. K = 1: both are group_advantages.
     """

@@ -67,6 +67,13 @@ class RewardConfig:
             'its group; "cosmos_rl" = normalise each, then their weighted mean (release)'
         },
     )
+    clip: float = field(
+        default=0.0,
+        metadata={
+            "help": "raw rewards clamped to [-clip, clip] before reward.scale and normalising "
+            "(the DDRL release: +-5 on its remote rewards); 0 = no clamp"
+        },
+    )
     scale: float = field(
         default=1.0,
         metadata={"help": "multiplies the reward (advantages are normalised, so mostly for logs)"},
@@ -119,6 +126,7 @@ class RewardConfig:
     def check(self) -> None:
         check_literals(self, "reward.")
         check_range("reward.scale", self.scale, -1e12, 1e12)
+        check_range("reward.clip", self.clip, 0.0)
         check_range("reward.seed", self.seed, 0, 2**32 - 1)
         check_range("reward.batch", self.batch, 1)
         check_range("reward.timeout", self.timeout, 1e-3, 86400.0)

@@ -43,6 +43,13 @@ def per_frame(reward: Reward, name: str, videos: Tensor, prompts: list[str], spe
     return scores.view(b, k).mean(1)
 
 
+def clip_rewards(rewards: Tensor, clip: float) -> Tensor:
+    """r ← clamp(r, −clip, clip) elementwise ([B, K]; NaN stays NaN, so the group is still
+    skipped); ``clip`` = 0 leaves them as they are. The DDRL release clamps each remote reward
+    to ±5 before scaling (reward_models.py L224-227, wfm config L122-123)."""
+    return rewards.clamp(-clip, clip) if clip > 0 else rewards
+
+
 class MultiReward:
     """K named rewards with weights: ``each`` → [B, K]; calling it → Σ_k w_k·r_k [B]."""
 

@@ -19,7 +19,7 @@ from ddrl.dist.group import gathered_advantages
 from ddrl.dist.rng import current_rank, noise_generator, rank_generator, shared_generator
 from ddrl.models.base import Cond, CondCache, decode_images
 from ddrl.phases import phase
-from ddrl.rewards.multi import MultiReward
+from ddrl.rewards.multi import MultiReward, clip_rewards
 from ddrl.sampling import Rollout, rollout
 from ddrl.training.components import Components
 
@@ -30,7 +30,7 @@ class Iteration:
 
     index: int  # 0-based iteration
     rollout: Rollout  # this rank's trajectories [B/W]
-    each: Tensor  # [B, K] every trajectory's K rewards (all ranks), × reward.scale
+    each: Tensor  # [B, K] every trajectory's K rewards (all ranks), clipped, × reward.scale
     rewards: Tensor  # [B] their weighted sum
     advantages: Tensor  # [B/W] this rank's, normalised over whole groups
     valid: Tensor  # [B/W] bool: False where the group had a non-finite reward
@@ -121,7 +121,7 @@ def collect(
             images = decode_images(gen.codec, ro.final)
     with phase("reward"):  # with overlap: waiting for the last chunk's rewards
         mine = scorer.result() if scorer else c.reward.each(images, ro.prompts).to(device)
-        mine = mine * cfg.reward.scale  # [B/W, K]
+        mine = clip_rewards(mine, cfg.reward.clip) * cfg.reward.scale  # [B/W, K]
     with phase("advantage"):
         # [B, K] and [B]: groups normalise whole, whichever ranks hold their samples
         each, adv_all, valid_all = gathered_advantages(
