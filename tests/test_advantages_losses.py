@@ -705,3 +705,54 @@ def test_build_loss_names():
         build_loss("no_such_module_xyz:Loss", DDRLConfig(), ctx)
     with pytest.raises(DDRLError, match="not a loss class with a Config"):
         build_loss("ddrl.losses.base:clipped_policy_loss", DDRLConfig(), ctx)
+
+
+def test_flow_grpo_drops_zero_advantage_samples_as_flow_grpo_does(tiny_model):
+    """flow_grpo (scripts/train_sd3.py L796-817) removes the samples whose advantages are 0 at
+    every step before its loss, so the policy and KL means run over the others only (the
+    per-sample terms, averaged by hand over the kept samples); with the option off the zeros
+    stay in both denominators. The policy is moved off the reference so the KL is not 0."""
+    b = _batch(tiny_model)
+    adv = b.advantages.clone()
+    adv[[1, 4]] = 0.0  # two samples of groups whose rewards were all equal
+    b = dataclasses.replace(b, advantages=adv)
+    kept = adv != 0
+
+    def run(drop):
+        cfg = FlowGRPOConfig(beta_kl=0.5, drop_zero_advantage=drop)
+        ref = {}
+
+        def make_reference(kind):
+            ref["r"] = FrozenCopy(copy.deepcopy(tiny_model.denoiser))
+            return ref["r"]
+
+        loss_fn = FlowGRPOLoss(cfg, _ctx(make_reference=make_reference))
+        with torch.no_grad():  # move the policy off the reference so the KL is not 0
+            for p in tiny_model.denoiser.parameters():
+                p.add_(0.01)
+        try:
+            masks = loss_fn.masks(b)
+            out = loss_fn(tiny_model.denoiser, b)
+            m = _run(loss_fn, tiny_model, [b])
+        finally:
+            with torch.no_grad():
+                for p in tiny_model.denoiser.parameters():
+                    p.sub_(0.01)
+        return masks, out, m
+
+    masks, out, m = run(drop=True)
+    assert torch.equal(masks["policy"], kept) and torch.equal(masks["kl"], kept)
+    pg, kl = out.terms["policy"][0].detach(), out.terms["kl"][0].detach()
+    assert (pg[~kept] == 0).all() and kl.min() > 0  # A = 0 adds nothing but a denominator
+    assert m["loss_policy"] == pytest.approx(pg[kept].mean().item(), rel=1e-5, abs=1e-7)
+    assert m["loss_kl"] == pytest.approx(kl[kept].mean().item(), rel=1e-5)
+    masks, _, m = run(drop=False)
+    assert masks["policy"].all() and masks["kl"].all()
+    assert m["loss_policy"] == pytest.approx(pg.mean().item(), rel=1e-5, abs=1e-7)
+    assert m["loss_kl"] == pytest.approx(kl.mean().item(), rel=1e-5)
+    assert abs(pg[kept].mean() - pg.mean()) > 1e-4  # the two reductions differ
+    # the shipped Flow-GRPO preset drops them; the generic default keeps them
+    from ddrl.config import build_config
+
+    assert build_config(overrides=["algorithm=flow_grpo"]).loss.drop_zero_advantage is True
+    assert FlowGRPOConfig().drop_zero_advantage is False

@@ -76,6 +76,13 @@ class FlowGRPOConfig:
         default=0.04,
         metadata={"help": "KL weight in flow_grpo's units (its SD3.5-M OCR config: 0.04)"},
     )
+    drop_zero_advantage: bool = field(
+        default=False,
+        metadata={
+            "help": "leave samples whose advantage is exactly 0 (a group of equal rewards) out of "
+            "the policy and KL terms and their denominators, as flow_grpo does (its preset: true)"
+        },
+    )
     reference: Literal["auto", "frozen_copy", "adapter_disabled"] = field(
         default="auto",
         metadata={

@@ -31,7 +31,10 @@ class FlowGRPOLoss:
         self.ref = ctx.make_reference(cfg.reference) if cfg.beta_kl > 0 else None
 
     def masks(self, b):
-        return {"policy": b.valid, "kl": b.valid}
+        """Both terms over the valid samples; with ``drop_zero_advantage`` not over those with
+        A = 0, which flow_grpo removes from the batch before its loss (train_sd3.py L796-817)."""
+        keep = b.valid & (b.advantages != 0) if self.cfg.drop_zero_advantage else b.valid
+        return {"policy": keep, "kl": keep}
 
     def __call__(self, denoiser, b):
         pg, step, stats = policy_term(denoiser, b, self.ctx, self.cfg.clip_range)
