@@ -214,3 +214,29 @@ def test_evaluate_bounded_codec_clamps_for_rewards_and_reports_saturation(tiny_d
     assert m["saturation_rate"] == saturation_rate(raw, hi, low=lo)
     # Fixed evaluation seed: the same model gives the same numbers.
     assert _evaluate(tiny_digits, "digits", reward, None, n=2)[0] == m
+
+
+def test_eval_cfg_scale_guides_evaluation_only(tiny_digits):
+    """eval.cfg_scale = w evaluates exactly as a sampler at CFG w would, whatever the training
+    sampler's guidance; 0 keeps the sampler's."""
+    import dataclasses
+
+    from ddrl.config.core import SamplerConfig
+    from ddrl.data.pools import load_data
+    from ddrl.evaluation.config import EvalConfig
+    from ddrl.evaluation.evaluate import evaluate
+    from ddrl.rewards.digits import InkReward
+
+    data = load_data("digits")
+    cfg = EvalConfig(samples_per_prompt=2, loss_t_points=2)
+    train = SamplerConfig(eval_steps=3, cfg_scale=1.0)
+    guided = evaluate(
+        tiny_digits, data, InkReward(), None, dataclasses.replace(cfg, cfg_scale=3.0), train
+    )
+    same = evaluate(
+        tiny_digits, data, InkReward(), None, cfg, dataclasses.replace(train, cfg_scale=3.0)
+    )
+    plain = evaluate(tiny_digits, data, InkReward(), None, cfg, train)
+    assert torch.equal(guided[1], same[1]) and not torch.equal(guided[1], plain[1])
+    assert EvalConfig().sampler(train).cfg_scale == 1.0
+    assert EvalConfig(cfg_scale=4.5).sampler(train) == dataclasses.replace(train, cfg_scale=4.5)

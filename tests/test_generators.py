@@ -282,6 +282,10 @@ def test_published_presets_resolve_with_the_cited_values(tmp_path):
     assert (fg.train.timestep_fraction, fg.advantage.std) == (0.99, "global")
     dd = build_config(overrides=["preset=sd35-medium-ocr-ddrl", *data])
     assert dd.algorithm == "ddrl" and dd.data.source == "synthetic" and dd.reward.name == "ocr"
+    # DDRL samples, trains and builds its synthetic set without CFG (cosmos-rl examples/ddrl.md
+    # L88) and is evaluated as the other two are, at flow_grpo's 4.5 (config/grpo.py L38)
+    assert (dd.sampler.cfg_scale, dd.eval.cfg_scale) == (1.0, 4.5)
+    assert dd.eval.sampler(dd.sampler).cfg_scale == fg.eval.sampler(fg.sampler).cfg_scale == 4.5
     dance = build_config(overrides=["preset=sd35-medium-ocr-dance-grpo", *data])
     assert (dance.sampler.sde.kind, dance.sampler.sde.eta, dance.sampler.grid) == (
         "dance",
@@ -302,6 +306,9 @@ def test_published_presets_resolve_with_the_cited_values(tmp_path):
         8,
     )
     assert (cosmos.train.timestep_selection, cosmos.train.timestep_fraction) == ("strided", 0.5)
+    # its sample callbacks' guidance [7] (2b.toml L152) in Cosmos' x = c + g (c - u) is
+    # v_u + (1 + g)(v_c - v_u): ddrl's 8
+    assert cosmos.eval.cfg_scale == 1 + 7 and cosmos.reward.clip == 5.0
     assert (cosmos.model.height, cosmos.model.width, cosmos.model.frames) == (720, 1280, 93)
 
 

@@ -73,7 +73,7 @@ def _sampler_of(cfg: RunConfig | None) -> tuple[SamplerConfig, str]:
     """The sampler evaluation used (a model folder: the defaults) and its grid (eval.grid)."""
     if cfg is None:
         return SamplerConfig(), "scheduler"
-    return cfg.sampler, cfg.eval.grid
+    return cfg.eval.sampler(cfg.sampler), cfg.eval.grid
 
 
 def _scheduler_line(gen, shift: float) -> str:
@@ -299,7 +299,7 @@ def model_card(
         "```bash",
         f"ddrl sample {json.dumps(str(folder))} --prompt {json.dumps(prompt)} --n {n} "
         f"--out samples sampler.eval_steps={sampler.eval_steps} "
-        f"sampler.cfg_scale={sampler.cfg_scale!r}",
+        f"eval.cfg_scale={sampler.cfg_scale!r}",
         "```",
         "",
     ]

@@ -1,18 +1,17 @@
 """`ddrl sample`: N samples per prompt from a run or a saved model, drawn as evaluation draws
 them (``ddrl.sampling.sample_ode``: the Euler ODE over ``sampler.eval_steps`` steps of the
-``eval.grid`` grid, ``sampler.shift``, ``sampler.cfg_scale`` guidance) and written whole or
-not at all: one PNG per image (its own size), one mp4 per video (an animated GIF without
+``eval.grid`` grid, ``sampler.shift``, the evaluation's guidance) and written whole or not at
+all: one PNG per image (its own size), one mp4 per video (an animated GIF without
 imageio-ffmpeg), one scatter picture per prompt for 2-D points.
 
 RUN is a run folder (``final/``, or ``--step N``'s checkpoint) sampled with its own config, or a
 model folder (``generator.json``, or a diffusers pipeline folder with ``model_index.json``)
 sampled with the default sampler settings (its family's preset for digits and toy2d). Only
-``sampler.eval_steps`` and ``sampler.cfg_scale`` may be overridden.
+``sampler.eval_steps``, ``sampler.cfg_scale`` and ``eval.cfg_scale`` may be overridden.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 from ddrl.config import PRESET_NAMES, RunConfig, build_config, load_config
@@ -20,7 +19,7 @@ from ddrl.config.resolve import parse_overrides
 from ddrl.errors import DDRLError, check_range
 from ddrl.models import family_of
 
-ALLOWED = ("sampler.eval_steps", "sampler.cfg_scale")
+ALLOWED = ("sampler.eval_steps", "sampler.cfg_scale", "eval.cfg_scale")
 FPS = 16  # frames per second of written videos (Wan's and Cosmos' own)
 
 
@@ -98,7 +97,7 @@ def sample(
     gen = load_for_sampling(run, step).to(dev)
     gen.denoiser.eval()
     every = [p for p in prompts for _ in range(n)]
-    sampler = dataclasses.replace(cfg.sampler, grid=cfg.eval.grid)  # as evaluation samples
+    sampler = cfg.eval.sampler(cfg.sampler)  # as evaluation samples
     with torch.no_grad():
         z = sample_ode(gen, every, sampler, torch.Generator().manual_seed(seed), dev)
         x = decode_images(gen.codec, z.to(dev)).cpu()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ddrl.config.core import SamplerConfig
 from ddrl.errors import check_literals, check_range
 
 
@@ -33,6 +35,13 @@ class EvalConfig:
         metadata={
             "help": "ODE grid of evaluation samples, the same for every algorithm (a preset's "
             'training grid, e.g. DanceGRPO\'s "linear", does not change how it is judged)'
+        },
+    )
+    cfg_scale: float = field(
+        default=0.0,
+        metadata={
+            "help": "classifier-free guidance of evaluation samples; 0 = sampler.cfg_scale (the "
+            "DDRL release trains without CFG and evaluates its samples with it)"
         },
     )
     rewards: str = field(
@@ -66,3 +75,11 @@ class EvalConfig:
         check_range("eval.samples_per_prompt", self.samples_per_prompt, 2)
         check_range("eval.loss_t_points", self.loss_t_points, 1)
         check_range("eval.loss_warn", self.loss_warn, 0.0)
+        check_range("eval.cfg_scale", self.cfg_scale, 0.0, 100.0)
+
+    def sampler(self, train: SamplerConfig) -> SamplerConfig:
+        """How evaluation samples: the training sampler's steps and shift, with this grid and
+        guidance (``eval.cfg_scale``, or the sampler's when 0)."""
+        return dataclasses.replace(
+            train, grid=self.grid, cfg_scale=self.cfg_scale or train.cfg_scale
+        )

@@ -9,8 +9,6 @@ Identical model + config ⇒ identical numbers: all noise comes from ``EvalConfi
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import Tensor
 
@@ -56,7 +54,7 @@ def evaluate(
     eval_prompts = data.eval_prompts or data.prompts
     prompts = [p for p in eval_prompts for _ in range(cfg.samples_per_prompt)]
     gen_noise = torch.Generator().manual_seed(cfg.seed)
-    z = sample_ode(gen, prompts, dataclasses.replace(sampler, grid=cfg.grid), gen_noise, device)
+    z = sample_ode(gen, prompts, cfg.sampler(sampler), gen_noise, device)
     raw = gen.codec.decode(z.to(device)).cpu()  # decoded once: a VAE decode is costly
     images = clamp_images(gen.codec, raw)
     groups = torch.arange(len(eval_prompts)).repeat_interleave(cfg.samples_per_prompt)
