@@ -13,7 +13,7 @@ from ddrl.config import RunConfig
 from ddrl.config.core import SamplerConfig
 
 CARD = "README.md"
-FPS = 16  # frames per second of the snippet's video (Wan's and Cosmos' own)
+FPS = 16  # the snippet's video rate: evaluation.pictures.VIDEO_FPS, repeated so no torch loads
 PROMPTS = {"digits": "3", "toy2d": ""}  # the card's example prompt; others: EXAMPLE_PROMPT
 EXAMPLE_PROMPT = "a red apple on a wooden table"
 # Packages the plain pipeline needs beyond diffusers, transformers and torch.

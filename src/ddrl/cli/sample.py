@@ -20,7 +20,6 @@ from ddrl.errors import DDRLError, check_range
 from ddrl.models import family_of
 
 ALLOWED = ("sampler.eval_steps", "sampler.cfg_scale", "eval.cfg_scale")
-FPS = 16  # frames per second of written videos (Wan's and Cosmos' own)
 
 
 def check_sample_args(
@@ -112,7 +111,7 @@ def sample(
                 continue
             for j, s in enumerate(rows):
                 stem = tmp / f"p{i:0{wp}d}_s{j:0{ws}d}"
-                saved = save_video(s, stem, FPS) if s.dim() == 4 else save_image(s, f"{stem}.png")
+                saved = save_video(s, stem) if s.dim() == 4 else save_image(s, f"{stem}.png")
                 names.append(saved.name)
     return [out / name for name in names]
 

@@ -15,6 +15,7 @@ from ddrl.errors import DDRLError
 
 MIN_SIDE = 48  # tiny images (8×8 digits) are enlarged, nearest-neighbour, to at least this
 TITLE_PX = 14  # height of the title strip
+VIDEO_FPS = 16  # frames per second of written videos (Wan's and Cosmos' own)
 
 
 def _titled(img: Image.Image, title: str | None) -> Image.Image:
@@ -43,16 +44,15 @@ def save_image_grid(images: Tensor, path, nrow: int = 10, title: str | None = No
     if x.dim() != 4 or x.shape[1] not in (1, 3) or x.shape[0] == 0:
         raise DDRLError(f"save_image_grid expects [N, 1 or 3, H, W] images, got {tuple(x.shape)}")
     n, c, h, w = x.shape
-    x = ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
+    x = to_uint8(x.transpose(0, 1))  # [N, H, W, C]
     cols = max(1, min(nrow, n))
     rows = -(-n // cols)
     pad = 1
-    grid = np.ones((rows * (h + pad) + pad, cols * (w + pad) + pad, c), dtype=np.float32)
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
     for i in range(n):
         top, left = pad + (i // cols) * (h + pad), pad + (i % cols) * (w + pad)
         grid[top : top + h, left : left + w] = x[i]
-    pixels = (grid * 255).round().astype(np.uint8)
-    img = Image.fromarray(pixels[..., 0] if c == 1 else pixels).convert("RGB")
+    img = Image.fromarray(grid[..., 0] if c == 1 else grid).convert("RGB")
     scale = max(1, -(-MIN_SIDE // max(h, w)))
     img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     return _save(_titled(img, title), path)
@@ -113,7 +113,7 @@ def save_image(image: Tensor, path) -> Path:
     return _save(Image.fromarray(pixels[..., 0] if image.shape[0] == 1 else pixels), path)
 
 
-def save_video(video: Tensor, path, fps: int = 16) -> Path:
+def save_video(video: Tensor, path, fps: int = VIDEO_FPS) -> Path:
     """One video [3, F, H, W] in [-1, 1] as ``path`` with suffix .mp4 (H.264 through imageio and
     imageio-ffmpeg, the ``data`` extra) or, without them, an animated .gif (pillow). Returns the
     path written."""

@@ -4,6 +4,7 @@ data term's pool only for an algorithm whose loss uses data (``Loss.needs_data``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -43,7 +44,7 @@ class Components:
     heldout: PairedPool | None = None  # data.eval_images encoded (model space), for eval
     embed: Callable[[Tensor], Tensor] | None = None  # eval.features: images → features [B, D]
 
-    @property
+    @functools.cached_property
     def paired(self) -> bool:
         """Whether the data term pairs each trajectory with data of its own prompt (the pool
         has items for every prompt: embedded and synthetic sets); else (a caption set whose

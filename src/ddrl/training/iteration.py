@@ -128,7 +128,7 @@ def collect(
             mine, c.reward.weights, G, cfg.advantage, cfg.reward.aggregate
         )
         x0_data = data_cond = None
-        if c.pool is not None and c.paired:
+        if c.paired:
             x0_data = c.pool.paired(every_prompt, g_noise)[rows].to(device)
         elif c.pool is not None:
             x0_data, captions = c.pool.sample(P * G, g_noise)
