@@ -12,8 +12,7 @@ from ddrl.rewards.multi import MultiReward
 def build_reward(name: str, ctx: RewardContext) -> Reward:
     """A built-in reward for ``ctx.data`` or a user factory given as "module:attr"."""
     check_reward_name(ctx.data, name)
-    table = applicable(ctx.data)
-    factory = lookup("reward", table[name], {}) if name in table else lookup("reward", name, {})
+    factory = lookup("reward", applicable(ctx.data).get(name, name), {})  # built-in or plugin
     reward = factory(ctx)
     if not callable(reward):
         raise DDRLError(
