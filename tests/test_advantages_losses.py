@@ -338,7 +338,10 @@ def test_loss_configs_defaults_and_checks():
         cfg.check()
     assert not hasattr(d, "reward_weight") and not hasattr(d, "beta_kl")
     for bad, needle in [
-        (DDRLConfig(data_t="x"), "unknown loss.data_t 'x'; allowed: random, rollout"),
+        (
+            DDRLConfig(data_t="x"),
+            "unknown loss.data_t 'x'; allowed: edm_lognormal, random, rollout",
+        ),
         (DDRLConfig(data_beta=-1.0), "loss.data_beta"),
         (DDRLConfig(clip_range=2.0), "loss.clip_range"),
         (FlowGRPOConfig(beta_kl=-0.1), "loss.beta_kl"),

@@ -277,7 +277,16 @@ TINY_SD3 = [
     "extra",
     [
         ["model.finetune=lora"],  # DDRL, LoRA on every block; the data term on synthetic data
-        ["model.finetune=full", "algorithm=flow_grpo", "optim.ema_decay=0.9"],  # frozen ref + EMA
+        # frozen reference, 2 steps per iteration and flow_grpo's EMA schedule; each rank holds
+        # whole groups (2 × 4 over 2), so "within_groups" parts are the same rows on 1 or 2 ranks
+        [
+            "model.finetune=full",
+            "algorithm=flow_grpo",
+            "train.update_split=within_groups",
+            "optim.ema_decay=0.9",
+            "optim.ema_every=2",
+            "optim.ema_warmup=true",
+        ],
     ],
     ids=["lora-ddrl", "full-flow_grpo"],
 )

@@ -39,7 +39,7 @@ def test_every_algorithm_runs_two_iterations_on_every_family(tmp_path, preset, a
     for r in rows:
         assert all(v is not None for k, v in r.items()), r  # every logged value finite
         if algorithm != "sft":  # the on-policy ratio is logged every iteration
-            assert r["ratio_dev_max"] < 1e-4, r
+            assert r["onpolicy_ratio_dev_max"] < 1e-4, r
     gen = load_generator(out / "final", config=cfg.model)  # the saved weights load back
     assert gen.sample_shape == load_generator(out / "final", config=cfg.model).sample_shape
 
@@ -67,8 +67,10 @@ def test_lora_trains_adapters_only_and_its_reference_is_the_base(tmp_path):
     assert (moved - base_v).abs().max() > 1e-4
     assert torch.equal(ref.velocity(x, t, cond, None, 1.0), base_v)
     assert torch.equal(den.velocity(x, t, cond), moved)  # adapters are back on afterwards
-    # Flow-GRPO's KL against the adapter-disabled base is 0 before the first update.
-    _, out, _ = _train(tmp_path, "fg", "tiny-sd3", "algorithm=flow_grpo", "train.iterations=1")
+    # Flow-GRPO's KL against the adapter-disabled base is 0 before the first update (the row
+    # logs an iteration's last update: one per batch here).
+    ov = ("algorithm=flow_grpo", "train.iterations=1", "train.updates_per_batch=1")
+    _, out, _ = _train(tmp_path, "fg", "tiny-sd3", *ov)
     assert read_jsonl(out / "metrics.jsonl")[0]["loss_kl"] == 0.0
 
 
@@ -82,7 +84,7 @@ def test_on_policy_ratio_is_one_across_micro_batches_and_precisions(tmp_path, pr
     training one sample at a time; the ratio must stay 1 (fp32: to 1e-5; bf16: to 2e-3)."""
     ov = ["algorithm=flow_grpo", "train.micro_batch=1", "train.iterations=1", *precision]
     _, out, _ = _train(tmp_path, "r", "tiny-sd3", *ov)
-    dev = read_jsonl(out / "metrics.jsonl")[0]["ratio_dev_max"]
+    dev = read_jsonl(out / "metrics.jsonl")[0]["onpolicy_ratio_dev_max"]
     assert dev < (1e-5 if not precision else 2e-3), dev
 
 
@@ -310,6 +312,8 @@ def test_published_presets_resolve_with_the_cited_values(tmp_path):
     # v_u + (1 + g)(v_c - v_u): ddrl's 8
     assert cosmos.eval.cfg_scale == 1 + 7 and cosmos.reward.clip == 5.0
     assert (cosmos.model.height, cosmos.model.width, cosmos.model.frames) == (720, 1280, 93)
+    # min_num_conditional_frames = 0 (2b.toml L77), the code's max 1: the image-to-video half
+    assert cosmos.model.cond_frames == (0, 1) and cosmos.eval.cond_frames == 0
 
 
 def test_report_of_real_model_runs(tmp_path, capsys):

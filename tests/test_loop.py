@@ -250,7 +250,8 @@ def test_grad_clip_zero_means_no_clipping_in_config(tiny_digits):
         d = copy.deepcopy(den)
         before = torch.cat([p.detach().flatten().clone() for p in d.parameters()])
         learner = Learner(loss, d, d, optim, Parallel(ParallelConfig(), "cpu"))
-        m = learner.step(iteration_of(ro, adv, valid, x0, steps), 12, 1, 1, 3)
+        tc = build_config(overrides=["train.micro_batch=12"]).train
+        m = learner.step(iteration_of(ro, adv, valid, x0, steps), tc)
         after = torch.cat([p.detach().flatten() for p in d.parameters()])
         moved[clip] = (after - before).abs().max().item()
         assert m["grad_norm"].item() > 1e-3  # the logged norm is the one before clipping
@@ -307,12 +308,25 @@ def test_flow_grpo_reference_stays_frozen(tiny_digits):
 
 
 # ------------------------------------------------------------------ resume, every algorithm
-@pytest.mark.parametrize("algorithm", ["ddrl", "flow_grpo", "dance_grpo", "grpo", "sft"])
-def test_resume_is_exact_for_every_algorithm(tmp_path, algorithm):
-    ov = (f"algorithm={algorithm}", "train.iterations=3", "train.checkpoint_every=1")
+# flow_grpo's EMA schedule (counted in optimizer steps, called per micro-batch) resumes too
+FLOW_GRPO_EMA = (
+    "optim.ema_decay=0.9",
+    "optim.ema_every=2",
+    "optim.ema_warmup=true",
+    "optim.ema_per=micro_batch",
+    "train.micro_batch=2",
+)
+
+
+@pytest.mark.parametrize(
+    "algorithm,extra",
+    [("ddrl", ()), ("flow_grpo", FLOW_GRPO_EMA), ("dance_grpo", ()), ("grpo", ()), ("sft", ())],
+)
+def test_resume_is_exact_for_every_algorithm(tmp_path, algorithm, extra):
+    ov = (f"algorithm={algorithm}", *extra, "train.iterations=3", "train.checkpoint_every=1")
     cfg, full, _ = run_quick(tmp_path, "full", *ov)
     cfg_short = build_config(
-        overrides=quick(*ov[:1], "train.iterations=1", "train.checkpoint_every=1")
+        overrides=quick(*ov[:-2], "train.iterations=1", "train.checkpoint_every=1")
     )
     part = prepare_run_dir(tmp_path / "part", resume=False, overwrite=False)
     train(cfg_short, part, **QUIET)
@@ -322,8 +336,9 @@ def test_resume_is_exact_for_every_algorithm(tmp_path, algorithm):
     assert [drop(r) for r in a] == [drop(r) for r in b]
     _, pa = load_checkpoint(latest_checkpoint(full))
     _, pb = load_checkpoint(latest_checkpoint(part))
-    for k in pa["model"]:
-        assert torch.equal(pa["model"][k], pb["model"][k]), k
+    for part in ("model", "ema") if extra else ("model",):
+        for k in pa[part]:
+            assert torch.equal(pa[part][k], pb[part][k]), (part, k)
 
 
 # ------------------------------------------------------------------ SDE marginals

@@ -64,6 +64,7 @@ def rollout(
     encode: CondCache | None = None,
     rows: slice | None = None,
     on_chunk: Callable[[slice, Tensor], None] | None = None,
+    given: tuple[Tensor, Tensor] | None = None,
 ) -> Rollout:
     """Roll out ``group_size`` samples per prompt with the stochastic step ``cfg.sde``.
 
@@ -72,13 +73,15 @@ def rollout(
     rank's share); the noise of the whole batch is drawn and sliced, so a trajectory does not
     depend on the split. ``on_chunk(part, x)``: called with each chunk's rows (a slice of this
     rank's trajectories) and final samples as soon as they are done (``reward.overlap`` scores
-    them while the next chunk samples).
+    them while the next chunk samples). ``given``: conditional frames of this rank's
+    trajectories, (x0 [n, ...], k [n]) (``with_frames``).
     """
     p = len(prompts)
     rows = rows or slice(None)
     rep = [q for q in prompts for _ in range(group_size)][rows]
     cond = (encode or gen.conditioner.encode)(rep).to(device)
     null = gen.conditioner.null(len(rep)).to(device) if cfg.cfg_scale != 1.0 else None
+    cond, null = with_frames(gen, cond, null, given)
     x0 = initial_noise(p, group_size, gen.sample_shape, cfg.shared_noise, generator)
     full = x0.shape
     x0 = x0[rows]
@@ -108,17 +111,36 @@ def rollout(
     return Rollout(states, logps, ts, cond, null, rep)
 
 
+def with_frames(
+    gen: Generator, cond: Cond, null: Cond | None, given: tuple[Tensor, Tensor] | None
+) -> tuple[Cond, Cond | None]:
+    """``cond`` and the CFG ``null`` [B] conditioned on the first k_i frames of x0_i, given =
+    (x0 [B, ...], k [B]) (``Generator.condition_frames``); unchanged when ``given`` is None."""
+    if given is None:
+        return cond, null
+    dev = next(iter(cond.batched.values())).device
+    x0, k = given[0].to(dev), given[1].to(dev)
+    frame = gen.condition_frames
+    return frame(cond, x0, k), frame(null, x0, k) if null is not None else None
+
+
 @torch.no_grad()
 def ode_solve(
-    gen: Generator, noise: Tensor, prompts: list[str], cfg: SamplerConfig, device="cpu"
+    gen: Generator,
+    noise: Tensor,
+    prompts: list[str],
+    cfg: SamplerConfig,
+    device="cpu",
+    given: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Deterministic Euler samples [B, *sample_shape] (model space, on ``device``) from given
     noise [B, ...]: x ← x + v·dt over ``cfg.eval_steps`` steps of ``cfg``'s grid, with
-    ``cfg.cfg_scale`` guidance."""
+    ``cfg.cfg_scale`` guidance; ``given``: conditional frames (``with_frames``)."""
     ts = time_grid(cfg, gen, cfg.eval_steps).to(device)
     x = noise.to(device)
     cond = gen.conditioner.encode(list(prompts)).to(device)
     null = gen.conditioner.null(x.shape[0]).to(device) if cfg.cfg_scale != 1.0 else None
+    cond, null = with_frames(gen, cond, null, given)
     for i in range(cfg.eval_steps):
         t = ts[i].expand(x.shape[0])
         v = guided_velocity(gen.denoiser, x, t, cond, null, cfg.cfg_scale)
@@ -133,12 +155,15 @@ def sample_ode(
     generator: torch.Generator,
     device="cpu",
     batch_size: int = 512,
+    given: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """``ode_solve`` from fixed noise drawn from ``generator``, in batches of ``batch_size``:
-    samples [len(prompts), *sample_shape] on the CPU (evaluation)."""
+    samples [len(prompts), *sample_shape] on the CPU (evaluation); ``given``: conditional
+    frames of every sample (``with_frames``)."""
     noise = torch.randn((len(prompts), *gen.sample_shape), generator=generator)
+    part = lambda s: (given[0][s], given[1][s]) if given else None  # noqa: E731
     out = [
-        ode_solve(gen, noise[s : s + batch_size], prompts[s : s + batch_size], cfg, device)
-        for s in range(0, len(prompts), batch_size)
+        ode_solve(gen, noise[s], prompts[s], cfg, device, part(s))
+        for s in (slice(i, i + batch_size) for i in range(0, len(prompts), batch_size))
     ]
     return torch.cat([x.cpu() for x in out])

@@ -9,7 +9,8 @@ log-densities). flow_grpo and DanceGRPO do the same (docs/CONFORMANCE.md); it ke
 policy term's magnitude independent of the resolution. The ratio exp(logp − logp_old) is then
 the true likelihood ratio raised to 1/D; with one update per rollout batch it is ≡ 1 and the
 gradient is REINFORCE up to the constant 1/D. ``reduce="sum"`` gives the exact log-density.
-(cosmos-rl's DDRL release uses an unnormalised squared error; we do not.)
+(cosmos-rl's DDRL release uses an unnormalised squared error in EDM space; the loss option
+``loss.ratio = "edm_squared_error"`` rescales this log-ratio to it exactly, ``ddrl.losses.base``.)
 
 The SDE kinds are small config objects (``FlowSDE(noise_level)``, ``DanceSDE(eta)``,
 ``ddrl.config.core``); ``stepper`` turns one into its step function.

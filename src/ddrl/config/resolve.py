@@ -49,7 +49,8 @@ def _parse(key: str, raw: Any, typ: Any) -> Any:
             return None
         return _parse(key, raw, args[0])
     if origin is tuple:
-        items = raw.split(",") if isinstance(raw, str) else list(raw)
+        # "0.9,0.99" or the TOML form "[0.9, 0.99]"
+        items = raw.strip().strip("[]()").split(",") if isinstance(raw, str) else list(raw)
         args = typing.get_args(typ)
         if len(items) != len(args):
             raise DDRLError(f"{key}={raw!r} needs {len(args)} comma-separated values")

@@ -44,6 +44,13 @@ class EvalConfig:
             "DDRL release trains without CFG and evaluates its samples with it)"
         },
     )
+    cond_frames: int = field(
+        default=0,
+        metadata={
+            "help": "image/video-to-video evaluation: each sample conditioned on the first N "
+            "latent frames of a data item of its prompt (cosmos); 0 = text-to-video"
+        },
+    )
     rewards: str = field(
         default="",
         metadata={
@@ -76,6 +83,7 @@ class EvalConfig:
         check_range("eval.loss_t_points", self.loss_t_points, 1)
         check_range("eval.loss_warn", self.loss_warn, 0.0)
         check_range("eval.cfg_scale", self.cfg_scale, 0.0, 100.0)
+        check_range("eval.cond_frames", self.cond_frames, 0, 1024)
 
     def sampler(self, train: SamplerConfig) -> SamplerConfig:
         """How evaluation samples: the training sampler's steps and shift, with this grid and

@@ -41,20 +41,28 @@ def evaluate(
     ood: MultiReward | None = None,
     held_latents: PairedPool | None = None,
     embed=None,
+    pool: PairedPool | None = None,
 ) -> tuple[dict[str, float], Tensor, list[str]]:
     """Returns (metrics, raw decoded samples [P·n, ...], their prompts). Rewards and the gold
     evaluator see decoded images clamped to the codec's range; the held-out diffusion loss is
     taken in model space, on ``held_latents`` (already encoded) or the data's held-out images.
     ``ood``: rewards never trained on, each logged as ood_<name>. ``embed``: images → features
     [B, D] (a CLIP image tower) for feature-space diversity and, with held-out data, Fréchet
-    distance. Without a gold evaluator or held-out data their metrics are left out."""
+    distance. Without a gold evaluator or held-out data their metrics are left out. With
+    ``cfg.cond_frames`` each prompt's samples are conditioned on the first frames of one item
+    of ``pool`` (model space) with that prompt, drawn from the eval seed."""
     den = gen.denoiser
     was_training = den.training
     den.eval()
     eval_prompts = data.eval_prompts or data.prompts
     prompts = [p for p in eval_prompts for _ in range(cfg.samples_per_prompt)]
     gen_noise = torch.Generator().manual_seed(cfg.seed)
-    z = sample_ode(gen, prompts, cfg.sampler(sampler), gen_noise, device)
+    given = None
+    if cfg.cond_frames:
+        x = pool.paired(eval_prompts, torch.Generator().manual_seed(cfg.seed + 1))
+        n = cfg.samples_per_prompt
+        given = (x.repeat_interleave(n, dim=0), torch.full((len(prompts),), cfg.cond_frames))
+    z = sample_ode(gen, prompts, cfg.sampler(sampler), gen_noise, device, given=given)
     raw = gen.codec.decode(z.to(device)).cpu()  # decoded once: a VAE decode is costly
     images = clamp_images(gen.codec, raw)
     groups = torch.arange(len(eval_prompts)).repeat_interleave(cfg.samples_per_prompt)
@@ -116,4 +124,5 @@ def evaluate_components(gen: Generator, c, cfg, device="cpu"):
         c.eval_rewards,
         c.heldout,
         c.embed,
+        c.pool,
     )

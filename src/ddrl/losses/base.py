@@ -82,14 +82,40 @@ class Loss(Protocol):
 
     # Optional: ``active(b) -> bool``, False where ``__call__`` returns no term for ``b`` (no
     # backward), so the loop knows which backward is the step's last and synchronises there.
+    # Optional: ``kept(advantages [B], valid [B]) -> bool [B]``, the trajectories its terms
+    # cover (default: the valid ones), so a split into several optimizer steps shares them out
+    # evenly (``training.step.split_rows``).
+
+
+def clipped_surrogate(log_ratio: Tensor, adv: Tensor, clip: float) -> tuple[Tensor, Tensor]:
+    """PPO surrogate per sample [B]: max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)) with ρ = exp(log_ratio)."""
+    ratio = torch.exp(log_ratio)
+    return torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip)), ratio
 
 
 def clipped_policy_loss(
     logp: Tensor, logp_old: Tensor, adv: Tensor, clip: float
 ) -> tuple[Tensor, Tensor]:
     """PPO surrogate per sample [B]: max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)), ρ = exp(logp − logp_old)."""
-    ratio = torch.exp(logp - logp_old)
-    return torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip)), ratio
+    return clipped_surrogate(logp - logp_old, adv, clip)
+
+
+def log_ratio(step: Step, b: StepBatch, kind: str = "log_density") -> Tensor:
+    """log ρ [B] of a recomputed step against the rollout's record.
+
+    "log_density": log p_θ(x' | x_t) − log p_old(x' | x_t), ddrl's per-dimension mean
+    (``ddrl.sde``). "edm_squared_error": the DDRL release's −mean_dims[(x'_e − μ_θ,e)² −
+    (x'_e − μ_old,e)²] in EDM space, x_e = x / (1 − t_next) (cosmos-rl wfm_trainer.py
+    L471-490). Both Gaussians have the same std (it depends on t, t_next only), so
+    log p_θ − log p_old = −mean[(x' − μ_θ)² − (x' − μ_old)²] / (2·std²) and the release's
+    value is (log p_θ − log p_old)·2·std² / (1 − t_next)² exactly (docs/DECISIONS.md); std is
+    the step's [B, 1, ...] (the same for every element of a sample, as for every built-in SDE).
+    """
+    d = step.log_prob - b.logp_old
+    if kind == "log_density":
+        return d
+    std = torch.broadcast_to(step.std, step.x_next.shape).flatten(1)[:, 0]
+    return d * (2 * std**2 / (1 - b.t_next.to(std)) ** 2)
 
 
 def policy_transition(denoiser, b: StepBatch, ctx: LossContext) -> Step:
@@ -99,16 +125,21 @@ def policy_transition(denoiser, b: StepBatch, ctx: LossContext) -> Step:
     return ctx.step(b.x_t, v, b.t, b.t_next, prev_sample=b.x_next)
 
 
-def surrogate(step: Step, b: StepBatch, clip: float) -> tuple[Tensor, dict]:
-    """Clipped surrogate [B] of a recomputed step, and ratio statistics [B]."""
-    per, ratio = clipped_policy_loss(step.log_prob, b.logp_old, b.advantages, clip)
-    dev = (ratio.detach() - 1).abs()
+def surrogate(
+    step: Step, b: StepBatch, clip: float, ratio: str = "log_density"
+) -> tuple[Tensor, dict]:
+    """Clipped surrogate [B] of a recomputed step, and ratio statistics [B]; ``ratio``: how
+    log ρ is measured (``log_ratio``)."""
+    per, rho = clipped_surrogate(log_ratio(step, b, ratio), b.advantages, clip)
+    dev = (rho.detach() - 1).abs()
     return per, {"ratio_dev": dev, "clipped": (dev > clip).float()}
 
 
-def policy_term(denoiser, b: StepBatch, ctx: LossContext, clip: float) -> tuple[Tensor, Step, dict]:
+def policy_term(
+    denoiser, b: StepBatch, ctx: LossContext, clip: float, ratio: str = "log_density"
+) -> tuple[Tensor, Step, dict]:
     """Clipped surrogate [B], the recomputed step, and ratio statistics [B]."""
     with phase("policy"):
         step = policy_transition(denoiser, b, ctx)
-    per, stats = surrogate(step, b, clip)
+    per, stats = surrogate(step, b, clip, ratio)
     return per, step, stats

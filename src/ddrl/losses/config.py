@@ -16,11 +16,26 @@ class DataTermConfig:
         default=0.1,
         metadata={"help": "weight of the flow-matching loss on data (forward KL to p̃_data)"},
     )
-    data_t: Literal["rollout", "random"] = field(
+    data_t: Literal["rollout", "random", "edm_lognormal"] = field(
         default="rollout",
         metadata={
             "help": '"rollout": the rollout\'s t and initial noise (release '
-            'use_rl_sigma_and_noise); "random": logit-normal t and fresh noise'
+            'use_rl_sigma_and_noise); "random": logit-normal t and fresh noise; "edm_lognormal": '
+            "the release's pretraining σ draw (t = σ/(1+σ)) and fresh noise"
+        },
+    )
+    data_weight: Literal["none", "edm"] = field(
+        default="none",
+        metadata={
+            "help": '"none": the velocity MSE; "edm": × (t² + (1−t)²), the release\'s '
+            "EDM-weighted x0 loss (docs/DECISIONS.md)"
+        },
+    )
+    data_caption_dropout: float = field(
+        default=0.0,
+        metadata={
+            "help": "fraction of data items whose condition is zeroed in the data term (release "
+            "text dropout_rate: 0.2); drawn per item"
         },
     )
     data_on_first_only: bool = field(
@@ -46,25 +61,12 @@ class DataTermConfig:
         check_literals(self, "loss.")
         check_range("loss.data_beta", self.data_beta, 0.0)
         check_range("loss.data_steps", self.data_steps, 1e-6, 1.0)
+        check_range("loss.data_caption_dropout", self.data_caption_dropout, 0.0, 1.0)
         if self.data_on_first_only and self.data_steps < 1:
             raise DDRLError(
                 "loss.data_on_first_only and loss.data_steps < 1 both thin out the data term; "
                 "allowed: one of them"
             )
-
-
-@dataclass
-class DDRLConfig(DataTermConfig):
-    """DDRL's knobs (the data term's, plus the policy term's clip)."""
-
-    clip_range: float = field(
-        default=1e-4,
-        metadata={"help": "PPO ratio clip ε (release: 1e-4; the ratio is ≡ 1 on-policy)"},
-    )
-
-    def check(self) -> None:
-        super().check()
-        check_range("loss.clip_range", self.clip_range, 0.0, 1.0)
 
 
 @dataclass
@@ -99,14 +101,32 @@ class FlowGRPOConfig:
 
 @dataclass
 class PolicyConfig:
-    """The policy term's only knob."""
+    """The clipped policy term's knobs (plain GRPO, DanceGRPO; DDRL adds the data term's)."""
 
     clip_range: float = field(
-        default=1e-4, metadata={"help": "PPO ratio clip ε (flow_grpo and DanceGRPO: 1e-4)"}
+        default=1e-4,
+        metadata={"help": "PPO ratio clip ε (the release, flow_grpo, DanceGRPO: 1e-4)"},
+    )
+    ratio: Literal["log_density", "edm_squared_error"] = field(
+        default="log_density",
+        metadata={
+            "help": '"log_density": ρ from the per-dimension-mean log-density; '
+            '"edm_squared_error": the release\'s unnormalised squared error in EDM space'
+        },
     )
 
     def check(self) -> None:
+        check_literals(self, "loss.")
         check_range("loss.clip_range", self.clip_range, 0.0, 1.0)
+
+
+@dataclass
+class DDRLConfig(DataTermConfig, PolicyConfig):
+    """DDRL's knobs: the data term's and the policy term's."""
+
+    def check(self) -> None:
+        DataTermConfig.check(self)
+        PolicyConfig.check(self)
 
 
 @dataclass

@@ -30,10 +30,13 @@ class FlowGRPOLoss:
         self.cfg, self.ctx = cfg, ctx
         self.ref = ctx.make_reference(cfg.reference) if cfg.beta_kl > 0 else None
 
+    def kept(self, advantages: Tensor, valid: Tensor) -> Tensor:
+        """Trajectories [B] both terms cover: the valid ones; with ``drop_zero_advantage`` not
+        those with A = 0, which flow_grpo removes before its loss (train_sd3.py L796-817)."""
+        return valid & (advantages != 0) if self.cfg.drop_zero_advantage else valid
+
     def masks(self, b):
-        """Both terms over the valid samples; with ``drop_zero_advantage`` not over those with
-        A = 0, which flow_grpo removes from the batch before its loss (train_sd3.py L796-817)."""
-        keep = b.valid & (b.advantages != 0) if self.cfg.drop_zero_advantage else b.valid
+        keep = self.kept(b.advantages, b.valid)
         return {"policy": keep, "kl": keep}
 
     def __call__(self, denoiser, b):

@@ -21,5 +21,5 @@ class PolicyOnlyLoss:
         return {"policy": b.valid}
 
     def __call__(self, denoiser, b):
-        pg, _, stats = policy_term(denoiser, b, self.ctx, self.cfg.clip_range)
+        pg, _, stats = policy_term(denoiser, b, self.ctx, self.cfg.clip_range, self.cfg.ratio)
         return LossOut({"policy": (pg, 1.0)}, stats)

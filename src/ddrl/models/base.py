@@ -101,6 +101,9 @@ class Generator(Protocol):
     def from_pretrained(cls, path: str | Path, config=None) -> Generator:
         """Load from ``path``; ``config``: the run's ModelConfig (resolution, LoRA, precision)."""
 
+    # Optional: ``condition_frames(cond, x0 [B, ...], k [B]) -> Cond``, ``cond`` conditioned on
+    # the first k_i frames of the clean sample x0_i (``model.cond_frames``; Cosmos).
+
 
 class EulerSchedulerGrid:
     """The grid of diffusers' FlowMatchEulerDiscreteScheduler(shift=1) for the embedded models

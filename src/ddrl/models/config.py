@@ -75,6 +75,13 @@ class ModelConfig:
         default=0,
         metadata={"help": "video frames per sample (cosmos, wan); 0 = the family's default"},
     )
+    cond_frames: tuple[int, int] = field(
+        default=(0, 0),
+        metadata={
+            "help": "[min, max] conditional latent frames per group, drawn uniformly each "
+            "iteration, taken from the group's paired data item (cosmos; the release: [0, 1])"
+        },
+    )
     cache_dir: str = field(
         default="", metadata={"help": 'base and reward models; "" = $DDRL_CACHE or ~/.cache/ddrl'}
     )
@@ -141,6 +148,13 @@ class ModelConfig:
                 "model.resolution is the square size)"
             )
         check_range("model.vae_batch", self.vae_batch, 1)
+        lo, hi = self.cond_frames
+        for k in (lo, hi):
+            check_range("model.cond_frames", k, 0, 1024)
+        if lo > hi:
+            raise DDRLError(
+                f"model.cond_frames={list(self.cond_frames)}: allowed [min, max], min <= max"
+            )
         check_range("model.guidance", self.guidance, 0.0, 100.0)
         check_range("model.max_sequence_length", self.max_sequence_length, 0)
         self.lora.check()

@@ -192,6 +192,14 @@ class CosmosGenerator(DiffusersGenerator):
             )
         self.sample_shape = shape
 
+    def condition_frames(self, cond: Cond, x0: Tensor, k: Tensor) -> Cond:
+        """``cond`` [B] conditioned on the first k_i latent frames of x0_i (clean normalised
+        latents [B, C, T, h, w], k [B] ints; k_i = 0 leaves row i text-to-video): the release's
+        Vid2Vid condition (condition mask 1 on frames < k_i, cosmos-rl ``v2v_model.py``)."""
+        frames = torch.arange(x0.shape[2], device=k.device)
+        mask = (frames[None] < k[:, None]).float()[:, None, :, None, None]
+        return with_given(cond, x0, mask.to(x0.device))
+
     def timestep_grid(self, num_steps: int, shift: float = 0.0) -> Tensor:
         """The scheduler's sigmas [N + 1]: ≈0.995 → 0.0099, then 0 (Karras, no shift)."""
         if shift > 0 and self.scheduler.config.get("use_karras_sigmas"):

@@ -43,6 +43,7 @@ class Components:
     eval_rewards: MultiReward | None = None  # eval.rewards: out-of-domain, never trained on
     heldout: PairedPool | None = None  # data.eval_images encoded (model space), for eval
     embed: Callable[[Tensor], Tensor] | None = None  # eval.features: images → features [B, D]
+    needs_data: bool = False  # the loss trains on data: each trajectory gets an x0 from the pool
 
     @functools.cached_property
     def paired(self) -> bool:
@@ -179,7 +180,24 @@ def build_components(cfg: RunConfig, log=print, training: bool = True) -> Compon
     gen, base_path = load_base(cfg, log)
     data = load_data(cfg.data)
     needs_data = training and getattr(loss_class(cfg.algorithm), "needs_data", True)
-    pool = build_pool(cfg, gen, base_path, data, log) if needs_data else None
+    frames = {  # conditional frames: key → (count, the prompts whose data items give them)
+        k: v
+        for k, v in {
+            "model.cond_frames": (cfg.model.cond_frames[1] * training, data.prompts),
+            "eval.cond_frames": (cfg.eval.cond_frames, data.eval_prompts or data.prompts),
+        }.items()
+        if v[0]
+    }
+    for key, (n, _) in frames.items():
+        check_cond_frames(key, n, cfg.model.name, gen)
+    pool = build_pool(cfg, gen, base_path, data, log) if needs_data or frames else None
+    for key, (_, prompts) in frames.items():
+        if not pool.covers(prompts):
+            raise DDRLError(
+                f"{key} takes the frames from a data item of each prompt, but the data's "
+                "captions do not cover the prompts; allowed: data whose captions are the "
+                "prompts (files with captions, synthetic), or 0"
+            )
     r = cfg.reward
     device = device_of(cfg) if r.device == "auto" else r.device
     root = cache_root(cfg.model.cache_dir)
@@ -202,4 +220,21 @@ def build_components(cfg: RunConfig, log=print, training: bool = True) -> Compon
     for r in [*reward.rewards, *(ood.rewards if ood else [])]:  # a reward service: is it up?
         if callable(getattr(r, "health", None)):
             r.health()
-    return Components(gen, base_path, data, pool, reward, build_gold(cfg.gold), ood, heldout, embed)
+    gold = build_gold(cfg.gold)
+    return Components(gen, base_path, data, pool, reward, gold, ood, heldout, embed, needs_data)
+
+
+def check_cond_frames(key: str, n: int, family: str, gen: Generator) -> None:
+    """Up to ``n`` conditional frames (config key ``key``) need a family with conditional
+    frames, and fewer of them than the sample's latent frames [C, T, h, w]."""
+    shape = gen.sample_shape
+    if not callable(getattr(gen, "condition_frames", None)) or len(shape) != 4:
+        raise DDRLError(
+            f"{key} asks for conditional frames, which model.name={family!r} does not take; "
+            "allowed: 0 here (conditional frames: cosmos)"
+        )
+    if n >= shape[1]:
+        raise DDRLError(
+            f"{key} asks for {n} conditional frames: at most {shape[1] - 1} of the sample's "
+            f"{shape[1]} latent frames can be given"
+        )

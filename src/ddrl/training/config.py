@@ -32,7 +32,31 @@ class OptimConfig:
         },
     )
     ema_decay: float = field(
-        default=0.0, metadata={"help": "EMA of weights, 0 = off; evaluation uses the EMA when on"}
+        default=0.0,
+        metadata={
+            "help": "EMA of weights, 0 = off (the cap with ema_warmup); evaluation uses the EMA"
+        },
+    )
+    ema_every: int = field(
+        default=1,
+        metadata={
+            "help": "an EMA call updates only when (s + 1) % ema_every == 0, s = optimizer steps "
+            "taken (flow_grpo: 8, scripts/train_sd3.py L445)"
+        },
+    )
+    ema_warmup: bool = field(
+        default=False,
+        metadata={
+            "help": "decay min((1 + s)/(10 + s), ema_decay) at step count s (flow_grpo/ema.py "
+            "L33-37); false = ema_decay throughout"
+        },
+    )
+    ema_per: Literal["step", "micro_batch"] = field(
+        default="step",
+        metadata={
+            "help": '"step": one EMA call per optimizer step; "micro_batch": flow_grpo\'s, one '
+            "after every micro-batch of trajectories with the step count (train_sd3.py L954-955)"
+        },
     )
 
     def check(self) -> None:
@@ -41,7 +65,9 @@ class OptimConfig:
         check_range("optim.weight_decay", self.weight_decay, 0.0)
         check_range("optim.grad_clip", self.grad_clip, 0.0)
         check_range("optim.warmup", self.warmup, 0)
+        check_literals(self, "optim.")
         check_range("optim.ema_decay", self.ema_decay, 0.0, 1.0 - 1e-12)
+        check_range("optim.ema_every", self.ema_every, 1)
         for b in self.betas:
             check_range("optim.betas", b, 0.0, 1.0 - 1e-12)
 
@@ -54,7 +80,25 @@ class TrainConfig:
     prompts_per_iter: int = field(default=10, metadata={"help": "groups per iteration"})
     group_size: int = field(default=8, metadata={"help": "samples per prompt (paper: G = 8)"})
     inner_updates: int = field(
-        default=1, metadata={"help": "optimizer steps per rollout batch (1 ⇒ ratio ≡ 1, REINFORCE)"}
+        default=1,
+        metadata={
+            "help": "passes over the rollout batch (flow_grpo num_inner_epochs), each taking "
+            "updates_per_batch optimizer steps"
+        },
+    )
+    updates_per_batch: int = field(
+        default=1,
+        metadata={
+            "help": "optimizer steps per pass: each rank's trajectories split into this many "
+            "parts, one step each (1 ⇒ ratio ≡ 1, REINFORCE; flow_grpo 2, DanceGRPO 3)"
+        },
+    )
+    update_split: Literal["shuffled", "within_groups"] = field(
+        default="shuffled",
+        metadata={
+            "help": '"shuffled": a random order per pass (flow_grpo); "within_groups": part u '
+            "takes the u-th slice of every group (DanceGRPO's one group per GPU, in order)"
+        },
     )
     timestep_fraction: float = field(
         default=1.0, metadata={"help": "trained steps per iteration: floor(fraction · num_steps)"}
@@ -116,6 +160,12 @@ class TrainConfig:
         check_range("train.prompts_per_iter", self.prompts_per_iter, 1)
         check_range("train.group_size", self.group_size, 2)
         check_range("train.inner_updates", self.inner_updates, 1)
+        check_range(
+            "train.updates_per_batch",
+            self.updates_per_batch,
+            1,
+            self.prompts_per_iter * self.group_size,
+        )
         check_range("train.timestep_fraction", self.timestep_fraction, 1e-6, 1.0)
         check_range("train.micro_batch", self.micro_batch, 0)
         check_range("train.steps_per_forward", self.steps_per_forward, 1)

@@ -16,7 +16,13 @@ from torch import Tensor
 
 from ddrl.config import RunConfig
 from ddrl.dist.group import gathered_advantages
-from ddrl.dist.rng import current_rank, noise_generator, rank_generator, shared_generator
+from ddrl.dist.rng import (
+    current_rank,
+    noise_generator,
+    rank_generator,
+    shared_generator,
+    split_generator,
+)
 from ddrl.models.base import Cond, CondCache, decode_images
 from ddrl.phases import phase
 from ddrl.rewards.multi import MultiReward, clip_rewards
@@ -40,6 +46,8 @@ class Iteration:
     steps: Tensor  # [B/W, n] trained step indices, sorted (noise → data)
     plan: int  # the iteration's shared seed for the losses' per-step choices
     generator: torch.Generator  # this rank's own stream (noise drawn per micro-batch)
+    rows: slice | None = None  # this rank's rows of the B trajectories (None: all of them)
+    order: torch.Generator | None = None  # the split stream (trajectories → optimizer steps)
 
 
 class OverlappedScorer:
@@ -90,14 +98,32 @@ def select_timesteps(
     return row.expand(batch, n).clone()
 
 
+def given_frames(
+    cfg: RunConfig, c: Components, prompts: list[str], g: torch.Generator, rows: slice, device
+) -> tuple[Tensor, Tensor] | None:
+    """The conditional frames of this rank's trajectories (``model.cond_frames`` = [lo, hi]):
+    per group one paired data item x0 [B/W, ...] and a frame count k [B/W] ~ U{lo..hi}, both
+    drawn from the shared stream, as the release draws num_conditional_frames for each rollout
+    group (cosmos-rl t2v_model.py L585-589) and conditions on its data item (v2v_model.py
+    L61-72). None when hi = 0 (text-to-video): nothing is drawn."""
+    lo, hi = cfg.model.cond_frames
+    if hi == 0:
+        return None
+    G = cfg.train.group_size
+    k = torch.randint(lo, hi + 1, (len(prompts),), generator=g).repeat_interleave(G)
+    x0 = c.pool.paired(prompts, g).repeat_interleave(G, dim=0)
+    return x0[rows].to(device), k[rows].to(device)
+
+
 def collect(
     cfg: RunConfig, c: Components, it: int, rows: slice, encode: CondCache, device
 ) -> Iteration:
     """Iteration ``it``'s batch for this rank's ``rows`` of the P·G trajectories.
 
-    The shared stream (seed, it) draws the prompts, the trained steps and the plan seed, in
-    that order; the noise stream draws the rollout's noise and then the data pairing; the
-    rank's own stream is left for per-micro-batch noise (``Iteration.generator``)."""
+    The shared stream (seed, it) draws the prompts, the trained steps, the plan seed and the
+    conditional frames, in that order; the noise stream draws the rollout's noise and then the
+    data pairing; the rank's own stream is left for per-micro-batch noise
+    (``Iteration.generator``)."""
     gen, tc = c.gen, cfg.train
     P, G = tc.prompts_per_iter, tc.group_size
     g_shared, g_noise = shared_generator(cfg.seed, it), noise_generator(cfg.seed, it)
@@ -105,6 +131,16 @@ def collect(
     g_own = g_noise if rank == 0 else rank_generator(cfg.seed, it, rank)
     with phase("rollout"):
         prompts = c.data.sample_prompts(P, g_shared)
+        steps = select_timesteps(
+            cfg.sampler.num_steps,
+            tc.timestep_fraction,
+            tc.timestep_selection,
+            P * G,
+            g_shared,
+            tc.skip_last_step,
+        )[rows].to(device)
+        plan = int(torch.randint(2**31 - 1, (1,), generator=g_shared))
+        given = given_frames(cfg, c, prompts, g_shared, rows, device)  # after every other draw
         every_prompt = [q for q in prompts for _ in range(G)]
         scorer = (  # scores each chunk while the next samples (reward.overlap)
             OverlappedScorer(gen.codec, c.reward, every_prompt[rows], device)
@@ -113,7 +149,16 @@ def collect(
         )
         gen.denoiser.eval()
         ro = rollout(
-            gen, prompts, G, cfg.sampler, g_noise, device, encode=encode, rows=rows, on_chunk=scorer
+            gen,
+            prompts,
+            G,
+            cfg.sampler,
+            g_noise,
+            device,
+            encode=encode,
+            rows=rows,
+            on_chunk=scorer,
+            given=given,
         )
         gen.denoiser.train()
     if scorer is None:
@@ -128,21 +173,15 @@ def collect(
             mine, c.reward.weights, G, cfg.advantage, cfg.reward.aggregate
         )
         x0_data = data_cond = None
-        if c.paired:
+        if not c.needs_data:
+            pass
+        elif given:  # the item that conditions the group's rollouts (release: one per group)
+            x0_data = given[0]
+        elif c.paired:
             x0_data = c.pool.paired(every_prompt, g_noise)[rows].to(device)
-        elif c.pool is not None:
+        else:
             x0_data, captions = c.pool.sample(P * G, g_noise)
             x0_data, data_cond = x0_data[rows].to(device), encode(captions[rows]).to(device)
-        steps = select_timesteps(
-            cfg.sampler.num_steps,
-            tc.timestep_fraction,
-            tc.timestep_selection,
-            P * G,
-            g_shared,
-            tc.skip_last_step,
-        )[rows].to(device)
-        # Drawn after every earlier use of the shared stream, which it leaves as it was.
-        plan = int(torch.randint(2**31 - 1, (1,), generator=g_shared))
     return Iteration(
         it,
         ro,
@@ -156,4 +195,6 @@ def collect(
         steps,
         plan,
         g_own,
+        rows,
+        split_generator(cfg.seed, it, rank),
     )

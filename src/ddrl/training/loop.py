@@ -8,8 +8,9 @@ their presets); the loop never asks which algorithm it runs. Simplifications, st
    groups normalise whole, loss denominators are summed over ranks and gradients too (torch
    DDP or FSDP2) once per optimizer step, so W ranks take the single-process step. Rank 0
    alone writes the run folder; every rank writes its checkpoint shards.
-2. Each inner update is one optimizer step, gradients accumulated over every trained timestep
-   and micro-batch, each loss term averaged over the whole iteration (``training.step``).
+2. Each optimizer step accumulates gradients over every trained timestep and micro-batch of
+   its share of the trajectories (all of them, or 1/``updates_per_batch``), each loss term
+   averaged over that whole share (``training.step``).
 3. The denoiser is trained in place; the conditioner and codec are frozen.
 4. Iteration k's randomness comes from generators keyed by (seed, k) and (seed, k, rank), so a
    resumed run continues exactly as the uninterrupted one (``training.iteration``).
@@ -88,7 +89,12 @@ def train(
     watch = LossRiseWatch(run_dir, cfg.eval.loss_warn, log)
     evaluate = functools.partial(_evaluate, cfg, c, dev, par, shipped, logger, watch, run_dir)
     total = tc.prompts_per_iter * tc.group_size
-    rows, encode, micro = batch_slice(total), CondCache(c.gen.conditioner), tc.micro_batch or total
+    rows, encode = batch_slice(total), CondCache(c.gen.conditioner)
+    if rows.stop - rows.start < tc.updates_per_batch:
+        raise DDRLError(
+            f"train.updates_per_batch={tc.updates_per_batch} parts of {rows.stop - rows.start} "
+            "trajectories per process; allowed: at most the trajectories per process"
+        )
     if cfg.eval.every and start == 0:
         evaluate(0)
     row, all_skipped = {}, 0
@@ -100,7 +106,7 @@ def train(
         t0 = time.perf_counter()
         with timer.active():
             b = collect(cfg, c, it, rows, encode, dev)
-            m = learner.step(b, micro, tc.steps_per_forward, tc.inner_updates, tc.max_bad_steps)
+            m = learner.step(b, tc)
             with phase("log"):
                 row = _metrics_row(b, m, c, tc.group_size, dev)
         # The iteration's phases; eval and checkpoint after iteration k land in row k + 1.

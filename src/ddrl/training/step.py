@@ -1,10 +1,11 @@
-"""The step: the iteration's micro-batches, one optimizer step over all of them with
-whole-iteration denominators, and the ``Learner`` that owns the optimizer, the EMA, the
-learning-rate warm-up and the non-finite-step policy."""
+"""The step: the iteration's micro-batches, optimizer steps over them with whole-step
+denominators, how the trajectories are split across a pass's steps, and the ``Learner`` that
+owns the optimizer, the EMA, the learning-rate warm-up and the non-finite-step policy."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 
 import torch
@@ -14,21 +15,25 @@ from ddrl.dist.parallel import Parallel, grad_norm_value
 from ddrl.errors import DDRLError
 from ddrl.losses.base import Loss, StepBatch
 from ddrl.phases import phase
-from ddrl.training.config import OptimConfig
+from ddrl.training.config import OptimConfig, TrainConfig
 from ddrl.training.ema import EMA
 from ddrl.training.iteration import Iteration
 
 
-def step_batches(b: Iteration, micro: int, stack: int = 1) -> Iterator[StepBatch]:
+def step_batches(
+    b: Iteration, micro: int, stack: int = 1, rows: torch.Tensor | None = None
+) -> Iterator[StepBatch]:
     """One StepBatch per (trained-step position j, micro-batch of ``micro`` trajectories) of
-    the iteration's steps [B, n] (per-sample step indices). ``stack`` > 1: that many
-    consecutive positions in one batch (stack × micro rows, position-major), one forward
-    instead of ``stack``; the per-sample t makes it the same computation."""
+    the iteration's steps [B, n] (per-sample step indices), over the trajectories ``rows``
+    (indices into this rank's; None = all, in order). ``stack`` > 1: that many consecutive
+    positions in one batch (stack × micro rows, position-major), one forward instead of
+    ``stack``; the per-sample t makes it the same computation."""
     ro, steps, data_cond = b.rollout, b.steps, b.data_cond
-    b_total, n = b.advantages.shape[0], steps.shape[1]
+    n = steps.shape[1]
+    chosen = torch.arange(b.advantages.shape[0]) if rows is None else rows
     for j0 in range(0, n, stack):
         cols = torch.arange(j0, min(j0 + stack, n))
-        for idx in torch.arange(b_total).split(micro):
+        for idx in chosen.split(micro):
             s = steps[idx][:, cols].T.reshape(-1)  # [k·m]: position j0's rows, then j0 + 1's
             rows = idx.repeat(len(cols)).to(ro.states.device)
             yield StepBatch(
@@ -50,6 +55,30 @@ def step_batches(b: Iteration, micro: int, stack: int = 1) -> Iterator[StepBatch
                 positions=n,
                 plan=b.plan,
             )
+
+
+def split_rows(
+    parts: int, how: str, kept: torch.Tensor, group_pos: torch.Tensor, g: torch.Generator | None
+) -> list[torch.Tensor]:
+    """This rank's trajectories (indices [n]) split into ``parts`` optimizer steps.
+
+    The rows are ordered ("shuffled": a random permutation from ``g``, as flow_grpo's randperm
+    before it re-batches, scripts/train_sd3.py L829-836; "within_groups": by position in the
+    group ``group_pos`` [n], then row, so part u holds the u-th slice of every group, as
+    DanceGRPO's one group per GPU trained in order, fastvideo/train_grpo_flux.py L571-611),
+    then the ``kept`` rows [n] bool (those a loss term covers; flow_grpo drops the rest before
+    it splits, L796-836) are cut into ``parts`` near-equal consecutive runs, and the others
+    spread the same way (their terms are masked out). One part: every row in order."""
+    n = kept.shape[0]
+    if parts == 1:
+        return [torch.arange(n)]
+    if how == "shuffled":
+        order = torch.randperm(n, generator=g)
+    else:
+        order = torch.argsort(group_pos * n + torch.arange(n))
+    kept = kept.cpu()[order]
+    runs = zip(order[kept].tensor_split(parts), order[~kept].tensor_split(parts), strict=True)
+    return [torch.cat([a, r]) for a, r in runs]
 
 
 def _masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -119,9 +148,10 @@ def optimizer_step(
 
 
 class Learner:
-    """The trained side of the loop: ``step`` turns an iteration into ``inner_updates``
-    optimizer steps at the warmed-up learning rate, keeps the EMA, and stops the run after
-    ``max_bad_steps`` consecutive non-finite steps (each one skipped, the checkpoints kept)."""
+    """The trained side of the loop: ``step`` turns an iteration into ``inner_updates`` passes
+    of ``updates_per_batch`` optimizer steps each at the warmed-up learning rate, keeps the
+    EMA, and stops the run after ``max_bad_steps`` consecutive non-finite steps (each one
+    skipped, the checkpoints kept)."""
 
     def __init__(
         self,
@@ -137,41 +167,67 @@ class Learner:
         self.opt = torch.optim.AdamW(
             self.params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay
         )
-        self.ema = EMA(denoiser, optim.ema_decay) if optim.ema_decay > 0 else None
+        self.ema = (
+            EMA(denoiser, optim.ema_decay, optim.ema_every, optim.ema_warmup)
+            if optim.ema_decay > 0
+            else None
+        )
         self.denoiser, self.bad_steps = denoiser, 0
 
     def lr(self, it: int) -> float:
         """Linear warm-up over ``optim.warmup`` iterations, then ``optim.lr``."""
         return self.cfg.lr * min(1.0, (it + 1) / max(self.cfg.warmup, 1))
 
-    def step(
-        self, b: Iteration, micro: int, stack: int, inner_updates: int, max_bad_steps: int
-    ) -> dict[str, torch.Tensor]:
-        """Train on iteration ``b``; returns the last update's metrics (tensors) and lr."""
-        batches = list(step_batches(b, micro, stack))
+    def step(self, b: Iteration, tc: TrainConfig) -> dict[str, torch.Tensor]:
+        """Train on iteration ``b``; returns the last update's metrics (tensors), lr, and the
+        first (on-policy) update's ratio deviation, ``onpolicy_ratio_dev_max``: it should be
+        ~0, and is the check that training recomputes the rollout's log-probs.
+
+        Optimizer steps are counted over the run (s = steps taken, skipped ones included, a
+        function of the iteration, so a resumed run counts on). With ``optim.ema_per =
+        "micro_batch"`` the EMA is called as flow_grpo calls it, once after each micro-batch
+        with the count of steps taken (train_sd3.py L927-955): a step of m micro-batches is
+        followed by one call with the new count, and its m − 1 successors' calls (same count,
+        same weights) come before the next step; evaluation falls between them, as there.
+        m counts the step's share of the rank's trajectories (flow_grpo's gradient-accumulation
+        batches, fixed however many its zero-advantage filter drops), the same on every rank."""
         lr = self.lr(b.index)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        for _ in range(inner_updates):
-            m, finite = optimizer_step(
-                self.loss_fn,
-                self.policy,
-                batches,
-                self.params,
-                self.opt,
-                self.cfg.grad_clip,
-                self.par,
-            )
-            self.bad_steps = 0 if finite else self.bad_steps + 1
-            if not finite:
-                self.log(f"iteration {b.index + 1}: non-finite loss or gradient; step skipped")
-                if self.bad_steps >= max_bad_steps:
-                    raise DDRLError(
-                        f"{self.bad_steps} consecutive non-finite steps (train.max_bad_steps="
-                        f"{max_bad_steps}); last good checkpoint kept. Lower optim.lr or "
-                        "check the reward"
-                    )
-            elif self.ema is not None:
-                with phase("optimizer"):
-                    self.ema.update(self.denoiser)
+        parts, micro = tc.updates_per_batch, tc.micro_batch or b.advantages.shape[0]
+        kept = getattr(self.loss_fn, "kept", lambda adv, valid: valid)(b.advantages, b.valid)
+        n, first = kept.shape[0], b.rows.start if b.rows is not None else 0
+        group_pos = (first + torch.arange(n)) % tc.group_size
+        s, first = b.index * tc.inner_updates * parts, None
+        for _ in range(tc.inner_updates):
+            for rows in split_rows(parts, tc.update_split, kept, group_pos, b.order):
+                batches = list(step_batches(b, micro, tc.steps_per_forward, rows))
+                calls = math.ceil(n / parts / micro) if self.cfg.ema_per == "micro_batch" else 1
+                if self.ema is not None and calls > 1:  # the previous step's later calls
+                    with phase("optimizer"):
+                        self.ema.update(self.denoiser, s, calls - 1)
+                m = self._update(b.index, batches, tc.max_bad_steps)
+                first = m if first is None else first
+                s += 1
+                if self.ema is not None:
+                    with phase("optimizer"):
+                        self.ema.update(self.denoiser, s)
+        if "ratio_dev_max" in first:
+            m["onpolicy_ratio_dev_max"] = first["ratio_dev_max"]
         return {**m, "lr": lr}
+
+    def _update(self, index: int, batches: list[StepBatch], max_bad_steps: int) -> dict:
+        """One optimizer step over ``batches``, skipped (and counted) when non-finite."""
+        m, finite = optimizer_step(
+            self.loss_fn, self.policy, batches, self.params, self.opt, self.cfg.grad_clip, self.par
+        )
+        self.bad_steps = 0 if finite else self.bad_steps + 1
+        if not finite:
+            self.log(f"iteration {index + 1}: non-finite loss or gradient; step skipped")
+            if self.bad_steps >= max_bad_steps:
+                raise DDRLError(
+                    f"{self.bad_steps} consecutive non-finite steps (train.max_bad_steps="
+                    f"{max_bad_steps}); last good checkpoint kept. Lower optim.lr or "
+                    "check the reward"
+                )
+        return m
