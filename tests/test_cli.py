@@ -77,7 +77,7 @@ def test_demo_quick(tmp_path, capsys):
     code, _, err = run(capsys, "demo", "--quick", "--out", out)
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
-    for name in ("base", "ddrl", "grpo", "flow_grpo"):
+    for name in ("base", "ddrl", "grpo"):
         assert {"proxy_reward", "gold_accuracy", "diversity", "seconds"} <= set(summary[name])
     assert (out / "report.html").is_file() and (out / "samples_base.png").is_file()
 

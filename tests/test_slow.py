@@ -12,16 +12,14 @@ def test_full_demo_shows_hacking_and_ddrl_preventing_it(tmp_path):
     summary = run_demo(tmp_path / "demo", log=lambda *a: None)
     assert json.loads((tmp_path / "demo" / "summary.json").read_text()).keys() == summary.keys()
     base, ddrl, grpo = summary["base"], summary["ddrl"], summary["grpo"]
-    flow = summary["flow_grpo"]
     assert base["gold_accuracy"] >= 0.95
     # The same objective without the data term hacks the brightness reward: proxy up, gold
     # accuracy collapses (0.31 at 30 iterations, docs/LOG.md 2026-12-06).
     assert grpo["proxy_reward"] > base["proxy_reward"] + 0.2
     assert grpo["gold_accuracy"] < 0.5
-    # Flow-GRPO with its own two steps per batch drifts off the data more slowly, but further
-    # than DDRL: its held-out loss rises more, and its FD grows more.
-    assert flow["heldout_diffusion_loss"] > ddrl["heldout_diffusion_loss"]
-    assert flow["fd"] > 2 * ddrl["fd"]
+    # ... and leaves the data: held-out loss and FD far above DDRL's.
+    assert grpo["heldout_diffusion_loss"] > 2 * ddrl["heldout_diffusion_loss"]
+    assert grpo["fd"] > 10 * ddrl["fd"]
     # DDRL raises the reward while staying on the data manifold: within the report's hacking
     # criterion (gold accuracy within 10% of the base's own). It was an absolute 0.93 before the
     # 2026-11-24 conventions (scheduler grid, flow_grpo's σ at t = 1), under which DDRL at
