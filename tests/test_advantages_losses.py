@@ -18,7 +18,7 @@ from ddrl.config.core import AdvantageConfig, DanceSDE, FlowSDE, SamplerConfig
 from ddrl.errors import DDRLError
 from ddrl.flow import sample_training_t
 from ddrl.losses import build_loss, loss_class
-from ddrl.losses.base import LossContext, StepBatch, clipped_policy_loss, policy_transition
+from ddrl.losses.base import LossContext, StepBatch, clipped_surrogate, policy_transition
 from ddrl.losses.config import DDRLConfig, FlowGRPOConfig, PolicyConfig, SFTConfig
 from ddrl.losses.ddrl import DDRLLoss
 from ddrl.losses.flow_grpo import FlowGRPOLoss, flow_grpo_kl
@@ -196,10 +196,10 @@ def test_group_advantages_all_groups_non_finite(std):
 # ---------------------------------------------------------------------------- clipped surrogate
 
 
-def test_clipped_policy_loss_on_policy_is_minus_advantage():
+def test_clipped_surrogate_on_policy_is_minus_advantage():
     logp = torch.tensor([-1.3, 0.2, 5.0])
     adv = torch.tensor([0.7, -2.0, 0.0])
-    loss, ratio = clipped_policy_loss(logp, logp.clone(), adv, 1e-4)
+    loss, ratio = clipped_surrogate(logp - logp.clone(), adv, 1e-4)
     assert torch.equal(ratio, torch.ones(3))
     assert torch.equal(loss, -adv)
 
@@ -214,9 +214,9 @@ def test_clipped_policy_loss_on_policy_is_minus_advantage():
         (0.1, 2.0, -2 * math.exp(0.1)),  # inside [1−ε, 1+ε]: plain −A·ρ
     ],
 )
-def test_clipped_policy_loss_hand_values(dlogp, a, want):
+def test_clipped_surrogate_hand_values(dlogp, a, want):
     logp_old = torch.tensor([-0.3])
-    loss, ratio = clipped_policy_loss(logp_old + dlogp, logp_old, torch.tensor([a]), 0.2)
+    loss, ratio = clipped_surrogate((logp_old + dlogp) - logp_old, torch.tensor([a]), 0.2)
     assert ratio.item() == pytest.approx(math.exp(dlogp), rel=1e-6)
     assert loss.item() == pytest.approx(want, rel=1e-6)
 
@@ -483,7 +483,7 @@ def test_policy_transition_is_the_reference_density(tiny_model, kind, level, t, 
     assert torch.equal(step.x_next, b.x_next)
     # logp_old is the reference density of the same transition: the ratio is 1.
     assert (step.log_prob - b.logp_old).abs().max().item() < 1e-5
-    _, ratio = clipped_policy_loss(step.log_prob, b.logp_old, b.advantages, 1e-4)
+    _, ratio = clipped_surrogate(step.log_prob - b.logp_old, b.advantages, 1e-4)
     assert (ratio - 1).abs().max().item() < 1e-5
     # any other transition is scored by the same reference Gaussian.
     with torch.no_grad():
@@ -707,7 +707,7 @@ def test_build_loss_names():
     with pytest.raises(DDRLError, match="cannot import algorithm"):
         build_loss("no_such_module_xyz:Loss", DDRLConfig(), ctx)
     with pytest.raises(DDRLError, match="not a loss class with a Config"):
-        build_loss("ddrl.losses.base:clipped_policy_loss", DDRLConfig(), ctx)
+        build_loss("ddrl.losses.base:clipped_surrogate", DDRLConfig(), ctx)
 
 
 def test_flow_grpo_drops_zero_advantage_samples_as_flow_grpo_does(tiny_model):

@@ -93,13 +93,6 @@ def clipped_surrogate(log_ratio: Tensor, adv: Tensor, clip: float) -> tuple[Tens
     return torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip)), ratio
 
 
-def clipped_policy_loss(
-    logp: Tensor, logp_old: Tensor, adv: Tensor, clip: float
-) -> tuple[Tensor, Tensor]:
-    """PPO surrogate per sample [B]: max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)), ρ = exp(logp − logp_old)."""
-    return clipped_surrogate(logp - logp_old, adv, clip)
-
-
 def log_ratio(step: Step, b: StepBatch, kind: str = "log_density") -> Tensor:
     """log ρ [B] of a recomputed step against the rollout's record.
 

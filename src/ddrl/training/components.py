@@ -180,14 +180,11 @@ def build_components(cfg: RunConfig, log=print, training: bool = True) -> Compon
     gen, base_path = load_base(cfg, log)
     data = load_data(cfg.data)
     needs_data = training and getattr(loss_class(cfg.algorithm), "needs_data", True)
-    frames = {  # conditional frames: key → (count, the prompts whose data items give them)
-        k: v
-        for k, v in {
-            "model.cond_frames": (cfg.model.cond_frames[1] * training, data.prompts),
-            "eval.cond_frames": (cfg.eval.cond_frames, data.eval_prompts or data.prompts),
-        }.items()
-        if v[0]
-    }
+    frames = {}  # conditional frames asked for: key → (count, the prompts whose items give them)
+    if training and cfg.model.cond_frames[1]:
+        frames["model.cond_frames"] = (cfg.model.cond_frames[1], data.prompts)
+    if cfg.eval.cond_frames:
+        frames["eval.cond_frames"] = (cfg.eval.cond_frames, data.eval_prompts or data.prompts)
     for key, (n, _) in frames.items():
         check_cond_frames(key, n, cfg.model.name, gen)
     pool = build_pool(cfg, gen, base_path, data, log) if needs_data or frames else None

@@ -173,15 +173,14 @@ def collect(
             mine, c.reward.weights, G, cfg.advantage, cfg.reward.aggregate
         )
         x0_data = data_cond = None
-        if not c.needs_data:
-            pass
-        elif given:  # the item that conditions the group's rollouts (release: one per group)
-            x0_data = given[0]
-        elif c.paired:
-            x0_data = c.pool.paired(every_prompt, g_noise)[rows].to(device)
-        else:
-            x0_data, captions = c.pool.sample(P * G, g_noise)
-            x0_data, data_cond = x0_data[rows].to(device), encode(captions[rows]).to(device)
+        if c.needs_data:
+            if given:  # the item that conditions the group's rollouts (release: one per group)
+                x0_data = given[0]
+            elif c.paired:
+                x0_data = c.pool.paired(every_prompt, g_noise)[rows].to(device)
+            else:
+                x0_data, captions = c.pool.sample(P * G, g_noise)
+                x0_data, data_cond = x0_data[rows].to(device), encode(captions[rows]).to(device)
     return Iteration(
         it,
         ro,

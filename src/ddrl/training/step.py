@@ -196,13 +196,15 @@ class Learner:
             group["lr"] = lr
         parts, micro = tc.updates_per_batch, tc.micro_batch or b.advantages.shape[0]
         kept = getattr(self.loss_fn, "kept", lambda adv, valid: valid)(b.advantages, b.valid)
-        n, first = kept.shape[0], b.rows.start if b.rows is not None else 0
-        group_pos = (first + torch.arange(n)) % tc.group_size
+        n, offset = kept.shape[0], b.rows.start if b.rows is not None else 0
+        group_pos = (offset + torch.arange(n)) % tc.group_size
+        calls = math.ceil(n / parts / micro) if self.cfg.ema_per == "micro_batch" else 1
+        # One part: the same batches every pass, gathered once.
+        whole = list(step_batches(b, micro, tc.steps_per_forward)) if parts == 1 else None
         s, first = b.index * tc.inner_updates * parts, None
         for _ in range(tc.inner_updates):
             for rows in split_rows(parts, tc.update_split, kept, group_pos, b.order):
-                batches = list(step_batches(b, micro, tc.steps_per_forward, rows))
-                calls = math.ceil(n / parts / micro) if self.cfg.ema_per == "micro_batch" else 1
+                batches = whole or list(step_batches(b, micro, tc.steps_per_forward, rows))
                 if self.ema is not None and calls > 1:  # the previous step's later calls
                     with phase("optimizer"):
                         self.ema.update(self.denoiser, s, calls - 1)
