@@ -12,19 +12,26 @@ import statistics
 
 import pytest
 import torch
+from named_losses import (
+    DDRLConfig,
+    DDRLLoss,
+    FlowGRPOConfig,
+    FlowGRPOLoss,
+    PolicyConfig,
+    PolicyOnlyLoss,
+    SFTConfig,
+    SFTLoss,
+)
 
 from ddrl.advantages import group_advantages
 from ddrl.config.core import AdvantageConfig, DanceSDE, FlowSDE, SamplerConfig
 from ddrl.errors import DDRLError
 from ddrl.flow import sample_training_t
-from ddrl.losses import build_loss, loss_class
-from ddrl.losses.base import LossContext, StepBatch, clipped_surrogate, policy_transition
-from ddrl.losses.config import DDRLConfig, FlowGRPOConfig, PolicyConfig, SFTConfig
-from ddrl.losses.ddrl import DDRLLoss
-from ddrl.losses.flow_grpo import FlowGRPOLoss, flow_grpo_kl
-from ddrl.losses.grpo import PolicyOnlyLoss
+from ddrl.losses import build_loss
+from ddrl.losses.base import LossContext, StepBatch, clipped_surrogate
+from ddrl.losses.grpo import policy_transition
+from ddrl.losses.kl import flow_grpo_kl
 from ddrl.losses.reference import FrozenCopy
-from ddrl.losses.sft import SFTLoss
 from ddrl.sampling import rollout
 from ddrl.sde import stepper
 from ddrl.training.step import optimizer_step
@@ -478,7 +485,7 @@ def test_data_on_first_only_drops_data_term_after_first_step(tiny_model):
 def test_policy_transition_is_the_reference_density(tiny_model, kind, level, t, t_next):
     b = _batch(tiny_model, kind, level, t=t, t_next=t_next)
     ctx = _ctx(kind, level)
-    step = policy_transition(tiny_model.denoiser, b, ctx)
+    step = policy_transition(tiny_model.denoiser, b, ctx)[0]
     assert step.log_prob.requires_grad and step.log_prob.shape == (B,)
     assert torch.equal(step.x_next, b.x_next)
     # logp_old is the reference density of the same transition: the ratio is 1.
@@ -491,7 +498,7 @@ def test_policy_transition_is_the_reference_density(tiny_model, kind, level, t, 
     mean, std = _ref_step(kind, level, b.x_t, v, b.t, b.t_next)
     assert torch.allclose(step.mean.double(), mean, atol=1e-5)
     b.x_next = b.x_next + 0.3
-    other = policy_transition(tiny_model.denoiser, b, ctx)
+    other = policy_transition(tiny_model.denoiser, b, ctx)[0]
     assert torch.allclose(other.log_prob.double(), _ref_log_prob(b.x_next, mean, std), atol=1e-5)
     assert (other.log_prob - step.log_prob).abs().min().item() > 1e-3
 
@@ -507,7 +514,7 @@ def test_policy_transition_cfg_detaches_the_unconditional_branch(tiny_digits):
     def grads(lp):
         return torch.autograd.grad(lp.sum(), params, allow_unused=True, retain_graph=True)
 
-    step = policy_transition(d, b, _ctx(cfg_scale=w))
+    step = policy_transition(d, b, _ctx(cfg_scale=w))[0]
     v_c, v_u = d.velocity(b.x_t, b.t, b.cond), d.velocity(b.x_t, b.t, b.null)
     assert (v_c - v_u).abs().max().item() > 1e-3  # the condition matters
     mean, std = _ref_step("flow", 0.7, b.x_t, (v_u + w * (v_c - v_u)).detach(), b.t, b.t_next)
@@ -560,7 +567,7 @@ def _check_rollout_log_probs(gen, ro, kind, level):
         want = _ref_log_prob(b.x_next, mean, std)
         # float32 steps vs a float64 reference; the last scheduler step (t = 0.001) is tiny
         assert torch.allclose(ro.log_probs[i].double(), want, atol=1e-3), i
-        step = policy_transition(gen.denoiser, b, ctx)
+        step = policy_transition(gen.denoiser, b, ctx)[0]
         assert (step.log_prob - ro.log_probs[i]).abs().max().item() < 1e-5, i
 
 
@@ -608,7 +615,9 @@ def test_flow_grpo_kl_zero_at_init_then_hand_formula(tiny_model):
         return built[-1]
 
     loss_fn = FlowGRPOLoss(FlowGRPOConfig(beta_kl=0.04), _ctx(make_reference=make_reference))
-    assert len(built) == 1 and loss_fn.ref is built[0]  # built once, at construction
+    assert (
+        len(built) == 1 and loss_fn.regularisers[0].ref is built[0]
+    )  # built once, at construction
     b = _batch(tiny_model)
     assert set(loss_fn.masks(b)) == {"policy", "kl"}
     out = loss_fn(tiny_model.denoiser, b)
@@ -648,7 +657,7 @@ def test_flow_grpo_kl_zero_at_init_then_hand_formula(tiny_model):
 def test_flow_grpo_without_kl_needs_no_reference(tiny_model):
     loss_fn = FlowGRPOLoss(FlowGRPOConfig(beta_kl=0.0), _ctx())  # _no_reference never called
     out = loss_fn(tiny_model.denoiser, _batch(tiny_model))
-    assert "kl" not in out.terms and loss_fn.ref is None
+    assert "kl" not in out.terms and loss_fn.regularisers[0].ref is None
     with pytest.raises(AssertionError, match="must not build a reference"):
         FlowGRPOLoss(FlowGRPOConfig(beta_kl=0.04), _ctx())
 
@@ -691,17 +700,33 @@ def test_ddrl_backward_reaches_every_parameter(tiny_model):
 
 
 def test_build_loss_names():
+    """Each named algorithm is its cell of the matrix: the objective and regularisers built on
+    one config inheriting each part's; a "module:Class" algorithm is a whole loss class."""
+    from ddrl.losses import ALGORITHMS, loss_config
+    from ddrl.losses.compose import Composite, NoObjective
+    from ddrl.losses.data import DataTerm
+    from ddrl.losses.grpo import GRPO
+    from ddrl.losses.kl import ReverseKL
+
     ctx = _ctx()
-    assert loss_class("ddrl").Config is DDRLConfig
-    assert loss_class("flow_grpo").Config is FlowGRPOConfig
-    assert loss_class("grpo").Config is PolicyConfig and loss_class("dance_grpo") is PolicyOnlyLoss
-    assert loss_class("sft").Config is SFTConfig
-    assert isinstance(build_loss("ddrl", DDRLConfig(), ctx), DDRLLoss)
-    assert isinstance(build_loss("flow_grpo", FlowGRPOConfig(beta_kl=0.0), ctx), FlowGRPOLoss)
-    assert isinstance(build_loss("dance_grpo", PolicyConfig(), ctx), PolicyOnlyLoss)
-    assert isinstance(build_loss("grpo", PolicyConfig(), ctx), PolicyOnlyLoss)
-    assert isinstance(build_loss("sft", SFTConfig(), ctx), SFTLoss)
-    assert isinstance(build_loss("ddrl.losses.sft:SFTLoss", SFTConfig(), ctx), SFTLoss)
+    expect = {
+        "ddrl": (GRPO, [DataTerm]),
+        "flow_grpo": (GRPO, [ReverseKL]),
+        "dance_grpo": (GRPO, []),
+        "grpo": (GRPO, []),
+        "sft": (NoObjective, [DataTerm]),
+    }
+    cfgs = {"ddrl": DDRLConfig(), "flow_grpo": FlowGRPOConfig(beta_kl=0.0)}
+    for name, (obj, regs) in expect.items():
+        cfg = cfgs.get(name, loss_config(name)())
+        loss = build_loss(name, cfg, ctx)
+        assert isinstance(loss, Composite) and type(loss.objective) is obj, name
+        assert [type(r) for r in loss.regularisers] == regs, name
+    assert loss_config("ddrl") is DDRLConfig and loss_config("grpo") is PolicyConfig
+    assert loss_config("dance_grpo") is PolicyConfig and loss_config("flow_grpo") is FlowGRPOConfig
+    assert set(ALGORITHMS) >= {"nft", "nft_data", "awm", "awm_data"}
+    plugin = build_loss("test_loop:Recorder", PolicyConfig(), ctx)
+    assert type(plugin).__name__ == "Recorder"
     with pytest.raises(DDRLError, match="unknown algorithm 'nope'"):
         build_loss("nope", DDRLConfig(), ctx)
     with pytest.raises(DDRLError, match="cannot import algorithm"):

@@ -150,12 +150,13 @@ def test_flow_grpo_builds_no_data_set_and_ddrl_does(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "algorithm, data, reference",
-    [("ddrl", True, False), ("sft", True, False), ("flow_grpo", False, True)]
-    + [(a, False, False) for a in ("grpo", "dance_grpo")],
+    "algorithm, data, reference, transitions",
+    [("ddrl", True, False, True), ("sft", True, False, False), ("flow_grpo", False, True, True)]
+    + [(a, False, False, True) for a in ("grpo", "dance_grpo")]
+    + [("nft", False, True, False), ("nft_data", True, False, False)]
+    + [("awm", False, True, False), ("awm_data", True, False, False)],
 )
-def test_each_loss_says_what_it_needs(algorithm, data, reference):
-    from ddrl.losses import loss_class
+def test_each_loss_says_what_it_needs(algorithm, data, reference, transitions):
+    from ddrl.losses import needs
 
-    cls = loss_class(algorithm)
-    assert (cls.needs_data, cls.needs_reference) == (data, reference)
+    assert needs(algorithm) == {"data": data, "reference": reference, "transitions": transitions}

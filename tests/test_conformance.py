@@ -402,7 +402,7 @@ def test_dance_sde_class_equals_function(i):
 # a·sqrt(t/(1 − t')) — not the transition std. flow_grpo then averages over the batch.
 @pytest.mark.parametrize("i", STEPS)
 def test_flow_grpo_kl_matches_train_sd3(i):
-    from ddrl.losses.flow_grpo import flow_grpo_kl
+    from ddrl.losses.kl import flow_grpo_kl
     from ddrl.sde import flow_sde_step
 
     g = _grid_points()
@@ -535,3 +535,267 @@ def test_exp_transform_beta_is_a_temperature():
     order = torch.argsort(z[inside])
     assert torch.all(a_in[order][1:] > a_in[order][:-1])
     assert (adv[z < -0.3 * math.log(5) - 1e-9] < -5).any()
+
+
+# --------------------------------------------------------------------------------------------
+# DiffusionNFT (NVlabs/DiffusionNFT 24af555, scripts/train_nft_sd3.py)
+# --------------------------------------------------------------------------------------------
+
+
+def _nft_by_hand(forward_prediction, old_prediction, xt, x0, t, advantages, beta, adv_clip_max):
+    """train_nft_sd3.py L952-999, line by line (their batch .mean() is the loop's mean)."""
+    advantages_clip = torch.clamp(advantages, -adv_clip_max, adv_clip_max)
+    normalized_advantages_clip = (advantages_clip / adv_clip_max) / 2.0 + 0.5
+    r = torch.clamp(normalized_advantages_clip, 0, 1)
+    t_expanded = t.view(-1, *([1] * (len(x0.shape) - 1)))
+    positive_prediction = beta * forward_prediction + (1 - beta) * old_prediction.detach()
+    implicit_negative_prediction = (
+        1.0 + beta
+    ) * old_prediction.detach() - beta * forward_prediction
+    x0_prediction = xt - t_expanded * positive_prediction
+    with torch.no_grad():
+        weight_factor = (
+            torch.abs(x0_prediction.double() - x0.double())
+            .mean(dim=tuple(range(1, x0.ndim)), keepdim=True)
+            .clip(min=0.00001)
+        )
+    positive_loss = ((x0_prediction - x0) ** 2 / weight_factor).mean(dim=tuple(range(1, x0.ndim)))
+    negative_x0_prediction = xt - t_expanded * implicit_negative_prediction
+    with torch.no_grad():
+        negative_weight_factor = (
+            torch.abs(negative_x0_prediction.double() - x0.double())
+            .mean(dim=tuple(range(1, x0.ndim)), keepdim=True)
+            .clip(min=0.00001)
+        )
+    negative_loss = ((negative_x0_prediction - x0) ** 2 / negative_weight_factor).mean(
+        dim=tuple(range(1, x0.ndim))
+    )
+    ori_policy_loss = r * positive_loss / beta + (1.0 - r) * negative_loss / beta
+    return ori_policy_loss * adv_clip_max
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.1])
+def test_nft_loss_and_gradient_match_train_nft_sd3(beta):
+    from ddrl.losses.nft import nft_loss, optimality
+
+    x0, eps = _rand(B, *SHAPE, seed=60), _rand(B, *SHAPE, seed=61)
+    t = torch.tensor([0.9, 0.5, 0.2, 0.05], dtype=torch.float64)
+    xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps  # L871-876
+    old = _rand(B, *SHAPE, seed=62)
+    adv = torch.tensor([7.0, 1.3, -0.4, -6.0], dtype=torch.float64)  # two beyond the clip
+    v1 = (old + 0.1 * _rand(B, *SHAPE, seed=63)).requires_grad_()
+    v2 = v1.detach().clone().requires_grad_()
+    want = _nft_by_hand(v1, old, xt, x0, t, adv, beta, 5.0)
+    got = nft_loss(v2, old, xt, x0, t, optimality(adv, 5.0), beta, 5.0)
+    torch.testing.assert_close(got, want, **F64)
+    (g1,) = torch.autograd.grad(want.mean(), v1)
+    (g2,) = torch.autograd.grad(got.mean(), v2)
+    torch.testing.assert_close(g2, g1, **F64)
+    # r saturates at ±adv_clip_max: the first sample is all positive, the last all negative
+    assert optimality(adv, 5.0).tolist() == pytest.approx([1.0, 0.63, 0.46, 0.0])
+
+
+def _return_decay(step, decay_type):
+    """train_nft_sd3.py L169-189."""
+    if decay_type == 0:
+        flat, uprate, uphold = 0, 0.0, 0.0
+    elif decay_type == 1:
+        flat, uprate, uphold = 0, 0.001, 0.5
+    elif decay_type == 2:
+        flat, uprate, uphold = 75, 0.0075, 0.999
+    if step < flat:
+        return 0.0
+    return min((step - flat) * uprate, uphold)
+
+
+@pytest.mark.parametrize("decay_type, knobs", [(1, (0, 0.001, 0.5)), (2, (75, 0.0075, 0.999))])
+def test_nft_old_policy_decay_and_update_match_return_decay(decay_type, knobs):
+    """The old policy's decay after s optimizer steps (L169-189) and its update after each
+    epoch, old ← old·d + θ·(1 − d) (L1035-1039)."""
+    from ddrl.losses.lagging import LaggingWeights
+
+    model = torch.nn.Linear(3, 2)
+    lag = LaggingWeights(model, *knobs)
+    for s in [0, 1, 74, 75, 76, 100, 500, 1000, 5000]:
+        assert lag.decay(s) == pytest.approx(_return_decay(s, decay_type), abs=1e-15), s
+    old = {k: v.clone() for k, v in lag.lag.items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    lag.update(200)
+    d = _return_decay(200, decay_type)
+    torch.testing.assert_close(lag.lag["weight"], old["weight"] * d + model.weight * (1 - d))
+
+
+def test_nft_objective_trains_the_rollouts_final_samples_with_fresh_noise(tiny_model):
+    """The objective's per-sample term is the hand loss at x_t = (1 − t)·x0 + t·ε, ε drawn by
+    (plan, trajectory, position) alone; at the start the old policy is θ itself."""
+    from ddrl.config.core import ODESampler
+    from ddrl.losses import build_loss, loss_config
+    from ddrl.losses.base import LossContext, StepBatch
+    from ddrl.sde import stepper
+
+    n = 6
+    den = tiny_model.denoiser.double()
+    cond = tiny_model.conditioner.encode(["a"] * n)
+    x0 = _rand(n, 2, seed=70)
+    t = torch.tensor([0.9, 0.7, 0.5, 0.3, 0.2, 0.1], dtype=torch.float64)
+    b = StepBatch(
+        None, None, t, t * 0.8, None, torch.linspace(-2, 2, n, dtype=torch.float64),
+        torch.ones(n, dtype=torch.bool), cond, None, None, _rand(n, 2, seed=71), True,
+        torch.Generator(), plan=5, x0=x0, ids=torch.arange(n) + 10, slots=torch.zeros(n).long(),
+    )  # fmt: skip
+    ctx = LossContext(stepper(ODESampler()), 1.0, None, den)
+    loss = build_loss("nft", loss_config("nft", "", "none")(), ctx, "", "none")
+    out = loss(den, b)
+    eps = torch.stack(  # the same draw, by hand
+        [
+            torch.randn(2, generator=torch.Generator().manual_seed(5 * 1_000_003 + i * 1_009))
+            for i in range(10, 10 + n)
+        ]  # fmt: skip
+    ).double()
+    xt = (1 - t[:, None]) * x0 + t[:, None] * eps
+    v = den.velocity(xt, t, cond)
+    want = _nft_by_hand(v, v.detach(), xt, x0, t, b.advantages, 1.0, 5.0)
+    torch.testing.assert_close(out.terms["policy"][0], want, **F64)
+
+
+# --------------------------------------------------------------------------------------------
+# AWM (scxue/advantage_weighted_matching be51372, scripts/train_sd3_awm.py)
+# --------------------------------------------------------------------------------------------
+
+
+def _awm_by_hand(v, x0, eps, sigma, advantages, power=0.25, clip_range=1.0, adv_clip_max=5.0):
+    """compute_log_prob_awm L237-251 (ghuber) and the loss L1293-1327, on-policy
+    (old_log_probs = log_prob.detach(), L1282-1284)."""
+    target = eps - x0
+    mse = ((v.double() - target.double()) ** 2).mean(dim=tuple(range(1, v.ndim)))
+    log_prob = -((mse + 1e-10) ** power - 1e-10**power) * sigma.double() / power
+    old_log_probs = log_prob.detach()
+    a = torch.clamp(advantages, -adv_clip_max, adv_clip_max) / adv_clip_max * 1.0
+    ratio = torch.exp(log_prob - old_log_probs)
+    unclipped = -a * ratio
+    clipped = -a * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return torch.maximum(unclipped, clipped)
+
+
+def test_awm_loss_and_gradient_match_train_sd3_awm():
+    from ddrl.losses.awm import awm_log_prob
+    from ddrl.losses.base import clipped_surrogate
+
+    x0, eps = _rand(B, *SHAPE, seed=80), _rand(B, *SHAPE, seed=81)
+    sigma = torch.tensor([0.97, 0.72, 0.48, 0.36], dtype=torch.float64)
+    adv = torch.tensor([9.0, 2.0, -1.0, -0.5], dtype=torch.float64)
+    v1 = (eps - x0 + 0.3 * _rand(B, *SHAPE, seed=82)).requires_grad_()
+    v2 = v1.detach().clone().requires_grad_()
+    want = _awm_by_hand(v1, x0, eps, sigma, adv)
+    lp = awm_log_prob(v2, eps - x0, sigma, "ghuber", 0.25)
+    got, ratio = clipped_surrogate(lp - lp.detach(), adv.clamp(-5, 5) / 5, 1.0)
+    torch.testing.assert_close(got, want, **F64)
+    assert torch.equal(ratio, torch.ones(B, dtype=torch.float64))  # on-policy: ρ ≡ 1
+    (g1,) = torch.autograd.grad(want.mean(), v1)
+    (g2,) = torch.autograd.grad(got.mean(), v2)
+    torch.testing.assert_close(g2, g1, **F64)
+
+
+def test_awm_stratified_timesteps_match_discrete_wo_init():
+    """train_sd3_awm.py L1197-1205 with 14 steps, fraction 0.9, 6 strata: boundaries
+    linspace(1, int(14·0.9), 7).long() = [1, 2, 4, 6, 8, 10, 12]; one index per stratum."""
+    from ddrl.training.iteration import select_timesteps
+
+    boundaries = torch.linspace(1, int(14 * 0.9), 6 + 1).long()
+    assert boundaries.tolist() == [1, 2, 4, 6, 8, 10, 12]
+    got = select_timesteps(14, 0.9, "stratified", 4000, torch.Generator().manual_seed(0),
+                           skip_first=True, count=6)  # fmt: skip
+    assert got.shape == (4000, 6)
+    for k in range(6):
+        seen = set(got[:, k].tolist())
+        assert seen == set(range(boundaries[k].item(), boundaries[k + 1].item())), (k, seen)
+    g = torch.Generator().manual_seed(3)
+    u = torch.rand(5, 6, generator=torch.Generator().manual_seed(3))
+    lower, upper = boundaries[:-1], boundaries[1:]
+    want = lower + torch.floor(u * (upper - lower)).long()
+    assert torch.equal(select_timesteps(14, 0.9, "stratified", 5, g, skip_first=True, count=6),
+                       want)  # fmt: skip
+    with_init = select_timesteps(14, 0.9, "stratified", 4000, torch.Generator(), count=6)
+    assert set(with_init[:, 0].tolist()) == {0, 1}  # "discrete": linspace(0, 12, 7)
+
+
+# --------------------------------------------------------------------------------------------
+# CPS (IamCreateAI/FlowCPS b402c7a, flow_grpo/diffusers_patch/sd3_sde_with_logprob.py L52-70)
+# --------------------------------------------------------------------------------------------
+
+
+def _cps_by_hand(sample, model_output, sigma, sigma_prev, noise_level, noise=None, prev=None):
+    shape = (-1,) + (1,) * (sample.dim() - 1)
+    sigma, sigma_prev = sigma.reshape(shape), sigma_prev.reshape(shape)
+    std_dev_t = sigma_prev * math.sin(noise_level * math.pi / 2)
+    pred_original_sample = sample - sigma * model_output
+    noise_estimate = sample + model_output * (1 - sigma)
+    prev_sample_mean = pred_original_sample * (1 - sigma_prev) + noise_estimate * torch.sqrt(
+        sigma_prev**2 - std_dev_t**2
+    )
+    prev_sample = prev_sample_mean + std_dev_t * noise if prev is None else prev
+    log_prob = -((prev_sample.detach() - prev_sample_mean) ** 2)
+    log_prob = log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+    return prev_sample, log_prob, prev_sample_mean, std_dev_t
+
+
+@pytest.mark.parametrize("i", STEPS)
+@pytest.mark.parametrize("eta", [0.8, 0.5])
+def test_cps_step_matches_flowcps(i, eta):
+    from ddrl.losses.kl import flow_grpo_kl
+    from ddrl.sde import cps_step
+
+    g = _grid_points()
+    x, v, z = _rand(B, *SHAPE, seed=90), _rand(B, *SHAPE, seed=91), _rand(B, *SHAPE, seed=92)
+    t, tn = g[i].repeat(B), g[i + 1].repeat(B)
+    ref_x, ref_lp, ref_mean, ref_std = _cps_by_hand(x, v, t, tn, eta, noise=z)
+    st = cps_step(x, v, t, tn, eta, noise=z)
+    for got, want in [(st.x_next, ref_x), (st.log_prob, ref_lp), (st.mean, ref_mean)]:
+        torch.testing.assert_close(got, want, **F64)
+    torch.testing.assert_close(torch.broadcast_to(st.std, ref_std.shape), ref_std, **F64)
+    prev = _rand(B, *SHAPE, seed=93)  # scoring a given sample
+    _, lp2, _, _ = _cps_by_hand(x, v, t, tn, eta, prev=prev)
+    torch.testing.assert_close(cps_step(x, v, t, tn, eta, prev_sample=prev).log_prob, lp2, **F64)
+    # its KL drops flow_grpo's 1/(2σ²) (FlowCPS train_sd3.py L900): mean(Δμ²)
+    other = cps_step(x, _rand(B, *SHAPE, seed=94), t, tn, eta, noise=z)
+    kl = flow_grpo_kl(st.mean, other.mean, st.sigma)
+    torch.testing.assert_close(kl, ((st.mean - other.mean) ** 2).mean(dim=(1, 2, 3)), **F64)
+
+
+# --------------------------------------------------------------------------------------------
+# GRPO-Guard (flow_grpo 2e2f712, scripts/train_sd3_GRPO_Guard.py L915-932)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("i", STEPS[:2])
+def test_grpo_guard_ratio_norm_matches_train_sd3_grpo_guard(i):
+    """RatioNorm: exp((log p − log p_old + mean‖μ_θ − μ_old‖²/(2(√Δt·σ_t)²))·√Δt·σ_t), the
+    PPO clip, then ÷ (√Δt)² (per sample, as Flow-Factory; the official line's bias is a batch
+    mean, docs/DECISIONS.md)."""
+    from ddrl.config.core import FlowSDE
+    from ddrl.losses.base import StepBatch
+    from ddrl.losses.config import GRPOConfig
+    from ddrl.losses.grpo import surrogate
+    from ddrl.sde import stepper
+
+    g = _grid_points()
+    x, v_old, z = _rand(B, *SHAPE, seed=95), _rand(B, *SHAPE, seed=96), _rand(B, *SHAPE, seed=97)
+    v = v_old + 0.05 * _rand(B, *SHAPE, seed=98)
+    t, tn = g[i].repeat(B), g[i + 1].repeat(B)
+    prev, lp_old, mean_old, _ = _flow_grpo_step_by_hand(x, v_old, t, tn, g[1].item(), 0.7, z)
+    _, lp, mean, std_dev_t = _flow_grpo_step_by_hand(x, v, t, tn, g[1].item(), 0.7, None, prev)
+    adv = torch.tensor([1.5, -0.7, 0.2, -2.0], dtype=torch.float64)
+    clip = 2e-6
+    sqrt_dt = torch.sqrt(t - tn)  # its return_sqrt_dt: sqrt(−dt)
+    s = sqrt_dt * std_dev_t.flatten()
+    bias = (mean - mean_old).pow(2).mean(dim=(1, 2, 3)) / (2 * s**2)
+    ratio = torch.exp((lp - lp_old + bias) * s)
+    per = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip, 1 + clip))
+    want = per / sqrt_dt**2
+
+    step = stepper(FlowSDE(0.7))(x, v, t, tn, prev_sample=prev)
+    b = StepBatch(x, prev, t, tn, lp_old, adv, torch.ones(B, dtype=torch.bool), None, None,
+                  None, x, True, torch.Generator(), mean_old=mean_old)  # fmt: skip
+    got, _ = surrogate(step, b, GRPOConfig(clip_range=clip, ratio_norm=True))
+    torch.testing.assert_close(got, want, **F64)

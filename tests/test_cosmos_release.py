@@ -4,19 +4,20 @@ EDM space, following the release's code, docs/CONFORMANCE.md §5) and compared w
 options: ``loss.ratio = "edm_squared_error"``, ``loss.data_weight = "edm"``,
 ``loss.data_caption_dropout`` and ``loss.data_t = "edm_lognormal"``."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 from conftest import one_line_error
+from named_losses import DDRLConfig, DDRLLoss, PolicyConfig
 from torch import nn
 
 from ddrl.config import build_config
 from ddrl.config.core import DanceSDE, FlowSDE
-from ddrl.losses.base import LossContext, StepBatch, clipped_surrogate, surrogate
-from ddrl.losses.config import DDRLConfig
-from ddrl.losses.data import data_term, policy_and_data
-from ddrl.losses.ddrl import DDRLLoss
+from ddrl.losses.base import LossContext, StepBatch, clipped_surrogate
+from ddrl.losses.data import data_term
+from ddrl.losses.grpo import surrogate
 from ddrl.models.base import Cond
 from ddrl.sde import stepper
 
@@ -139,7 +140,7 @@ def test_default_ratio_is_unchanged():
     x_t, x_next, logp_old, adv, v_theta, _ = _transition("flow")
     b = _batch(x_t.float(), x_next.float(), logp_old.float(), adv.float())
     step = stepper(FlowSDE(0.7))(b.x_t, v_theta.float(), b.t, b.t_next, prev_sample=b.x_next)
-    per, _ = surrogate(step, b, 1e-4)
+    per, _ = surrogate(step, b, PolicyConfig(clip_range=1e-4))
     want, _ = clipped_surrogate(step.log_prob - b.logp_old, b.advantages, 1e-4)
     assert torch.equal(per, want) and DDRLConfig().ratio == "log_density"
 
@@ -171,6 +172,13 @@ def test_edm_data_weight_is_the_releases_weighted_x0_loss():
     x_rf = (1 - _view(b.t)) * b.x0_data + _view(b.t) * b.noise0  # "none": the velocity MSE
     plain = ((f(x_rf, b.t) - (b.noise0 - b.x0_data)) ** 2).flatten(1).mean(1)
     torch.testing.assert_close(data_term(den, b, DDRLConfig()), plain, rtol=1e-12, atol=0)
+
+
+def policy_and_data(den, b, ctx, cfg, clip):
+    """DDRL's terms from one forward (``loss.data_batched``): (policy [B], stats, data [B])."""
+    cfg = dataclasses.replace(cfg, data_batched=True, clip_range=clip, data_beta=1.0)
+    out = DDRLLoss(cfg, ctx)(den, b)
+    return out.terms["policy"][0], out.stats, out.terms["data"][0]
 
 
 def _cond(b, g):

@@ -7,13 +7,12 @@ import json
 
 import pytest
 import torch
+from named_losses import DDRLConfig, DDRLLoss
 from test_advantages_losses import _batch, _ctx
 
 from ddrl.cli import main
 from ddrl.errors import DDRLError
-from ddrl.losses.config import DDRLConfig
 from ddrl.losses.data import chosen_positions, data_mask
-from ddrl.losses.ddrl import DDRLLoss
 
 
 @pytest.mark.parametrize("null", [False, True], ids=["no-cfg", "cfg-4.5"])

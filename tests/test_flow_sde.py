@@ -231,7 +231,16 @@ def test_scoring_a_transition_is_the_independent_normal_density(kind):
 
 
 def test_sde_objects_registry_defaults_and_checks():
-    assert SDES == {"flow": FlowSDE, "dance": DanceSDE}
+    from ddrl.config.core import CPSSDE, ODESampler
+    from ddrl.sde import cps_step, ode_step
+
+    assert SDES == {"flow": FlowSDE, "dance": DanceSDE, "cps": CPSSDE, "ode": ODESampler}
+    assert CPSSDE().kind == "cps" and CPSSDE().eta == 0.8  # flow_grpo's CPS configs
+    x0, v0, z0, t0, tn0 = _state(seed=5)
+    cps = stepper(CPSSDE(eta=0.5))(x0, v0, t0, tn0, noise=z0)
+    assert torch.equal(cps.x_next, cps_step(x0, v0, t0, tn0, 0.5, z0).x_next)
+    ode = stepper(ODESampler())(x0, v0, t0, tn0, noise=z0)  # the noise is not used
+    assert torch.equal(ode.x_next, ode_step(x0, v0, t0, tn0).x_next)
     assert FlowSDE().kind == "flow" and FlowSDE().noise_level == 0.7  # flow_grpo's a
     assert DanceSDE().kind == "dance" and DanceSDE().eta == 0.3  # DanceGRPO's FLUX η
     x, v, z, t, tn = _state(seed=4)

@@ -82,7 +82,7 @@ def test_step_batches_wiring():
 class Recorder:
     """A loss plugin ("test_loop:Recorder") that keeps every StepBatch it is given."""
 
-    Config = __import__("ddrl.losses.config", fromlist=["PolicyConfig"]).PolicyConfig
+    Config = __import__("ddrl.losses", fromlist=["loss_config"]).loss_config("grpo")
     seen: list = []
 
     def __init__(self, cfg, ctx):
@@ -265,8 +265,8 @@ def test_warmup_learning_rates(tmp_path):
 
 
 def test_evaluation_uses_the_ema(tmp_path):
-    from ddrl.dist.checkpoint import trainable
     from ddrl.evaluation.evaluate import evaluate_components
+    from ddrl.io import trainable
     from ddrl.training.components import build_components
 
     cfg, out, _ = run_quick(tmp_path, "ema", "optim.ema_decay=0.5", "optim.lr=1e-2", "eval.every=2")
@@ -292,8 +292,8 @@ def test_evaluation_uses_the_ema(tmp_path):
 
 def test_flow_grpo_reference_stays_frozen(tiny_digits):
     den, loss, ro, r = _setup(tiny_digits, "flow_grpo", beta_kl=0.5)
-    before = {k: v.clone() for k, v in loss.ref.model.state_dict().items()}
-    assert not any(p.requires_grad for p in loss.ref.model.parameters())
+    before = {k: v.clone() for k, v in loss.regularisers[0].ref.model.state_dict().items()}
+    assert not any(p.requires_grad for p in loss.regularisers[0].ref.model.parameters())
     adv, valid = group_advantages(r, group_ids(12, 4), AdvantageConfig())
     steps = select_timesteps(3, 1.0, "first", 12, torch.Generator())
     batches = step_batches_of(ro, adv, valid, ro.final, steps, 12)
@@ -301,7 +301,7 @@ def test_flow_grpo_reference_stays_frozen(tiny_digits):
     opt = torch.optim.AdamW(params, lr=1e-2)
     for _ in range(2):
         m, _ = optimizer_step(loss, den, batches, params, opt, 1.0)
-    for k, v in loss.ref.model.state_dict().items():
+    for k, v in loss.regularisers[0].ref.model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert m["loss_kl"].item() > 0  # the policy moved away from the reference
     assert any(not torch.equal(p, before[k]) for k, p in den.state_dict().items() if k in before)

@@ -108,18 +108,21 @@ def test_two_steps_per_batch_equal_the_peers_loops(tiny_digits, how):
         total.backward()
         torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
         opt.step()
-    # AdamW moves each weight by ~lr = 1e-2; rounding in a near-zero gradient shows as ≤ 1e-5
+    # AdamW moves each weight by ~lr = 1e-2; rounding in a near-zero gradient shows as ≤ 5e-5
+    # (1.4e-5 measured with torch 2.13 on a 2-core CPU, in one of 1536 weights; a wrong step
+    # would move weights by ~1e-2)
     torch.testing.assert_close(
-        list(den.parameters()), list(hand.parameters()), rtol=1e-5, atol=1e-5
+        list(den.parameters()), list(hand.parameters()), rtol=1e-5, atol=5e-5
     )
     first, second = torch.cat(ratios[:STEPS]), torch.cat(ratios[STEPS:])
-    assert (first - 1).abs().max() < 1e-6 and (second - 1).abs().max() > 1e-4
+    # on-policy to rounding (2.9e-6 measured: the recompute batches 4 rows, the rollout 12)
+    assert (first - 1).abs().max() < 1e-5 and (second - 1).abs().max() > 1e-4
 
 
 def test_zero_advantage_rows_are_shared_out_like_flow_grpo(tiny_digits):
     """flow_grpo drops A = 0 samples before halving: each step gets half of the rest."""
     loss, ro, adv, valid, steps = _batch(tiny_digits, "flow_grpo", 3, True, "loss.beta_kl=0")
-    assert loss.cfg.drop_zero_advantage  # the flow_grpo preset's
+    assert loss.objective.cfg.drop_zero_advantage  # the flow_grpo preset's
     kept = loss.kept(adv, valid)
     assert kept.tolist() == [False] * G + [True] * (N - G)
     parts = split_rows(2, "shuffled", kept, torch.arange(N) % G, torch.Generator().manual_seed(1))

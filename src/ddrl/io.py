@@ -58,6 +58,11 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """name → parameter for every parameter that requires grad: what a checkpoint holds."""
+    return {k: p for k, p in model.named_parameters() if p.requires_grad}
+
+
 def fingerprint(module: torch.nn.Module) -> str:
     """SHA-256 over every parameter's name, shape, dtype and bytes: the identity of a model."""
     h = hashlib.sha256()

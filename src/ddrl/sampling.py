@@ -23,12 +23,20 @@ from ddrl.sde import ode_step, stepper
 class Rollout:
     """B = prompts × group trajectories of T steps."""
 
-    states: Tensor  # [T + 1, B, ...]: x at each grid time, states[0] is the initial noise
+    states: Tensor  # [T + 1, B, ...]: x at each grid time, states[0] is the initial noise;
+    # [2, B, ...] (initial noise, final sample) for a rollout that records only those
     log_probs: Tensor  # [T, B]: log p(states[i+1] | states[i]) under the sampling weights
+    # ([0, B] when not recorded)
     timesteps: Tensor  # [T + 1]: grid from 1 to 0
     cond: Cond  # condition, batch B
     null: Cond | None  # unconditional condition (batch B) when CFG is on, else None
     prompts: list[str]  # [B]
+    means: Tensor | None = None  # [T, B, ...]: each step's mean μ_old, when recorded
+
+    @property
+    def transitions(self) -> bool:
+        """Whether every step (state and log-prob) was recorded."""
+        return self.log_probs.shape[0] > 0
 
     @property
     def final(self) -> Tensor:
@@ -52,7 +60,9 @@ def initial_noise(
     return torch.randn((n_groups * group_size, *shape), generator=generator)
 
 
-@torch.no_grad()
+RECORDS = ("transitions", "means", "final")  # what a rollout keeps (``rollout``)
+
+
 def rollout(
     gen: Generator,
     prompts: list[str],
@@ -65,6 +75,7 @@ def rollout(
     rows: slice | None = None,
     on_chunk: Callable[[slice, Tensor], None] | None = None,
     given: tuple[Tensor, Tensor] | None = None,
+    record: str = "transitions",
 ) -> Rollout:
     """Roll out ``group_size`` samples per prompt with the stochastic step ``cfg.sde``.
 
@@ -74,8 +85,20 @@ def rollout(
     depend on the split. ``on_chunk(part, x)``: called with each chunk's rows (a slice of this
     rank's trajectories) and final samples as soon as they are done (``reward.overlap`` scores
     them while the next chunk samples). ``given``: conditional frames of this rank's
-    trajectories, (x0 [n, ...], k [n]) (``with_frames``).
+    trajectories, (x0 [n, ...], k [n]) (``with_frames``). ``record``: "transitions" (every
+    state and log-prob, for objectives that recompute them), "means" (also each step's mean,
+    GRPO-Guard), "final" (the initial noise and final sample only, under inference mode: the
+    forward-process objectives need nothing else).
     """
+    with torch.inference_mode() if record == "final" else torch.no_grad():
+        return _rollout(
+            gen, prompts, group_size, cfg, generator, device, encode, rows, on_chunk, given, record
+        )
+
+
+def _rollout(
+    gen, prompts, group_size, cfg, generator, device, encode, rows, on_chunk, given, record
+) -> Rollout:
     p = len(prompts)
     rows = rows or slice(None)
     rep = [q for q in prompts for _ in range(group_size)][rows]
@@ -90,25 +113,31 @@ def rollout(
     # All noise is drawn first, in the order of an unchunked rollout, so ``cfg.batch`` changes
     # memory only, never the samples.
     zs = [torch.randn(full, generator=generator)[rows].clone() for _ in range(cfg.num_steps)]
-    n, chunk = len(rep), cfg.batch or len(rep)
-    states = torch.empty((cfg.num_steps + 1, *x0.shape), device=device)
-    logps = torch.empty((cfg.num_steps, n), device=device)
+    n, chunk, T = len(rep), cfg.batch or len(rep), cfg.num_steps
+    every = record != "final"
+    states = torch.empty((T + 1 if every else 2, *x0.shape), device=device)
+    logps = torch.empty((T if every else 0, n), device=device)
+    means = torch.empty((T, *x0.shape), device=device) if record == "means" else None
     for s in range(0, n, chunk):
         part = slice(s, s + chunk)
         idx = torch.arange(n, device=device)[part]
         c, u = cond.index(idx), null.index(idx) if null is not None else None
         x = x0[part].to(device)
         states[0, part] = x
-        for i in range(cfg.num_steps):
+        for i in range(T):
             t, t_next = ts[i].expand(x.shape[0]), ts[i + 1].expand(x.shape[0])
             v = guided_velocity(gen.denoiser, x, t, c, u, cfg.cfg_scale)
             out = step(x, v, t, t_next, noise=zs[i][part].to(device))
             x = out.x_next
-            states[i + 1, part] = x
-            logps[i, part] = out.log_prob
+            if every:
+                states[i + 1, part] = x
+                logps[i, part] = out.log_prob
+            if means is not None:
+                means[i, part] = out.mean
+        states[-1, part] = x
         if on_chunk is not None:
             on_chunk(part, x)
-    return Rollout(states, logps, ts, cond, null, rep)
+    return Rollout(states, logps, ts, cond, null, rep, means)
 
 
 def with_frames(

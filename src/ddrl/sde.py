@@ -13,7 +13,8 @@ gradient is REINFORCE up to the constant 1/D. ``reduce="sum"`` gives the exact l
 ``loss.ratio = "edm_squared_error"`` rescales this log-ratio to it exactly, ``ddrl.losses.base``.)
 
 The SDE kinds are small config objects (``FlowSDE(noise_level)``, ``DanceSDE(eta)``,
-``ddrl.config.core``); ``stepper`` turns one into its step function.
+``CPSSDE(eta)``, ``ODESampler()``, ``ddrl.config.core``); ``stepper`` turns one into its step
+function. CPS keeps its code's unnormalised log-prob (``cps_step``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ddrl.config.core import DanceSDE, FlowSDE
+from ddrl.config.core import CPSSDE, DanceSDE, FlowSDE, ODESampler
 from ddrl.flow import batch_view
 
 
@@ -121,13 +122,48 @@ def dance_sde_step(
     return _finish(mean, sigma * torch.sqrt(-dt), sigma, noise, prev_sample, reduce)
 
 
+def cps_step(
+    x: Tensor,
+    v: Tensor,
+    t: Tensor,
+    t_next: Tensor,
+    eta: float = 0.8,
+    noise: Tensor | None = None,
+    prev_sample: Tensor | None = None,
+) -> Step:
+    """Coefficients-preserving sampling (FlowCPS sd3_sde_with_logprob.py L52-70; flow_grpo's
+    ``sde_type = "cps"``).
+
+    x̂0 = x − t·v, ε̂ = x + (1 − t)·v, σ_n = t'·sin(η·π/2), μ = (1 − t')·x̂0 + sqrt(t'² − σ_n²)·ε̂,
+    x' = μ + σ_n·z: the noise coefficient stays t'. Its log_prob is its code's, not a density:
+    −mean_dims (x' − μ)², "all constants removed" (so the ratio and the clip live on that
+    scale). ``sigma`` is 1/√2, so the reverse-KL regulariser's mean(Δμ²)/(2σ²) is that code's
+    KL, mean(Δμ²) (it dropped the 1/(2σ²) with the constants, FlowCPS train_sd3.py L900).
+    """
+    tb, tn = batch_view(t, x), batch_view(t_next, x)
+    x0_hat, eps_hat = x - tb * v, x + (1 - tb) * v
+    std = tn * math.sin(eta * math.pi / 2)
+    mean = (1 - tn) * x0_hat + torch.sqrt((tn**2 - std**2).clamp(min=0)) * eps_hat
+    if prev_sample is None:
+        prev_sample = mean + std * noise
+    lp = -((prev_sample.detach() - mean) ** 2).flatten(1).mean(1)
+    return Step(prev_sample, mean, std, lp, torch.full_like(tb, math.sqrt(0.5)))
+
+
+def ode_transition(x, v, t, t_next, noise=None, prev_sample=None) -> Step:
+    """The Euler ODE step with the stochastic steps' signature (the noise is not used)."""
+    return ode_step(x, v, t, t_next)
+
+
 STEPS = {  # sampler.sde.kind → its step with the config's parameter bound
     "flow": lambda c: functools.partial(flow_sde_step, noise_level=c.noise_level),
     "dance": lambda c: functools.partial(dance_sde_step, eta=c.eta),
+    "cps": lambda c: functools.partial(cps_step, eta=c.eta),
+    "ode": lambda c: ode_transition,
 }
 
 
-def stepper(sde: FlowSDE | DanceSDE) -> Callable[..., Step]:
+def stepper(sde: FlowSDE | DanceSDE | CPSSDE | ODESampler) -> Callable[..., Step]:
     """The step function of a ``sampler.sde`` config: ``step(x, v, t, t_next, noise=None,
     prev_sample=None) -> Step``. A plugin SDE (``sampler.sde.kind = "module:Class"``) brings its
     own ``step`` method."""

@@ -20,7 +20,7 @@ from importlib import import_module
 from ddrl.cli.args import say
 from ddrl.config import PRESET_NAMES
 from ddrl.errors import DDRLError, Terminated
-from ddrl.losses import LOSSES
+from ddrl.losses import ALGORITHMS, OBJECTIVES, REGULARISERS
 from ddrl.models import MODELS
 from ddrl.rewards import REWARDS
 
@@ -40,7 +40,9 @@ def _names() -> str:
     """The registered names, for --help (the registries hold names and "module:attr" strings)."""
     rewards = ", ".join(f"{n} ({data})" for n, (data, _) in REWARDS.items())
     return (
-        f"algorithms: {', '.join(LOSSES)} or 'module:Class'\n"
+        f"algorithms: {', '.join(ALGORITHMS)} or 'module:Class'\n"
+        f"  = objective ({', '.join(OBJECTIVES)}) + regularisers ({', '.join(REGULARISERS)}):"
+        " objective=... regularisers=a,b\n"
         f"rewards:    {rewards} or 'module:factory'\n"
         f"models:     {', '.join(MODELS)} or 'module:Class'\n"
         f"presets:    {', '.join(PRESET_NAMES)}\n"

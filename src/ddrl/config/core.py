@@ -36,7 +36,38 @@ class DanceSDE:
         check_range("sampler.sde.eta", self.eta, 1e-4, 10.0)
 
 
-SDES = {"flow": FlowSDE, "dance": DanceSDE}  # sampler.sde.kind → its config class
+@dataclass
+class CPSSDE:
+    """Coefficients-preserving sampling (IamCreateAI/FlowCPS sd3_sde_with_logprob.py L52-70):
+    σ_n = t'·sin(η·π/2), the noise coefficient kept at exactly t'."""
+
+    eta: float = field(
+        default=0.8,
+        metadata={"help": "η in σ_n = t_next·sin(η·π/2) (flow_grpo's CPS configs: 0.8)"},
+    )
+    kind: str = field(default="cps", metadata={"help": "selects this SDE (sampler.sde.kind)"})
+
+    def check(self) -> None:
+        check_range("sampler.sde.eta", self.eta, 1e-4, 1.0)
+
+
+@dataclass
+class ODESampler:
+    """No noise: the Euler ODE (forward-process objectives, NFT and AWM, train on the final
+    samples only; log-probs are 0)."""
+
+    kind: str = field(default="ode", metadata={"help": "selects this sampler (sampler.sde.kind)"})
+
+    def check(self) -> None:
+        pass
+
+
+SDES = {  # sampler.sde.kind → its config class
+    "flow": FlowSDE,
+    "dance": DanceSDE,
+    "cps": CPSSDE,
+    "ode": ODESampler,
+}
 
 
 @dataclass
@@ -46,8 +77,8 @@ class SamplerConfig:
     sde: Any = field(
         default_factory=FlowSDE,
         metadata={
-            "help": '[sampler.sde] kind = "flow" (noise_level a) or "dance" (eta): the '
-            "stochastic step and its own parameter"
+            "help": '[sampler.sde] kind = "flow" (noise_level a), "dance" (eta), "cps" (eta) or '
+            '"ode" (no noise; forward-process objectives only): the step and its own parameter'
         },
     )
     grid: Literal["scheduler", "linear"] = field(

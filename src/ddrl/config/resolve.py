@@ -3,10 +3,12 @@
 Resolution order (later wins): dataclass defaults → algorithm preset
 (presets/algorithms/<algorithm>.toml: the peer's own loop settings) → run preset
 (presets/<preset>.toml: model, data, reward, sizes, and any published value of that setup) →
-user files (``--config a.toml``) → ``key=value`` overrides. Two sections are chosen by a key
-before any value is applied: ``loss`` is the chosen algorithm's own config class, and
+user files (``--config a.toml``) → ``key=value`` overrides. Two sections are chosen by keys
+before any value is applied: ``loss`` is the config of the chosen objective and regularisers
+(the algorithm's, or ``objective=`` / ``regularisers=``; ``ddrl.losses``), and
 ``sampler.sde`` the chosen SDE's (``sampler.sde.kind``), so a knob the choice does not have is
-an error, never silently ignored (a run preset's loss.* keys apply only to its own algorithm).
+an error, never silently ignored (a preset's loss.* keys apply only to its own algorithm, and
+only those the chosen parts have).
 The resolved config is written to ``<run>/config.json``; ``load_config`` reads it back, so a
 run can always be repeated or resumed from its own folder.
 """
@@ -23,7 +25,7 @@ from typing import Any
 from ddrl.config.core import SDES
 from ddrl.config.schema import PRESET_NAMES, PRESETS, RunConfig
 from ddrl.errors import DDRLError, check_choice, choices, lookup
-from ddrl.losses import loss_config
+from ddrl.losses import cell, loss_config
 
 try:
     import tomllib
@@ -156,6 +158,17 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
     return out
 
 
+def algorithm_preset(name: str) -> list[dict[str, Any]]:
+    """presets/algorithms/<name>.toml as flat layers, after the preset it names in ``inherit``
+    (its own values win); [] for an algorithm without one (a plugin)."""
+    path = PRESETS / "algorithms" / f"{name}.toml"
+    if not path.is_file():
+        return []
+    layer = flatten(read_file(path))
+    parent = layer.pop("inherit", None)
+    return [*(algorithm_preset(parent) if parent else []), layer]
+
+
 def resolve(layers: list[dict[str, Any]], presets: bool = True) -> RunConfig:
     """Defaults, then (if ``presets``) the preset and algorithm preset files chosen by the
     layers, then the layers, with ``loss`` and ``sampler.sde`` typed by their selectors."""
@@ -166,15 +179,16 @@ def resolve(layers: list[dict[str, Any]], presets: bool = True) -> RunConfig:
         check_choice("preset", name, PRESET_NAMES)
         run_preset = flatten(read_file(PRESETS / f"{name}.toml"))
         algorithm = str(_last([run_preset, *flat], "algorithm", RunConfig.algorithm))
-        alg_file = PRESETS / "algorithms" / f"{algorithm}.toml"
-        if alg_file.is_file():  # first: a run preset's published values override it
-            files.append(flatten(read_file(alg_file)))
+        files += algorithm_preset(algorithm)  # first: a run preset's published values win
         files.append(run_preset)
     all_layers = files + flat
     algorithm = str(_last(all_layers, "algorithm", RunConfig.algorithm))
+    objective = str(_last(all_layers, "objective", ""))
+    regularisers = str(_last(all_layers, "regularisers", ""))
     sde_kind = str(_last(all_layers, "sampler.sde.kind", "flow"))
     cfg = RunConfig()
-    cfg.loss = loss_config(algorithm)()
+    cfg.loss = loss_config(algorithm, objective, regularisers)()
+    own_keys = {f"loss.{f.name}" for f in dataclasses.fields(cfg.loss)}
     cfg.sampler.sde = lookup("sampler.sde.kind", sde_kind, SDES)()
     for layer in all_layers:
         # A layer written for another SDE kind (an algorithm preset the user overrode) keeps
@@ -187,10 +201,17 @@ def resolve(layers: list[dict[str, Any]], presets: bool = True) -> RunConfig:
                 continue
             if other_alg and (k == "loss" or k.startswith("loss.")):
                 continue
+            # A preset's setting of a part the chosen cell does not have (objective= or
+            # regularisers= overrode its algorithm's) does not apply; a user's is an error.
+            if k.startswith("loss.") and k not in own_keys and any(layer is f for f in files):
+                continue
             if k == "loss" or k.startswith("loss."):
                 _set_loss(cfg, algorithm, k, v)
             else:
                 set_key(cfg, k, v)
+    chosen = cell(algorithm, objective, regularisers)
+    if chosen is not None:  # the resolved cell, written out in config.json
+        cfg.objective, cfg.regularisers = chosen[0], ",".join(chosen[1]) or "none"
     cfg.check()
     return cfg
 

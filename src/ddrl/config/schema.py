@@ -4,6 +4,7 @@ torch-free module, with ``Literal`` choices and a one-line help in every field's
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from ddrl.data.config import DataConfig
 from ddrl.dist.config import ParallelConfig
 from ddrl.errors import DDRLError, check_choice, check_range
 from ddrl.evaluation.config import EvalConfig
-from ddrl.losses.config import DDRLConfig
+from ddrl.losses import TRANSITIONS, composed_config
 from ddrl.models.config import ModelConfig
 from ddrl.rewards import check_reward_name
 from ddrl.rewards.config import GoldConfig, RewardConfig, parse_names
@@ -40,7 +41,24 @@ class RunConfig:
     )
     algorithm: str = field(
         default="ddrl",
-        metadata={"help": 'ddrl | flow_grpo | dance_grpo | grpo | sft | "module:Loss"'},
+        metadata={
+            "help": "ddrl | flow_grpo | dance_grpo | grpo | sft | nft | nft_data | awm | awm_data "
+            '(objective + regularisers, with presets/algorithms/<name>.toml) | "module:Loss"'
+        },
+    )
+    objective: str = field(
+        default="",
+        metadata={
+            "help": 'the policy objective: grpo | nft | awm | none | "module:Class"; "" = the '
+            "algorithm's"
+        },
+    )
+    regularisers: str = field(
+        default="",
+        metadata={
+            "help": 'comma-separated: data, reverse_kl, lagging_kl, "module:Class"; "none" = no '
+            'regulariser; "" = the algorithm\'s'
+        },
     )
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -50,7 +68,8 @@ class RunConfig:
     gold: GoldConfig = field(default_factory=GoldConfig)
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     loss: Any = field(
-        default_factory=DDRLConfig, metadata={"help": "the algorithm's own config (its Config)"}
+        default_factory=lambda: composed_config("grpo", ("data",))(),
+        metadata={"help": "every setting of the objective and regularisers (their Configs)"},
     )
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -72,6 +91,22 @@ class RunConfig:
             sub = getattr(self, f.name)
             if hasattr(sub, "check"):
                 sub.check()
+        if self.objective in TRANSITIONS and self.sampler.sde.kind == "ode":
+            raise DDRLError(
+                f"objective {self.objective!r} trains on the rollout's recorded SDE transitions, "
+                "which sampler.sde.kind='ode' does not make; allowed: flow, dance, cps (or a "
+                "forward-process objective: nft, awm)"
+            )
+        tc = self.train
+        if tc.timestep_selection == "stratified":
+            first = int(tc.skip_first_step)
+            hi = math.floor(tc.timestep_fraction * self.sampler.num_steps + 1e-9)
+            if tc.timestep_count > hi - first:
+                raise DDRLError(
+                    f"train.timestep_count={tc.timestep_count} strata of the steps {first}.."
+                    f"{hi - 1} (floor(train.timestep_fraction · sampler.num_steps) = {hi}); "
+                    f"allowed: 1..{max(hi - first, 1)}, or more sampler.num_steps"
+                )
         per_step = getattr(self.loss, "data_on_first_only", False) or (
             getattr(self.loss, "data_steps", 1.0) < 1
         )

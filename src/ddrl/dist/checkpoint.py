@@ -28,7 +28,7 @@ from torch.distributed import checkpoint as dcp
 
 from ddrl.dist.group import barrier, gather_objects, world_size
 from ddrl.errors import DDRLError, first_line
-from ddrl.io import fingerprint, sha256
+from ddrl.io import fingerprint, sha256, trainable
 from ddrl.dist.rng import current_rank
 
 
@@ -161,11 +161,6 @@ def find_checkpoint(run_dir: Path, spec: str | int | None = None, flag: str = "-
     kept = ", ".join(sorted(p.name for p in root.glob("step-*"))) if root.is_dir() else ""
     allowed = ("auto, or one of " if flag == "--resume" else "one of ") + (kept or "(none)")
     raise DDRLError(f"{flag} {spec}: no such checkpoint; allowed: {allowed}")
-
-
-def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """name → parameter for every parameter that requires grad: what a checkpoint holds."""
-    return {k: p for k, p in model.named_parameters() if p.requires_grad}
 
 
 def load_trained(denoiser: torch.nn.Module, path: Path) -> dict:

@@ -1,11 +1,16 @@
-"""What every algorithm's loss receives and returns, and the terms they share.
+"""What every objective and regulariser receives and returns, and the terms they share.
 
-A loss sees one trained timestep of a micro-batch (``StepBatch``) and returns per-sample terms
-[B]; the loop reduces each term with a whole-iteration denominator, the number of samples its
-mask covers over all trained timesteps, micro-batches and ranks. So the gradient does
-not depend on how the iteration is split into micro-batches, and a skipped group never changes
-the weight of the others. The masks depend only on the batch, never on the model, so the loop
-counts them before the first forward (``Loss.masks``).
+The loop trains one loss (``ddrl.losses.compose.Composite``: a policy objective plus its
+regularisers). It sees one trained timestep of a micro-batch (``StepBatch``) and returns
+per-sample terms [B]; the loop reduces each term with a whole-iteration denominator, the number
+of samples its mask covers over all trained timesteps, micro-batches and ranks. So the
+gradient does not depend on how the iteration is split into micro-batches, and a skipped group
+never changes the weight of the others. The masks depend only on the batch, never on the
+model, so the loop counts them before the first forward (``Loss.masks``).
+
+Two kinds of objective: transition objectives (GRPO) recompute a recorded SDE step x_t →
+x_next and need its log-prob; forward-process objectives (NFT, AWM) need only the trajectory's
+final sample x0, noised afresh at the trained step's t (``point_noise``).
 """
 
 from __future__ import annotations
@@ -17,8 +22,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from ddrl.models.base import Cond, guided_velocity
-from ddrl.phases import phase
+from ddrl.models.base import Cond, cfg_mix, guided_velocity
 from ddrl.sde import Step
 
 
@@ -26,11 +30,11 @@ from ddrl.sde import Step
 class StepBatch:
     """One trained timestep for B trajectories (t may differ per sample)."""
 
-    x_t: Tensor  # [B, ...] state at t
-    x_next: Tensor  # [B, ...] the state the rollout sampled at t_next
+    x_t: Tensor | None  # [B, ...] state at t (None: a rollout without transitions)
+    x_next: Tensor | None  # [B, ...] the state the rollout sampled at t_next (likewise)
     t: Tensor  # [B]
     t_next: Tensor  # [B]
-    logp_old: Tensor  # [B] log-prob recorded at rollout time
+    logp_old: Tensor | None  # [B] log-prob recorded at rollout time (likewise)
     advantages: Tensor  # [B]
     valid: Tensor  # [B] bool: False for groups skipped (non-finite reward)
     cond: Cond  # batch B
@@ -44,6 +48,10 @@ class StepBatch:
     position: int = 0  # which of the iteration's trained steps this is (0 = first)
     positions: int = 1  # trained steps per trajectory this iteration
     plan: int = 0  # the iteration's shared seed for per-step choices (same on every rank)
+    x0: Tensor | None = None  # [B, ...] the trajectory's final sample (forward-process objectives)
+    ids: Tensor | None = None  # [B] each row's trajectory index in the whole iteration
+    slots: Tensor | None = None  # [B] each row's trained-step position (0 = first)
+    mean_old: Tensor | None = None  # [B, ...] the rollout's step mean μ_old (when recorded)
 
 
 @dataclass
@@ -55,6 +63,8 @@ class LossContext:
     cfg_scale: float  # classifier-free guidance weight used by the rollout
     make_reference: Callable[[str], Any] | None = None  # kind → the Reference
     # (``ddrl.losses.reference``); given to losses with ``needs_reference`` only
+    model: torch.nn.Module | None = None  # the trained denoiser itself (not a DDP wrapper),
+    # for parts that keep a lagging copy of its weights (``ddrl.losses.lagging``)
 
 
 @dataclass
@@ -66,10 +76,12 @@ class LossOut:
 
 
 class Loss(Protocol):
-    """An algorithm: ``cls(cfg: cls.Config, ctx: LossContext)``. It says what it needs, so the
-    loop pays only for that: ``needs_data`` (batches carry x0 from the data pool; otherwise no
-    pool is built or drawn from and ``StepBatch.x0_data`` is None) and ``needs_reference``
-    (``ctx.make_reference`` is given). A plugin without them gets both."""
+    """What the loop trains: ``Composite`` for the built-in algorithms, or a user loss class
+    ``cls(cfg: cls.Config, ctx: LossContext)``. It says what it needs, so the loop pays only
+    for that: ``needs_data`` (batches carry x0 from the data pool; otherwise no pool is built
+    or drawn from and ``StepBatch.x0_data`` is None), ``needs_reference`` (``ctx.make_reference``
+    is given) and ``transitions`` (the rollout records every SDE step and its log-prob; a
+    plugin without them gets all three)."""
 
     Config: type
     needs_data: bool
@@ -85,54 +97,88 @@ class Loss(Protocol):
     # Optional: ``kept(advantages [B], valid [B]) -> bool [B]``, the trajectories its terms
     # cover (default: the valid ones), so a split into several optimizer steps shares them out
     # evenly (``training.step.split_rows``).
+    # Optional: ``sampling()``, a context in which the rollout samples (NFT: the old policy);
+    # ``end_iteration(steps: int)`` after an iteration's updates (steps: optimizer steps taken
+    # in the run so far); ``state_dict()`` / ``load_state_dict(d)``: state a resume needs.
+
+
+@dataclass
+class Point:
+    """Where an objective evaluates the policy for one batch, chosen before any forward (so a
+    regulariser can evaluate other weights there first, ``before``)."""
+
+    x_t: Tensor  # [B, ...]
+    t: Tensor  # [B]
+    cond: Cond
+    null: Cond | None  # the CFG branch (None: conditional only)
+    noise: Tensor | None = None  # [B, ...] the fresh ε of x_t (forward-process objectives)
+
+
+@dataclass
+class Forward:
+    """An objective's training forward, for the regularisers on its own samples."""
+
+    x_t: Tensor  # [B, ...] where the velocity was evaluated
+    t: Tensor  # [B]
+    cond: Cond
+    null: Cond | None  # the CFG branch it used (None: conditional only)
+    v: Tensor  # [B, ...] its velocity, with gradient
+    step: Step | None = None  # the recomputed SDE transition (transition objectives)
+
+
+@dataclass
+class ObjectiveOut:
+    """An objective's per-sample terms [B] with coefficients, statistics [B], its forward, and
+    the velocity [n, ...] of extra inputs a regulariser asked it to evaluate in that forward."""
+
+    terms: dict[str, tuple[Tensor, float]]
+    stats: dict[str, Tensor]
+    forward: Forward | None
+    extra_v: Tensor | None = None
+
+
+@dataclass
+class Extra:
+    """Inputs a regulariser has evaluated inside the objective's forward (one larger batch)."""
+
+    x: Tensor  # [n, ...]
+    t: Tensor  # [n]
+    cond: Cond
+
+
+def point_noise(b: StepBatch) -> Tensor:
+    """Fresh ε [B, ...] for each row, a function of (iteration plan, trajectory, trained-step
+    position) alone, so it does not depend on micro-batches, optimizer-step splits or ranks."""
+    out = []
+    for i, j in zip(b.ids.tolist(), b.slots.tolist(), strict=True):
+        g = torch.Generator().manual_seed((b.plan * 1_000_003 + i * 1_009 + j) % (2**63 - 1))
+        out.append(torch.randn(b.x0.shape[1:], generator=g))
+    return torch.stack(out).to(b.x0)
+
+
+def velocity_with(
+    denoiser,
+    x: Tensor,
+    t: Tensor,
+    cond: Cond,
+    null: Cond | None,
+    scale: float,
+    extra: Extra | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """v_θ [B, ...] at (x, t), guided by ``scale`` when ``null`` is given (no gradient through
+    the unconditional branch, as flow_grpo trains with CFG), and the conditional velocity
+    [n, ...] of ``extra`` from the same forward (None without)."""
+    if extra is None:
+        return guided_velocity(denoiser, x, t, cond, null, scale, detach_uncond=True), None
+    guided = scale != 1.0 and null is not None
+    n = x.shape[0]
+    xs, ts, c = ([x, x], [t, t], cond.cat(null)) if guided else ([x], [t], cond)
+    v = denoiser.velocity(torch.cat([*xs, extra.x]), torch.cat([*ts, extra.t]), c.cat(extra.cond))
+    v_own = cfg_mix(v[:n], v[n : 2 * n], scale, True) if guided else v[:n]
+    return v_own, v[len(xs) * n :]
 
 
 def clipped_surrogate(log_ratio: Tensor, adv: Tensor, clip: float) -> tuple[Tensor, Tensor]:
     """PPO surrogate per sample [B]: max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)) with ρ = exp(log_ratio)."""
     ratio = torch.exp(log_ratio)
     return torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip)), ratio
-
-
-def log_ratio(step: Step, b: StepBatch, kind: str = "log_density") -> Tensor:
-    """log ρ [B] of a recomputed step against the rollout's record.
-
-    "log_density": log p_θ(x' | x_t) − log p_old(x' | x_t), ddrl's per-dimension mean
-    (``ddrl.sde``). "edm_squared_error": the DDRL release's −mean_dims[(x'_e − μ_θ,e)² −
-    (x'_e − μ_old,e)²] in EDM space, x_e = x / (1 − t_next) (cosmos-rl wfm_trainer.py
-    L471-490). Both Gaussians have the same std (it depends on t, t_next only), so
-    log p_θ − log p_old = −mean[(x' − μ_θ)² − (x' − μ_old)²] / (2·std²) and the release's
-    value is (log p_θ − log p_old)·2·std² / (1 − t_next)² exactly (docs/DECISIONS.md); std is
-    the step's [B, 1, ...] (the same for every element of a sample, as for every built-in SDE).
-    """
-    d = step.log_prob - b.logp_old
-    if kind == "log_density":
-        return d
-    std = torch.broadcast_to(step.std, step.x_next.shape).flatten(1)[:, 0]
-    return d * (2 * std**2 / (1 - b.t_next.to(std)) ** 2)
-
-
-def policy_transition(denoiser, b: StepBatch, ctx: LossContext) -> Step:
-    """Recompute μ_θ, std and log p_θ(x_next | x_t) of the recorded transition."""
-    # As flow_grpo trains with CFG: the unconditional branch carries no gradient.
-    v = guided_velocity(denoiser, b.x_t, b.t, b.cond, b.null, ctx.cfg_scale, detach_uncond=True)
-    return ctx.step(b.x_t, v, b.t, b.t_next, prev_sample=b.x_next)
-
-
-def surrogate(
-    step: Step, b: StepBatch, clip: float, ratio: str = "log_density"
-) -> tuple[Tensor, dict]:
-    """Clipped surrogate [B] of a recomputed step, and ratio statistics [B]; ``ratio``: how
-    log ρ is measured (``log_ratio``)."""
-    per, rho = clipped_surrogate(log_ratio(step, b, ratio), b.advantages, clip)
-    dev = (rho.detach() - 1).abs()
-    return per, {"ratio_dev": dev, "clipped": (dev > clip).float()}
-
-
-def policy_term(
-    denoiser, b: StepBatch, ctx: LossContext, clip: float, ratio: str = "log_density"
-) -> tuple[Tensor, Step, dict]:
-    """Clipped surrogate [B], the recomputed step, and ratio statistics [B]."""
-    with phase("policy"):
-        step = policy_transition(denoiser, b, ctx)
-    per, stats = surrogate(step, b, clip, ratio)
-    return per, step, stats

@@ -1,11 +1,12 @@
-"""The flow-matching loss on data (DDRL's forward KL, SFT) and the ways to compute it.
+"""The data regulariser: the flow-matching loss on data (DDRL's forward KL, SFT) and the ways
+to compute it.
 
 The release (cosmos-rl) computes it at every trained timestep, paired with the rollout's own t
 and initial noise. Cheaper options that keep its meaning (costs and results: docs/DECISIONS.md):
 - ``data_on_first_only``: once per item, at the first trained step (weighted data_beta / n);
 - ``data_steps`` < 1: on a random subset of the trained steps, the same on every rank, averaged
   over the chosen steps only: an unbiased estimate of the release's per-step average;
-- ``data_batched``: in the same forward as the policy term (one larger batch; the same numbers
+- ``data_batched``: in the same forward as the objective's (one larger batch; the same numbers
   to float rounding), which is cheaper per sample where a larger batch is (GPUs).
 The release's own choices are options too (docs/CONFORMANCE.md §5): ``data_weight = "edm"`` (its
 EDM-weighted x0 loss), ``data_caption_dropout`` (its text dropout) and ``data_t =
@@ -20,9 +21,9 @@ import torch
 from torch import Tensor
 
 from ddrl.flow import flow_matching_loss, interpolate, sample_training_t
-from ddrl.losses.base import LossContext, StepBatch, surrogate
+from ddrl.losses.base import Extra, LossContext, StepBatch
 from ddrl.losses.config import DataTermConfig
-from ddrl.models.base import Cond, cfg_mix
+from ddrl.models.base import Cond
 from ddrl.phases import phase
 
 
@@ -133,26 +134,34 @@ def data_term(denoiser, b: StepBatch, cfg: DataTermConfig) -> Tensor:
         return data_loss(denoiser.velocity(x_t, t, cond), b, noise, t, cfg)
 
 
-def policy_and_data(
-    denoiser,
-    b: StepBatch,
-    ctx: LossContext,
-    cfg: DataTermConfig,
-    clip: float,
-    ratio: str = "log_density",
-):
-    """``policy_term`` and ``data_term`` from one forward over [policy (cond, null), data]:
-    (clipped surrogate [B], recomputed step, ratio statistics, data loss [B])."""
-    x_d, t_d, noise, cond_d = data_inputs(b, cfg)
-    guided = ctx.cfg_scale != 1.0 and b.null is not None
-    xs = [b.x_t, b.x_t, x_d] if guided else [b.x_t, x_d]
-    ts = [b.t, b.t, t_d] if guided else [b.t, t_d]
-    cond = b.cond.cat(b.null).cat(cond_d) if guided else b.cond.cat(cond_d)
-    n = b.x_t.shape[0]
-    with phase("policy"):
-        v = denoiser.velocity(torch.cat(xs), torch.cat(ts), cond)
-        # As flow_grpo: the unconditional branch carries no gradient.
-        v_pol = cfg_mix(v[:n], v[n : 2 * n], ctx.cfg_scale, True) if guided else v[:n]
-        step = ctx.step(b.x_t, v_pol, b.t, b.t_next, prev_sample=b.x_next)
-    per, stats = surrogate(step, b, clip, ratio)
-    return per, step, stats, data_loss(v[-x_d.shape[0] :], b, noise, t_d, cfg)
+class DataTerm:
+    """DDRL's regulariser: data_beta × the flow-matching loss on data (the forward KL to
+    p̃_data), on any objective; with ``data_batched`` it is evaluated in the objective's own
+    forward (``batched``)."""
+
+    Config = DataTermConfig
+    needs_data, needs_reference = True, False
+
+    def __init__(self, cfg: DataTermConfig, ctx: LossContext):
+        self.cfg = cfg
+
+    def masks(self, b: StepBatch, keep: Tensor) -> dict[str, Tensor]:
+        return {"data": data_mask(self.cfg, b)}
+
+    def active(self, b: StepBatch) -> bool:
+        return self.cfg.data_beta > 0 and data_applies(self.cfg, b)
+
+    def batched(self, b: StepBatch) -> tuple[Extra, Tensor, Tensor] | None:
+        """With ``data_batched``: the data inputs for the objective's forward, and (t, ε)."""
+        if not self.cfg.data_batched:
+            return None
+        x_t, t, noise, cond = data_inputs(b, self.cfg)
+        return Extra(x_t, t, cond), t, noise
+
+    def __call__(self, denoiser, b: StepBatch, fwd, pre, batched) -> dict:
+        if batched is not None:
+            extra_v, (_, t, noise) = batched
+            fm = data_loss(extra_v, b, noise, t, self.cfg)
+        else:
+            fm = data_term(denoiser, b, self.cfg)
+        return {"data": (fm, self.cfg.data_beta)}

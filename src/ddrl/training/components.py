@@ -21,7 +21,7 @@ from ddrl.data.pool_io import load_pool
 from ddrl.data.pools import PairedPool, TaskData, load_data
 from ddrl.data.synthetic import synthesize
 from ddrl.errors import DDRLError
-from ddrl.losses import loss_class
+from ddrl.losses import needs
 from ddrl.models import DIFFUSERS_FAMILIES, load_generator, resolve
 from ddrl.models.base import Generator
 from ddrl.models.hf import ensure_tiny
@@ -179,7 +179,7 @@ def build_components(cfg: RunConfig, log=print, training: bool = True) -> Compon
     Flow-GRPO, GRPO and DanceGRPO, never build, generate or draw a data set."""
     gen, base_path = load_base(cfg, log)
     data = load_data(cfg.data)
-    needs_data = training and getattr(loss_class(cfg.algorithm), "needs_data", True)
+    needs_data = training and needs(cfg.algorithm, cfg.objective, cfg.regularisers)["data"]
     frames = {}  # conditional frames asked for: key → (count, the prompts whose items give them)
     if training and cfg.model.cond_frames[1]:
         frames["model.cond_frames"] = (cfg.model.cond_frames[1], data.prompts)

@@ -103,13 +103,24 @@ class TrainConfig:
     timestep_fraction: float = field(
         default=1.0, metadata={"help": "trained steps per iteration: floor(fraction · num_steps)"}
     )
-    timestep_selection: Literal["first", "per_sample", "per_batch", "strided"] = field(
-        default="first",
-        metadata={
-            "help": '"first" (steps 0..n−1 in order, flow_grpo), "per_sample" (a random subset '
-            'per trajectory, DanceGRPO), "per_batch" (one random subset), "strided" (every '
-            "k-th from 0: the release's even steps 0, 2, ..., 18 of 20)"
-        },
+    timestep_selection: Literal["first", "per_sample", "per_batch", "strided", "stratified"] = (
+        field(
+            default="first",
+            metadata={
+                "help": '"first" (steps 0..n−1 in order, flow_grpo), "per_sample" (a random '
+                'subset per trajectory, DanceGRPO, DiffusionNFT), "per_batch" (one random subset),'
+                ' "strided" (every k-th from 0: the release\'s even steps 0, 2, ..., 18 of 20), '
+                '"stratified" (one per stratum of the first floor(fraction·N), AWM)'
+            },
+        )
+    )
+    timestep_count: int = field(
+        default=6,
+        metadata={"help": 'strata of "stratified" (AWM train_timesteps: 6); unused otherwise'},
+    )
+    skip_first_step: bool = field(
+        default=False,
+        metadata={"help": '"stratified" from step 1 (AWM discrete_wo_init) instead of 0'},
     )
     skip_last_step: bool = field(
         default=False,
@@ -167,6 +178,7 @@ class TrainConfig:
             self.prompts_per_iter * self.group_size,
         )
         check_range("train.timestep_fraction", self.timestep_fraction, 1e-6, 1.0)
+        check_range("train.timestep_count", self.timestep_count, 1)
         check_range("train.micro_batch", self.micro_batch, 0)
         check_range("train.steps_per_forward", self.steps_per_forward, 1)
         check_range("train.max_bad_steps", self.max_bad_steps, 1)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 from torch import nn
 
-from ddrl.dist.checkpoint import trainable
+from ddrl.io import trainable
+from ddrl.losses.lagging import swapped_in
 
 
 @torch.no_grad()
@@ -48,17 +47,6 @@ class EMA:
         for k, v in state.items():
             self.shadow[k].copy_(v)
 
-    @contextmanager
     def applied(self, model: nn.Module):
         """Swap the EMA weights into ``model`` for the block (evaluation, export), then back."""
-        params = trainable(model)
-        backup = {k: p.detach().clone() for k, p in params.items()}
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(self.shadow[k])
-        try:
-            yield model
-        finally:
-            with torch.no_grad():
-                for k, p in params.items():
-                    p.copy_(backup[k])
+        return swapped_in(model, self.shadow)

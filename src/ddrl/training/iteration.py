@@ -7,6 +7,7 @@ the number of ranks and a resumed run continues exactly.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -75,15 +76,30 @@ class OverlappedScorer:
 
 
 def select_timesteps(
-    num_steps: int, fraction: float, how: str, batch: int, g: torch.Generator, skip_last=False
+    num_steps: int,
+    fraction: float,
+    how: str,
+    batch: int,
+    g: torch.Generator,
+    skip_last=False,
+    skip_first=False,
+    count: int = 0,
 ) -> torch.Tensor:
     """Step indices [batch, n] trained this iteration, drawn from the candidate steps 0..N−1,
     or 0..N−2 with ``skip_last``; n = floor(fraction · #candidates), at least 1, as both peers
     count them (flow_grpo: int(10 · 0.99) = 9; DanceGRPO: int((16 − 1) · 0.6) = 9).
     "first": steps 0..n−1; "per_sample": a random subset per trajectory; "per_batch": one
     random subset for all; "strided": every (#candidates/n)-th step from 0. Each row is
-    sorted, so the j-th trained step runs from noise towards data.
+    sorted, so the j-th trained step runs from noise towards data. "stratified" (AWM,
+    train_sd3_awm.py L1172-1205): ``count`` strata with bounds linspace(f, floor(fraction·N),
+    count + 1) truncated to integers, f = 1 with ``skip_first`` else 0, one index drawn
+    uniformly in each stratum per trajectory.
     """
+    if how == "stratified":
+        first, hi = int(skip_first), math.floor(fraction * num_steps + 1e-9)
+        bounds = torch.linspace(first, hi, count + 1).long()
+        lo, width = bounds[:-1], bounds[1:] - bounds[:-1]
+        return lo + (torch.rand(batch, count, generator=g) * width).long()
     pool = num_steps - 1 if skip_last and num_steps > 1 else num_steps
     n = max(1, math.floor(fraction * pool + 1e-9))
     if how == "first":
@@ -116,9 +132,18 @@ def given_frames(
 
 
 def collect(
-    cfg: RunConfig, c: Components, it: int, rows: slice, encode: CondCache, device
+    cfg: RunConfig,
+    c: Components,
+    it: int,
+    rows: slice,
+    encode: CondCache,
+    device,
+    record: str = "transitions",
+    sampling=contextlib.nullcontext,
 ) -> Iteration:
-    """Iteration ``it``'s batch for this rank's ``rows`` of the P·G trajectories.
+    """Iteration ``it``'s batch for this rank's ``rows`` of the P·G trajectories; the rollout
+    keeps what the loss needs (``record``, ``ddrl.sampling.rollout``) and samples in the
+    loss's ``sampling()`` context (NFT: with its old policy's weights).
 
     The shared stream (seed, it) draws the prompts, the trained steps, the plan seed and the
     conditional frames, in that order; the noise stream draws the rollout's noise and then the
@@ -138,6 +163,8 @@ def collect(
             P * G,
             g_shared,
             tc.skip_last_step,
+            tc.skip_first_step,
+            tc.timestep_count,
         )[rows].to(device)
         plan = int(torch.randint(2**31 - 1, (1,), generator=g_shared))
         given = given_frames(cfg, c, prompts, g_shared, rows, device)  # after every other draw
@@ -148,18 +175,20 @@ def collect(
             else None
         )
         gen.denoiser.eval()
-        ro = rollout(
-            gen,
-            prompts,
-            G,
-            cfg.sampler,
-            g_noise,
-            device,
-            encode=encode,
-            rows=rows,
-            on_chunk=scorer,
-            given=given,
-        )
+        with sampling():
+            ro = rollout(
+                gen,
+                prompts,
+                G,
+                cfg.sampler,
+                g_noise,
+                device,
+                encode=encode,
+                rows=rows,
+                on_chunk=scorer,
+                given=given,
+                record=record,
+            )
         gen.denoiser.train()
     if scorer is None:
         with phase("decode"):

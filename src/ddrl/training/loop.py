@@ -36,7 +36,7 @@ from ddrl.errors import DDRLError, Terminated
 from ddrl.evaluation.evaluate import evaluate_components
 from ddrl.evaluation.pictures import save_prompt_grid
 from ddrl.io import fingerprint
-from ddrl.losses import build_loss, loss_class
+from ddrl.losses import build_loss, needs
 from ddrl.losses.base import LossContext
 from ddrl.losses.reference import make_reference
 from ddrl.models.base import CondCache
@@ -70,7 +70,15 @@ def train(
     learner, par, base = _setup(cfg, c, dev, log)
     opt, ema = learner.opt, learner.ema
     state = TrainState(
-        run_dir, learner.denoiser, opt, ema, cfg.algorithm, log, base, strategy=par.strategy
+        run_dir,
+        learner.denoiser,
+        opt,
+        ema,
+        cfg.algorithm,
+        log,
+        base,
+        loss=learner.loss_fn,
+        strategy=par.strategy,
     )
     start = _restore(state, resume, run_dir, log)
     shipped = functools.partial(ema.applied, c.gen.denoiser) if ema else contextlib.nullcontext
@@ -95,6 +103,10 @@ def train(
             f"train.updates_per_batch={tc.updates_per_batch} parts of {rows.stop - rows.start} "
             "trajectories per process; allowed: at most the trajectories per process"
         )
+    loss_fn = learner.loss_fn  # what its rollouts record, and whose weights sample them
+    record = "means" if getattr(loss_fn, "records_means", False) else "transitions"
+    record = record if getattr(loss_fn, "transitions", True) else "final"
+    sampling = getattr(loss_fn, "sampling", contextlib.nullcontext)
     if cfg.eval.every and start == 0:
         evaluate(0)
     row, all_skipped = {}, 0
@@ -105,7 +117,7 @@ def train(
     for it in bar:
         t0 = time.perf_counter()
         with timer.active():
-            b = collect(cfg, c, it, rows, encode, dev)
+            b = collect(cfg, c, it, rows, encode, dev, record, sampling)
             m = learner.step(b, tc)
             with phase("log"):
                 row = _metrics_row(b, m, c, tc.group_size, dev)
@@ -151,13 +163,18 @@ def _setup(cfg: RunConfig, c: Components, dev: str, log) -> tuple[Learner, Paral
     denoiser = gen.denoiser  # which weights train (all, or LoRA adapters) is the family's choice
     par = Parallel(cfg.parallel, dev)  # none | ddp | fsdp over torchrun's ranks
     base = fingerprint(denoiser)  # before any update (and sharding)
-    needs_ref = getattr(loss_class(cfg.algorithm), "needs_reference", True)
+    cell = (cfg.algorithm, cfg.objective, cfg.regularisers)
     ctx = LossContext(
         stepper(cfg.sampler.sde),
         cfg.sampler.cfg_scale,
-        functools.partial(make_reference, denoiser, place=par.frozen) if needs_ref else None,
+        functools.partial(make_reference, denoiser, place=par.frozen)
+        if needs(*cell)["reference"]
+        else None,
+        denoiser,
     )
-    loss_fn = build_loss(cfg.algorithm, cfg.loss, ctx)  # before resume: the reference is the base
+    loss_fn = build_loss(
+        cfg.algorithm, cfg.loss, ctx, *cell[1:]
+    )  # before resume: the reference is the base
     if cfg.model.compile:  # after the reference copy was taken; compiled in place
         backbone = getattr(denoiser, "transformer", None)
         if backbone is None or par.sharded:

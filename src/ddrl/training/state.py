@@ -1,6 +1,7 @@
 """Everything a run needs to continue exactly, as stateful objects keyed by parameter name.
 
-Saved: the denoiser's trainable parameters, the EMA shadow, the optimizer state (by parameter
+Saved: the denoiser's trainable parameters, the EMA shadow, the loss's own lagging weights
+(NFT's old policy, AWM's KL target), the optimizer state (by parameter
 name, through torch.distributed.checkpoint's state-dict helpers), every rank's torch (and
 CUDA) RNG state, the iteration, the samples seen, the world size and strategy, and the base
 model's fingerprint: a resumed run must start from the same base it was launched from, or it
@@ -27,12 +28,11 @@ from ddrl.dist.checkpoint import (
     remove_orphans,
     restore_into,
     save_checkpoint,
-    trainable,
     verify,
 )
 from ddrl.dist.group import barrier, is_main, world_size
 from ddrl.errors import DDRLError
-from ddrl.io import fingerprint
+from ddrl.io import fingerprint, trainable
 from ddrl.training.ema import EMA
 
 
@@ -61,9 +61,12 @@ class TrainState:
         algorithm: str,
         log=print,
         base_fingerprint: str | None = None,
+        loss=None,
         **meta,
     ):
         self.run_dir, self.denoiser, self.opt, self.ema = Path(run_dir), denoiser, opt, ema
+        # The loss's own state (lagging weights: NFT's old policy, AWM's KL target), if any.
+        self.loss = loss if callable(getattr(loss, "state_dict", None)) else None
         self.algorithm, self.log, self.meta = algorithm, log, meta
         # Of the base, before any update; pass it in when the denoiser is sharded already.
         self.base_fingerprint = base_fingerprint or fingerprint(denoiser)
@@ -82,6 +85,8 @@ class TrainState:
         }
         if self.ema is not None:
             parts["ema"] = self.ema.state_dict()
+        if self.loss is not None and self.loss.state_dict():
+            parts["loss"] = self.loss.state_dict()
         return parts
 
     def save(self, iteration: int, keep: int, **extra) -> Path:
@@ -121,6 +126,8 @@ class TrainState:
         meta = read_state(cand)
         parts, rng = restore_into(cand, self._checked(cand, meta), meta)
         set_optimizer_state_dict(self.denoiser, self.opt, parts["optimizer"])
+        if "loss" in parts:
+            self.loss.load_state_dict(parts["loss"])
         if rng:  # none for a rank the writing run did not have (another world size)
             torch.set_rng_state(rng["torch"])
             if "cuda" in rng and torch.cuda.is_available():
@@ -146,4 +153,10 @@ class TrainState:
             )
         if self.ema is not None and "ema" not in meta["skeletons"]:
             raise DDRLError(f"checkpoint {path} has no EMA but optim.ema_decay > 0")
+        if ("loss" in meta["skeletons"]) != ("loss" in self._parts()):
+            raise DDRLError(
+                f"checkpoint {path} and this run's loss disagree on whether the loss keeps "
+                "weights of its own (the old policy or a lagging copy); resume with the run's "
+                "own algorithm"
+            )
         return self._parts()

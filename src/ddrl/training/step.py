@@ -29,19 +29,20 @@ def step_batches(
     positions in one batch (stack × micro rows, position-major), one forward instead of
     ``stack``; the per-sample t makes it the same computation."""
     ro, steps, data_cond = b.rollout, b.steps, b.data_cond
-    n = steps.shape[1]
+    n, offset = steps.shape[1], b.rows.start if b.rows is not None else 0
     chosen = torch.arange(b.advantages.shape[0]) if rows is None else rows
     for j0 in range(0, n, stack):
         cols = torch.arange(j0, min(j0 + stack, n))
         for idx in chosen.split(micro):
             s = steps[idx][:, cols].T.reshape(-1)  # [k·m]: position j0's rows, then j0 + 1's
             rows = idx.repeat(len(cols)).to(ro.states.device)
+            every = ro.transitions  # else only the initial noise and final sample were kept
             yield StepBatch(
-                x_t=ro.states[s, rows],
-                x_next=ro.states[s + 1, rows],
+                x_t=ro.states[s, rows] if every else None,
+                x_next=ro.states[s + 1, rows] if every else None,
                 t=ro.timesteps[s],
                 t_next=ro.timesteps[s + 1],
-                logp_old=ro.log_probs[s, rows],
+                logp_old=ro.log_probs[s, rows] if every else None,
                 advantages=b.advantages[rows],
                 valid=b.valid[rows],
                 cond=ro.cond.index(rows),
@@ -54,6 +55,10 @@ def step_batches(
                 position=j0,
                 positions=n,
                 plan=b.plan,
+                x0=ro.states[-1, rows],
+                ids=offset + rows.cpu(),
+                slots=cols.repeat_interleave(len(idx)),
+                mean_old=ro.means[s, rows] if ro.means is not None else None,
             )
 
 
@@ -214,6 +219,8 @@ class Learner:
                 if self.ema is not None:
                     with phase("optimizer"):
                         self.ema.update(self.denoiser, s)
+        if hasattr(self.loss_fn, "end_iteration"):  # lagging weights move towards θ
+            self.loss_fn.end_iteration(s)
         if "ratio_dev_max" in first:
             m["onpolicy_ratio_dev_max"] = first["ratio_dev_max"]
         return {**m, "lr": lr}
