@@ -43,7 +43,7 @@ long: $(STAMP)  ## slow: DDRL vs Flow-GRPO for 200 iterations, 2 rewards x 2 see
 bench: $(STAMP)  ## phase times vs the model's own compute, every algorithm (see docs/BENCHMARKS.md)
 	mkdir -p runs
 	$(VENV)/bin/ddrl bench --json runs/bench-digits.json
-	$(VENV)/bin/ddrl bench --preset tiny-sd3 --algorithms ddrl,flow_grpo --json runs/bench-tiny-sd3.json
+	$(VENV)/bin/ddrl bench --preset tiny-sd3 --algorithms ddrl,flow_grpo,nft --json runs/bench-tiny-sd3.json
 
 screenshot: $(STAMP)  ## the quick comparison's report as a headless-Chromium PNG (runs/compare-quick.png) to look at
 	test -f runs/compare-quick/report.html || $(VENV)/bin/ddrl compare --quick --out runs/compare-quick

@@ -799,3 +799,51 @@ def test_grpo_guard_ratio_norm_matches_train_sd3_grpo_guard(i):
                   None, x, True, torch.Generator(), mean_old=mean_old)  # fmt: skip
     got, _ = surrogate(step, b, GRPOConfig(clip_range=clip, ratio_norm=True))
     torch.testing.assert_close(got, want, **F64)
+
+
+# --------------------------------------------------------------------------------------------
+# MixGRPO's sliding window (Tencent-Hunyuan/MixGRPO e5cdd6a, fastvideo/utils/grpo_states.py)
+# --------------------------------------------------------------------------------------------
+
+
+class _GRPOTrainingStates:
+    """grpo_states.py L29-53, L87-99, L136-139, L148 with the FLUX scripts' flags
+    (progressive, prog_overlap, roll_back)."""
+
+    def __init__(self, iters_per_group, group_size, max_timesteps, prog_overlap_step):
+        self.iters_per_group, self.group_size = iters_per_group, group_size
+        self.max_timesteps, self.prog_overlap_step = max_timesteps, prog_overlap_step
+        self.cur_timestep, self.cur_iter_in_group, self.init_timestep = 0, 0, 0
+
+    def update_iteration(self):
+        self.cur_iter_in_group += 1
+        if self.cur_iter_in_group >= self.iters_per_group:
+            self.cur_iter_in_group = 0
+            self.cur_timestep += self.prog_overlap_step
+        if self.cur_timestep > self.max_timesteps:
+            self.cur_timestep, self.cur_iter_in_group = self.init_timestep, 0
+
+    def get_current_timesteps(self):
+        end = min(self.cur_timestep + self.group_size, self.max_timesteps)
+        return list(range(self.cur_timestep, end))
+
+
+@pytest.mark.parametrize("every, stride", [(25, 1), (20, 1), (20, 0), (3, 2)])
+def test_mixgrpo_window_matches_grpo_training_states(every, stride):
+    """25 sampling steps (max_timesteps = 23, train_grpo_flux.py L915-928): the same window at
+    every iteration, except where MixGRPO's is empty for one group before it rolls back; ddrl
+    rolls back there at once (docs/DECISIONS.md), so from then on it runs one group ahead."""
+    from ddrl.training.iteration import window_steps
+
+    states, shift = _GRPOTrainingStates(every, 4, 25 - 2, stride), 0
+    for it in range(1200):
+        theirs = states.get_current_timesteps()  # read, then advance (L945-947)
+        states.update_iteration()
+        if not theirs:  # the empty group: ddrl has already rolled back
+            shift += 1
+            continue
+        assert window_steps(it - shift, 25, 4, every, stride).tolist() == theirs, it
+    if (every, stride) == (25, 1):  # MixGRPO.sh: empty over iterations 575-599, then [0..3]
+        assert shift == 2 * 25  # two passes in 1200 iterations
+        assert window_steps(574, 25, 4, 25, 1).tolist() == [22]
+        assert window_steps(575, 25, 4, 25, 1).tolist() == [0, 1, 2, 3]

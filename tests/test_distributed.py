@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from ddrl.advantages import combine_advantages
 from ddrl.config import build_config, load_config
 from ddrl.config.core import AdvantageConfig
+from ddrl.dist.checkpoint import latest_checkpoint, load_checkpoint
 from ddrl.dist.config import ParallelConfig
 from ddrl.dist.group import batch_slice, gathered_advantages
 from ddrl.dist.parallel import Parallel
@@ -239,6 +240,22 @@ def test_two_ddp_processes_take_the_single_process_steps(one_and_two):
     train(resumed, four, resume=True, log=lambda *a: None)
     assert [r["iteration"] for r in read_jsonl(four / "metrics.jsonl")] == [1, 2, 3]
     assert _max_diff(_params(one), _params(four)) < PARAM_TOL
+
+
+def test_two_ddp_processes_train_nft_with_the_data_term_like_one(tmp_path):
+    """NFT + data term (old-policy rollouts keeping final samples only, fresh noise keyed by
+    trajectory, the lagging weights swapped in on every rank) under 2 DDP ranks vs one process:
+    the same rows and final weights to float32 rounding, and the same saved old policy."""
+    overrides = quick(*SETUP, "algorithm=nft_data", "loss.old_rate=0.3")
+    one = prepare_run_dir(tmp_path / "one", resume=False, overwrite=False)
+    train(build_config(overrides=overrides), one, log=lambda *a: None)
+    two = tmp_path / "two"
+    _torchrun("train", "--out", str(two), *overrides, "parallel.strategy=ddp")
+    _same_rows(read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl"))
+    assert _max_diff(_params(one), _params(two)) < PARAM_TOL
+    _, a = load_checkpoint(latest_checkpoint(one))
+    _, b = load_checkpoint(latest_checkpoint(two))
+    assert _max_diff(a["loss"], b["loss"]) < PARAM_TOL
 
 
 @pytest.mark.parametrize("where", ["iteration", "checkpoint"])

@@ -288,6 +288,19 @@ def test_published_presets_resolve_with_the_cited_values(tmp_path):
     # L88) and is evaluated as the other two are, at flow_grpo's 4.5 (config/grpo.py L38)
     assert (dd.sampler.cfg_scale, dd.eval.cfg_scale) == (1.0, 4.5)
     assert dd.eval.sampler(dd.sampler).cfg_scale == fg.eval.sampler(fg.sampler).cfg_scale == 4.5
+    nft = build_config(overrides=["preset=sd35-medium-ocr-nft", *data])  # config/nft.py sd3_ocr
+    assert (nft.objective, nft.regularisers, nft.sampler.sde.kind) == ("nft", "reverse_kl", "ode")
+    assert (nft.loss.nft_beta, nft.loss.beta_kl, nft.loss.adv_clip_max) == (0.1, 1e-4, 5.0)
+    assert (nft.loss.old_flat, nft.loss.old_rate, nft.loss.old_cap) == (75, 0.0075, 0.999)
+    assert (nft.train.prompts_per_iter, nft.train.group_size, nft.train.updates_per_batch) == (
+        48, 24, 2)  # fmt: skip
+    assert (nft.sampler.num_steps, nft.sampler.cfg_scale, nft.optim.lr) == (10, 1.0, 3e-4)
+    pick = build_config(overrides=["preset=sd35-medium-pickscore-nft", *data])
+    assert (pick.loss.nft_beta, pick.loss.old_flat, pick.loss.old_rate, pick.loss.old_cap) == (
+        1.0, 0, 0.001, 0.5)  # fmt: skip
+    assert pick.reward.name == "pickscore" and pick.train.updates_per_batch == 1
+    nd = build_config(overrides=["preset=sd35-medium-ocr-nft", "algorithm=nft_data", *data])
+    assert nd.regularisers == "data" and nd.loss.nft_beta == 0.1 and not hasattr(nd.loss, "beta_kl")
     dance = build_config(overrides=["preset=sd35-medium-ocr-dance-grpo", *data])
     assert (dance.sampler.sde.kind, dance.sampler.sde.eta, dance.sampler.grid) == (
         "dance",

@@ -151,3 +151,26 @@ def test_resume_is_exact_for_the_forward_process_algorithms(tmp_path, algorithm)
         assert pa[name].keys() == pb[name].keys()
         for k in pa[name]:
             assert torch.equal(pa[name][k], pb[name][k]), (name, k)
+
+
+def test_mixgrpo_window_rolls_out_the_sde_inside_it_and_trains_only_there(tiny_model, tmp_path):
+    """Outside the window every step is the Euler ODE (log-prob 0); inside, the SDE; the loop
+    trains exactly the window's steps and moves it with the iteration."""
+    from ddrl.config.core import SamplerConfig
+    from ddrl.sampling import rollout
+    from ddrl.training.iteration import window_steps
+
+    cfg = SamplerConfig(num_steps=6)
+    mask = torch.tensor([False, False, True, True, False, False])
+    ro = rollout(tiny_model, ["a"], 3, cfg, torch.Generator().manual_seed(0), sde_steps=mask)
+    for i in range(6):
+        x, t, tn = ro.states[i], ro.timesteps[i].expand(3), ro.timesteps[i + 1].expand(3)
+        euler = x + tiny_model.denoiser.velocity(x, t, ro.cond) * (tn - t)[:, None]
+        same = torch.allclose(ro.states[i + 1], euler, atol=1e-6)
+        assert same == (not mask[i]), i
+        assert (ro.log_probs[i] == 0).all() == (not mask[i]), i
+    assert window_steps(0, 10, 2, 1, 1).tolist() == [0, 1]
+    assert window_steps(3, 10, 2, 1, 1).tolist() == [3, 4]
+    _, out, row = run_quick(tmp_path, "mix", "algorithm=grpo", "train.timestep_selection=window",
+                            "train.window_size=2", "train.window_every=1")  # fmt: skip
+    assert row["loss_policy"] == row["loss_policy"]  # finite, trained

@@ -76,6 +76,7 @@ def rollout(
     on_chunk: Callable[[slice, Tensor], None] | None = None,
     given: tuple[Tensor, Tensor] | None = None,
     record: str = "transitions",
+    sde_steps: Tensor | None = None,
 ) -> Rollout:
     """Roll out ``group_size`` samples per prompt with the stochastic step ``cfg.sde``.
 
@@ -88,16 +89,39 @@ def rollout(
     trajectories, (x0 [n, ...], k [n]) (``with_frames``). ``record``: "transitions" (every
     state and log-prob, for objectives that recompute them), "means" (also each step's mean,
     GRPO-Guard), "final" (the initial noise and final sample only, under inference mode: the
-    forward-process objectives need nothing else).
+    forward-process objectives need nothing else). ``sde_steps`` [T] bool: the steps taken with
+    the SDE, the others with the Euler ODE (MixGRPO's window); None = all with the SDE.
     """
     with torch.inference_mode() if record == "final" else torch.no_grad():
         return _rollout(
-            gen, prompts, group_size, cfg, generator, device, encode, rows, on_chunk, given, record
+            gen,
+            prompts,
+            group_size,
+            cfg,
+            generator,
+            device,
+            encode,
+            rows,
+            on_chunk,
+            given,
+            record,
+            sde_steps,
         )
 
 
 def _rollout(
-    gen, prompts, group_size, cfg, generator, device, encode, rows, on_chunk, given, record
+    gen,
+    prompts,
+    group_size,
+    cfg,
+    generator,
+    device,
+    encode,
+    rows,
+    on_chunk,
+    given,
+    record,
+    sde_steps,
 ) -> Rollout:
     p = len(prompts)
     rows = rows or slice(None)
@@ -127,7 +151,10 @@ def _rollout(
         for i in range(T):
             t, t_next = ts[i].expand(x.shape[0]), ts[i + 1].expand(x.shape[0])
             v = guided_velocity(gen.denoiser, x, t, c, u, cfg.cfg_scale)
-            out = step(x, v, t, t_next, noise=zs[i][part].to(device))
+            if sde_steps is None or sde_steps[i]:
+                out = step(x, v, t, t_next, noise=zs[i][part].to(device))
+            else:  # outside MixGRPO's window: plain Euler (sampling_utils.py L198-199)
+                out = ode_step(x, v, t, t_next)
             x = out.x_next
             if every:
                 states[i + 1, part] = x

@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="move an existing --out aside")
     s = add("bench", "experiments", "time each phase of an iteration against the model's compute")
     s.add_argument(
-        "--algorithms", default="ddrl,flow_grpo,dance_grpo,grpo,sft", help="comma-separated"
+        "--algorithms", default="ddrl,flow_grpo,dance_grpo,grpo,sft,nft,awm", help="comma-separated"
     )
     s.add_argument("--iterations", type=int, default=3, help="timed iterations per algorithm")
     s.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "compare":
             s.add_argument(
                 "--rewards", default="ink,classifier,toy2d", help="regimes: ink, classifier, toy2d"
+            )
+            s.add_argument(
+                "--algorithms", default="", help="only these algorithms' arms (default: every arm)"
             )
     s = add("long", "experiments", "DDRL vs Flow-GRPO for many iterations and seeds (slow)", False)
     s.add_argument("--out", default="runs/long", help="output folder")

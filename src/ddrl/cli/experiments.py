@@ -39,6 +39,7 @@ def cmd_compare(args) -> None:
         rewards=_csv(args.rewards, "--rewards"),
         overwrite=args.overwrite,
         overrides=args.overrides,
+        algorithms=_csv(args.algorithms, "--algorithms") if args.algorithms else None,
     )
 
 

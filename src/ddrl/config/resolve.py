@@ -194,16 +194,17 @@ def resolve(layers: list[dict[str, Any]], presets: bool = True) -> RunConfig:
         # A layer written for another SDE kind (an algorithm preset the user overrode) keeps
         # its other keys; its sampler.sde.* keys do not apply.
         other_sde = layer.get("sampler.sde.kind", sde_kind) != sde_kind
-        # Likewise a run preset written for another algorithm keeps all but its loss.* keys.
-        other_alg = layer.get("algorithm", algorithm) != algorithm
+        # A preset's loss.* keys apply where the chosen cell has those parts (a preset written
+        # for nft gives nft_data its NFT values, not flow_grpo its KL); a user's file written for
+        # another algorithm keeps all but its loss.* keys; a user's key the cell lacks is an error.
+        preset = any(layer is f for f in files)
+        other_alg = not preset and layer.get("algorithm", algorithm) != algorithm
         for k, v in layer.items():
             if other_sde and k.startswith("sampler.sde."):
                 continue
             if other_alg and (k == "loss" or k.startswith("loss.")):
                 continue
-            # A preset's setting of a part the chosen cell does not have (objective= or
-            # regularisers= overrode its algorithm's) does not apply; a user's is an error.
-            if k.startswith("loss.") and k not in own_keys and any(layer is f for f in files):
+            if preset and k.startswith("loss.") and k not in own_keys:
                 continue
             if k == "loss" or k.startswith("loss."):
                 _set_loss(cfg, algorithm, k, v)

@@ -32,6 +32,10 @@ TOY_ARMS: list[tuple[str, str, dict[str, Any]]] = [
     ("Flow-GRPO (beta_kl 4)", "flow_grpo", {"loss.beta_kl": 4.0}),
     ("Flow-GRPO (beta_kl 0.4)", "flow_grpo", {"loss.beta_kl": 0.4}),
     ("GRPO (no regulariser)", "grpo", {}),
+    ("NFT (published)", "nft", {}),
+    ("NFT + data (data_beta 0.1)", "nft_data", {"loss.data_beta": 0.1}),
+    ("AWM (published)", "awm", {}),
+    ("AWM + data (data_beta 0.1)", "awm_data", {"loss.data_beta": 0.1}),
 ]
 # 200 iterations at lr 1e-3: about 3 s per arm on one CPU core, long enough for every arm to
 # reach its regime (docs/LOG.md 2026-11-24).

@@ -103,20 +103,32 @@ class TrainConfig:
     timestep_fraction: float = field(
         default=1.0, metadata={"help": "trained steps per iteration: floor(fraction · num_steps)"}
     )
-    timestep_selection: Literal["first", "per_sample", "per_batch", "strided", "stratified"] = (
-        field(
-            default="first",
-            metadata={
-                "help": '"first" (steps 0..n−1 in order, flow_grpo), "per_sample" (a random '
-                'subset per trajectory, DanceGRPO, DiffusionNFT), "per_batch" (one random subset),'
-                ' "strided" (every k-th from 0: the release\'s even steps 0, 2, ..., 18 of 20), '
-                '"stratified" (one per stratum of the first floor(fraction·N), AWM)'
-            },
-        )
+    timestep_selection: Literal[
+        "first", "per_sample", "per_batch", "strided", "stratified", "window"
+    ] = field(
+        default="first",
+        metadata={
+            "help": '"first" (steps 0..n−1 in order, flow_grpo), "per_sample" (a random '
+            'subset per trajectory, DanceGRPO, DiffusionNFT), "per_batch" (one random subset),'
+            ' "strided" (every k-th from 0: the release\'s even steps 0, 2, ..., 18 of 20), '
+            '"stratified" (one per stratum of the first floor(fraction·N), AWM), "window" '
+            "(MixGRPO: a sliding window of steps, the SDE inside it and the ODE elsewhere)"
+        },
     )
     timestep_count: int = field(
         default=6,
         metadata={"help": 'strata of "stratified" (AWM train_timesteps: 6); unused otherwise'},
+    )
+    window_size: int = field(
+        default=4, metadata={"help": '"window": steps in the window (MixGRPO group_size: 4)'}
+    )
+    window_every: int = field(
+        default=25,
+        metadata={"help": '"window": iterations before it moves (MixGRPO iters_per_group: 25)'},
+    )
+    window_stride: int = field(
+        default=1,
+        metadata={"help": '"window": steps it moves by (MixGRPO prog_overlap_step: 1; 0 = fixed)'},
     )
     skip_first_step: bool = field(
         default=False,
@@ -179,6 +191,9 @@ class TrainConfig:
         )
         check_range("train.timestep_fraction", self.timestep_fraction, 1e-6, 1.0)
         check_range("train.timestep_count", self.timestep_count, 1)
+        check_range("train.window_size", self.window_size, 1)
+        check_range("train.window_every", self.window_every, 1)
+        check_range("train.window_stride", self.window_stride, 0)
         check_range("train.micro_batch", self.micro_batch, 0)
         check_range("train.steps_per_forward", self.steps_per_forward, 1)
         check_range("train.max_bad_steps", self.max_bad_steps, 1)

@@ -114,6 +114,24 @@ def select_timesteps(
     return row.expand(batch, n).clone()
 
 
+def window_steps(it: int, num_steps: int, size: int, every: int, stride: int) -> Tensor:
+    """MixGRPO's sliding window at iteration ``it`` (fastvideo/utils/grpo_states.py, its FLUX
+    scripts' progressive strategy with prog_overlap and roll_back): the window [s, s + size)
+    of steps 0..N−3 (max_timesteps = N − 2, train_grpo_flux.py L915-928), whose start moves by
+    ``stride`` every ``every`` iterations (update_iteration, L87-99) and rolls back to 0 at the
+    end (L136-139). Deviation: MixGRPO rolls back only once the start passes N − 2, after one
+    group of iterations with an empty window (no update); ddrl rolls back instead of emptying
+    it (docs/DECISIONS.md). A function of ``it``, so a resumed run continues the schedule."""
+    last, cur, in_group = num_steps - 2, 0, 0
+    for _ in range(it):
+        in_group += 1
+        if in_group >= every:
+            in_group, cur = 0, cur + stride
+        if cur >= last:
+            cur, in_group = 0, 0
+    return torch.arange(cur, min(cur + size, max(last, 1)))
+
+
 def given_frames(
     cfg: RunConfig, c: Components, prompts: list[str], g: torch.Generator, rows: slice, device
 ) -> tuple[Tensor, Tensor] | None:
@@ -156,16 +174,24 @@ def collect(
     g_own = g_noise if rank == 0 else rank_generator(cfg.seed, it, rank)
     with phase("rollout"):
         prompts = c.data.sample_prompts(P, g_shared)
-        steps = select_timesteps(
-            cfg.sampler.num_steps,
-            tc.timestep_fraction,
-            tc.timestep_selection,
-            P * G,
-            g_shared,
-            tc.skip_last_step,
-            tc.skip_first_step,
-            tc.timestep_count,
-        )[rows].to(device)
+        sde_steps = None  # every step stochastic, except in MixGRPO's window selection
+        if tc.timestep_selection == "window":
+            size, every, stride = tc.window_size, tc.window_every, tc.window_stride
+            win = window_steps(it, cfg.sampler.num_steps, size, every, stride)
+            steps = win.expand(P * G, len(win))[rows].to(device)
+            sde_steps = torch.zeros(cfg.sampler.num_steps, dtype=torch.bool)
+            sde_steps[win] = True
+        else:
+            steps = select_timesteps(
+                cfg.sampler.num_steps,
+                tc.timestep_fraction,
+                tc.timestep_selection,
+                P * G,
+                g_shared,
+                tc.skip_last_step,
+                tc.skip_first_step,
+                tc.timestep_count,
+            )[rows].to(device)
         plan = int(torch.randint(2**31 - 1, (1,), generator=g_shared))
         given = given_frames(cfg, c, prompts, g_shared, rows, device)  # after every other draw
         every_prompt = [q for q in prompts for _ in range(G)]
@@ -188,6 +214,7 @@ def collect(
                 on_chunk=scorer,
                 given=given,
                 record=record,
+                sde_steps=sde_steps,
             )
         gen.denoiser.train()
     if scorer is None:
