@@ -1,6 +1,7 @@
 """User plugins loaded through the "module:attr" escape hatch in the tests."""
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -65,3 +66,30 @@ def spread_ink(ctx):
         return (((images.clamp(-1, 1) + 1) / 2).flatten(1).mean(1) * 50.0).float()
 
     return reward
+
+
+@dataclass
+class VelocityNormConfig:
+    vn_beta: float = field(default=0.5, metadata={"help": "weight of mean(v²)"})
+
+    def check(self) -> None:
+        pass
+
+
+class VelocityNorm:
+    """A user regulariser ("plugins_for_tests:VelocityNorm"): vn_beta·mean(v_θ²) at the
+    objective's own points, from its forward."""
+
+    Config = VelocityNormConfig
+    needs_data, needs_reference = False, False
+    seen: list = []
+
+    def __init__(self, cfg, ctx):
+        self.cfg = cfg
+
+    def masks(self, b, keep):
+        return {"vnorm": keep}
+
+    def __call__(self, denoiser, b, fwd, pre, batched):
+        VelocityNorm.seen.append(fwd.v.detach())
+        return {"vnorm": (fwd.v.pow(2).flatten(1).mean(1), self.cfg.vn_beta)}

@@ -320,7 +320,12 @@ FLOW_GRPO_EMA = (
 
 @pytest.mark.parametrize(
     "algorithm,extra",
-    [("ddrl", ()), ("flow_grpo", FLOW_GRPO_EMA), ("dance_grpo", ()), ("grpo", ()), ("sft", ())],
+    [("ddrl", ()), ("flow_grpo", FLOW_GRPO_EMA), ("dance_grpo", ()), ("grpo", ()), ("sft", ())]
+    # the lagging weights move after every iteration (NFT's old policy, AWM's KL-EMA target)
+    + [
+        ("nft", ("loss.old_rate=0.3",)),
+        ("awm_data", ("loss.lag_rate=0.3", "train.timestep_count=2")),
+    ],
 )
 def test_resume_is_exact_for_every_algorithm(tmp_path, algorithm, extra):
     ov = (f"algorithm={algorithm}", *extra, "train.iterations=3", "train.checkpoint_every=1")
@@ -336,9 +341,11 @@ def test_resume_is_exact_for_every_algorithm(tmp_path, algorithm, extra):
     assert [drop(r) for r in a] == [drop(r) for r in b]
     _, pa = load_checkpoint(latest_checkpoint(full))
     _, pb = load_checkpoint(latest_checkpoint(part))
-    for part in ("model", "ema") if extra else ("model",):
+    for part in [p for p in ("model", "ema", "loss") if p in pa]:
+        assert pa[part].keys() == pb[part].keys()
         for k in pa[part]:
             assert torch.equal(pa[part][k], pb[part][k]), (part, k)
+    assert ("loss" in pa) == algorithm in ("nft", "awm_data")
 
 
 # ------------------------------------------------------------------ SDE marginals

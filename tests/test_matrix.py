@@ -1,6 +1,6 @@
 """Objectives × regularisers (``ddrl.losses``): the named algorithms give the numbers they gave
 before the matrix, any cell can be chosen by key, bad cells fail in one line, and each new
-objective trains, on digits and toy2d, and resumes exactly."""
+objective trains, on digits and toy2d (resuming exactly: ``test_loop``)."""
 
 import json
 import sys
@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import one_line_error, run_quick
-from helpers_quick import quick
 
 from ddrl.config import build_config, load_config, save_config
 from ddrl.dist.checkpoint import latest_checkpoint, load_checkpoint
 from ddrl.losses import ALGORITHMS, needs
 from ddrl.training.loop import train
-from ddrl.training.runlog import prepare_run_dir, read_jsonl
+from ddrl.training.runlog import prepare_run_dir
 
 sys.path.insert(0, str(Path(__file__).with_name("golden")))
 from record_algorithms import CASES, run_case  # noqa: E402
@@ -87,6 +86,7 @@ def test_preset_settings_of_absent_parts_do_not_apply_but_a_users_are_errors():
             ("objective 'grpo'", "sampler.sde.kind='ode'"),
         ),
         (["algorithm=test_loop:Recorder", "objective=nft"], ("whole loss class",)),
+        (["algorithm=sft", "regularisers=data,lagging_kl"], ("'lagging_kl'", "objective='none'")),
         (["algorithm=nft", "sampler.sde.kind=cps", "sampler.sde.eta=1.5"], ("sampler.sde.eta",)),
         (["algorithm=awm", "train.timestep_count=0"], ("train.timestep_count",)),
         (["algorithm=awm", "train.timestep_count=9"], ("timestep_count=9",)),
@@ -128,31 +128,6 @@ def test_nft_with_every_regulariser_and_an_sde_rollout_on_toy2d(tmp_path):
         "loss_policy", "loss_data", "loss_kl", "loss_lag_kl"}  # fmt: skip
 
 
-@pytest.mark.parametrize("algorithm", ["nft", "awm_data"])
-def test_resume_is_exact_for_the_forward_process_algorithms(tmp_path, algorithm):
-    """Interrupted after iteration 1 and resumed: the same metrics and bit-identical weights,
-    lagging weights included (NFT's old policy moves after every iteration; AWM's KL-EMA)."""
-    rate = "loss.old_rate=0.3" if algorithm == "nft" else "loss.lag_rate=0.3"
-    ov = (f"algorithm={algorithm}", rate, "train.timestep_count=2", "train.iterations=3",
-          "train.checkpoint_every=1")  # fmt: skip
-    cfg, full, _ = run_quick(tmp_path, "full", *ov)
-    short = build_config(
-        overrides=quick(*ov[:-2], "train.iterations=1", "train.checkpoint_every=1")
-    )
-    part = prepare_run_dir(tmp_path / "part", resume=False, overwrite=False)
-    train(short, part, **QUIET)
-    train(cfg, part, resume=True, **QUIET)
-    drop = lambda r: {k: v for k, v in r.items() if not k.startswith("time_")}  # noqa: E731
-    a, b = read_jsonl(full / "metrics.jsonl"), read_jsonl(part / "metrics.jsonl")
-    assert [drop(r) for r in a] == [drop(r) for r in b]
-    _, pa = load_checkpoint(latest_checkpoint(full))
-    _, pb = load_checkpoint(latest_checkpoint(part))
-    for name in ("model", "loss"):
-        assert pa[name].keys() == pb[name].keys()
-        for k in pa[name]:
-            assert torch.equal(pa[name][k], pb[name][k]), (name, k)
-
-
 def test_mixgrpo_window_rolls_out_the_sde_inside_it_and_trains_only_there(tiny_model, tmp_path):
     """Outside the window every step is the Euler ODE (log-prob 0); inside, the SDE; the loop
     trains exactly the window's steps and moves it with the iteration."""
@@ -171,6 +146,25 @@ def test_mixgrpo_window_rolls_out_the_sde_inside_it_and_trains_only_there(tiny_m
         assert (ro.log_probs[i] == 0).all() == (not mask[i]), i
     assert window_steps(0, 10, 2, 1, 1).tolist() == [0, 1]
     assert window_steps(3, 10, 2, 1, 1).tolist() == [3, 4]
-    _, out, row = run_quick(tmp_path, "mix", "algorithm=grpo", "train.timestep_selection=window",
-                            "train.window_size=2", "train.window_every=1")  # fmt: skip
+    mix = build_config(overrides=["algorithm=mix_grpo"])  # MixGRPO.sh's values
+    assert (mix.objective, mix.train.timestep_selection, mix.sampler.sde.noise_level) == (
+        "grpo", "window", 0.7)  # fmt: skip
+    t = mix.train
+    assert (t.window_size, t.window_every, t.window_stride, t.updates_per_batch) == (4, 25, 1, 4)
+    _, out, row = run_quick(tmp_path, "mix", "algorithm=mix_grpo", "train.window_size=2",
+                            "train.window_every=1")  # fmt: skip
     assert row["loss_policy"] == row["loss_policy"]  # finite, trained
+
+
+def test_a_user_regulariser_joins_any_objective(tmp_path):
+    """ "module:Class" in regularisers=: its config's keys join loss.*, it gets the objective's
+    forward, and its term is trained and logged like the built-ins'."""
+    from plugins_for_tests import VelocityNorm
+
+    VelocityNorm.seen.clear()
+    reg = "plugins_for_tests:VelocityNorm"
+    cfg, _, row = run_quick(tmp_path, "plug", "algorithm=nft", f"regularisers=data,{reg}",
+                            "loss.vn_beta=0.25")  # fmt: skip
+    assert cfg.loss.vn_beta == 0.25 and cfg.regularisers == f"data,{reg}"
+    assert {"loss_policy", "loss_data", "loss_vnorm"} <= set(row)
+    assert VelocityNorm.seen and row["loss_vnorm"] > 0

@@ -92,79 +92,50 @@ def rollout(
     forward-process objectives need nothing else). ``sde_steps`` [T] bool: the steps taken with
     the SDE, the others with the Euler ODE (MixGRPO's window); None = all with the SDE.
     """
+    # Forward-process objectives never differentiate through the rollout.
     with torch.inference_mode() if record == "final" else torch.no_grad():
-        return _rollout(
-            gen,
-            prompts,
-            group_size,
-            cfg,
-            generator,
-            device,
-            encode,
-            rows,
-            on_chunk,
-            given,
-            record,
-            sde_steps,
-        )
-
-
-def _rollout(
-    gen,
-    prompts,
-    group_size,
-    cfg,
-    generator,
-    device,
-    encode,
-    rows,
-    on_chunk,
-    given,
-    record,
-    sde_steps,
-) -> Rollout:
-    p = len(prompts)
-    rows = rows or slice(None)
-    rep = [q for q in prompts for _ in range(group_size)][rows]
-    cond = (encode or gen.conditioner.encode)(rep).to(device)
-    null = gen.conditioner.null(len(rep)).to(device) if cfg.cfg_scale != 1.0 else None
-    cond, null = with_frames(gen, cond, null, given)
-    x0 = initial_noise(p, group_size, gen.sample_shape, cfg.shared_noise, generator)
-    full = x0.shape
-    x0 = x0[rows]
-    ts = time_grid(cfg, gen, cfg.num_steps).to(device)
-    step = stepper(cfg.sde)
-    # All noise is drawn first, in the order of an unchunked rollout, so ``cfg.batch`` changes
-    # memory only, never the samples.
-    zs = [torch.randn(full, generator=generator)[rows].clone() for _ in range(cfg.num_steps)]
-    n, chunk, T = len(rep), cfg.batch or len(rep), cfg.num_steps
-    every = record != "final"
-    states = torch.empty((T + 1 if every else 2, *x0.shape), device=device)
-    logps = torch.empty((T if every else 0, n), device=device)
-    means = torch.empty((T, *x0.shape), device=device) if record == "means" else None
-    for s in range(0, n, chunk):
-        part = slice(s, s + chunk)
-        idx = torch.arange(n, device=device)[part]
-        c, u = cond.index(idx), null.index(idx) if null is not None else None
-        x = x0[part].to(device)
-        states[0, part] = x
-        for i in range(T):
-            t, t_next = ts[i].expand(x.shape[0]), ts[i + 1].expand(x.shape[0])
-            v = guided_velocity(gen.denoiser, x, t, c, u, cfg.cfg_scale)
-            if sde_steps is None or sde_steps[i]:
-                out = step(x, v, t, t_next, noise=zs[i][part].to(device))
-            else:  # outside MixGRPO's window: plain Euler (sampling_utils.py L198-199)
-                out = ode_step(x, v, t, t_next)
-            x = out.x_next
-            if every:
-                states[i + 1, part] = x
-                logps[i, part] = out.log_prob
-            if means is not None:
-                means[i, part] = out.mean
-        states[-1, part] = x
-        if on_chunk is not None:
-            on_chunk(part, x)
-    return Rollout(states, logps, ts, cond, null, rep, means)
+        p = len(prompts)
+        rows = rows or slice(None)
+        rep = [q for q in prompts for _ in range(group_size)][rows]
+        cond = (encode or gen.conditioner.encode)(rep).to(device)
+        null = gen.conditioner.null(len(rep)).to(device) if cfg.cfg_scale != 1.0 else None
+        cond, null = with_frames(gen, cond, null, given)
+        x0 = initial_noise(p, group_size, gen.sample_shape, cfg.shared_noise, generator)
+        full = x0.shape
+        x0 = x0[rows]
+        ts = time_grid(cfg, gen, cfg.num_steps).to(device)
+        step = stepper(cfg.sde)
+        # All noise is drawn first, in the order of an unchunked rollout, so ``cfg.batch`` changes
+        # memory only, never the samples.
+        zs = [torch.randn(full, generator=generator)[rows].clone() for _ in range(cfg.num_steps)]
+        n, chunk, T = len(rep), cfg.batch or len(rep), cfg.num_steps
+        every = record != "final"
+        states = torch.empty((T + 1 if every else 2, *x0.shape), device=device)
+        logps = torch.empty((T if every else 0, n), device=device)
+        means = torch.empty((T, *x0.shape), device=device) if record == "means" else None
+        for s in range(0, n, chunk):
+            part = slice(s, s + chunk)
+            idx = torch.arange(n, device=device)[part]
+            c, u = cond.index(idx), null.index(idx) if null is not None else None
+            x = x0[part].to(device)
+            states[0, part] = x
+            for i in range(T):
+                t, t_next = ts[i].expand(x.shape[0]), ts[i + 1].expand(x.shape[0])
+                v = guided_velocity(gen.denoiser, x, t, c, u, cfg.cfg_scale)
+                if sde_steps is None or sde_steps[i]:
+                    out = step(x, v, t, t_next, noise=zs[i][part].to(device))
+                else:  # outside MixGRPO's window: plain Euler (sampling_utils.py L198-199)
+                    out = ode_step(x, v, t, t_next)
+                x = out.x_next
+                if every:
+                    states[i + 1, part] = x
+                    logps[i, part] = out.log_prob
+                if means is not None:
+                    means[i, part] = out.mean
+            states[-1, part] = x
+            if on_chunk is not None:
+                on_chunk(part, x)
+        return Rollout(states, logps, ts, cond, null, rep, means)
 
 
 def with_frames(

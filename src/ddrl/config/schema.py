@@ -42,8 +42,9 @@ class RunConfig:
     algorithm: str = field(
         default="ddrl",
         metadata={
-            "help": "ddrl | flow_grpo | dance_grpo | grpo | sft | nft | nft_data | awm | awm_data "
-            '(objective + regularisers, with presets/algorithms/<name>.toml) | "module:Loss"'
+            "help": "ddrl | flow_grpo | dance_grpo | grpo | mix_grpo | sft | nft | nft_data | awm "
+            "| awm_data (objective + regularisers, with presets/algorithms/<name>.toml) | "
+            '"module:Loss"'
         },
     )
     objective: str = field(

@@ -28,6 +28,7 @@ OBJECTIVES = {  # objective → ("module:Class", its config class)
     "none": ("ddrl.losses.compose:NoObjective", NoObjectiveConfig),
 }
 TRANSITIONS = ("grpo",)  # objectives trained on the SDE's recorded transitions (log-probs)
+ON_SAMPLES = ("reverse_kl", "lagging_kl")  # regularisers evaluated at the objective's points
 REGULARISERS = {  # regulariser → ("module:Class", its config class)
     "data": ("ddrl.losses.data:DataTerm", DataTermConfig),
     "reverse_kl": ("ddrl.losses.kl:ReverseKL", ReverseKLConfig),
@@ -38,6 +39,7 @@ ALGORITHMS = {  # algorithm → (objective, regularisers): the named cells
     "flow_grpo": ("grpo", ("reverse_kl",)),
     "dance_grpo": ("grpo", ()),
     "grpo": ("grpo", ()),
+    "mix_grpo": ("grpo", ()),
     "sft": ("none", ("data",)),
     "nft": ("nft", ("reverse_kl",)),
     "nft_data": ("nft", ("data",)),
@@ -67,7 +69,15 @@ def cell(algorithm: str, objective: str = "", regularisers: str = "") -> tuple[s
             )
         return None
     obj, regs = ALGORITHMS[algorithm]
-    return objective or obj, parse_regularisers(regularisers) if regularisers else regs
+    obj, regs = objective or obj, parse_regularisers(regularisers) if regularisers else regs
+    lone = [r for r in regs if r in ON_SAMPLES]
+    if obj == "none" and lone:
+        alone = ", ".join(r for r in REGULARISERS if r not in ON_SAMPLES)
+        raise DDRLError(
+            f"regulariser {lone[0]!r} acts on the objective's own samples, and objective='none' "
+            f"has none; allowed with it: {alone}"
+        )
+    return obj, regs
 
 
 def _part(kind: str, name: str, table: dict):

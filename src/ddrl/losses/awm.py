@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ddrl.flow import interpolate, velocity_target
+from ddrl.flow import velocity_target
 from ddrl.losses.base import (
     Extra,
     Forward,
@@ -26,7 +26,7 @@ from ddrl.losses.base import (
     Point,
     StepBatch,
     clipped_surrogate,
-    point_noise,
+    fresh_point,
     velocity_with,
 )
 from ddrl.losses.config import AWMConfig
@@ -55,9 +55,7 @@ class AWM:
         return {"policy": keep}
 
     def inputs(self, b: StepBatch) -> Point:
-        """x_t = (1 − t)·x0 + t·ε with fresh ε; conditional, no CFG (its train.cfg = False)."""
-        eps = point_noise(b)
-        return Point(interpolate(b.x0, eps, b.t.to(b.x0)), b.t, b.cond, None, eps)
+        return fresh_point(b)  # conditional, no CFG (its train.cfg = False)
 
     def __call__(self, denoiser, b: StepBatch, at: Point, extra: Extra | None = None):
         x_t, t, cond = at.x_t, at.t, at.cond

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from ddrl.flow import interpolate
 from ddrl.models.base import Cond, cfg_mix, guided_velocity
 from ddrl.sde import Step
 
@@ -102,6 +103,45 @@ class Loss(Protocol):
     # in the run so far); ``state_dict()`` / ``load_state_dict(d)``: state a resume needs.
 
 
+class Objective(Protocol):
+    """A policy objective, ``cls(cfg, ctx)`` ("module:Class" as ``objective=``). ``transitions``:
+    it recomputes the rollout's recorded SDE steps (else the rollout keeps final samples only).
+    Optional as on ``Loss``: ``kept``, ``active``, ``sampling``, ``end_iteration``,
+    ``state_dict`` / ``load_state_dict``."""
+
+    Config: type
+    transitions: bool
+
+    def masks(self, b: StepBatch, keep: Tensor) -> dict[str, Tensor]:
+        """Its terms' masks [B] (``keep``: the rows its terms cover, from ``kept``)."""
+
+    def inputs(self, b: StepBatch) -> Point | None:
+        """Where it evaluates the policy for ``b``, decided before any forward."""
+
+    def __call__(
+        self, denoiser, b: StepBatch, at: Point | None, extra: Extra | None = None
+    ) -> ObjectiveOut:
+        """Its terms at ``at``, with ``extra``'s velocity from the same forward."""
+
+
+class Regulariser(Protocol):
+    """A regulariser, ``cls(cfg, ctx)`` ("module:Class" in ``regularisers=``), saying what it
+    needs (``needs_data``, ``needs_reference``). Optional: ``active(b)``; ``before(b, at)``, a
+    value computed without gradient before the objective's forward (other weights' velocity);
+    ``batched(b)``, inputs (an ``Extra`` first) the objective evaluates in its own forward; and
+    the optional methods of ``Loss``."""
+
+    Config: type
+    needs_data: bool
+    needs_reference: bool
+
+    def masks(self, b: StepBatch, keep: Tensor) -> dict[str, Tensor]: ...
+
+    def __call__(self, denoiser, b: StepBatch, fwd: Forward | None, pre, batched) -> dict:
+        """name → (values [B], coefficient), from the objective's ``fwd``, its ``before``
+        value and (extra velocity, its ``batched`` inputs) or None."""
+
+
 @dataclass
 class Point:
     """Where an objective evaluates the policy for one batch, chosen before any forward (so a
@@ -154,6 +194,13 @@ def point_noise(b: StepBatch) -> Tensor:
         g = torch.Generator().manual_seed((b.plan * 1_000_003 + i * 1_009 + j) % (2**63 - 1))
         out.append(torch.randn(b.x0.shape[1:], generator=g))
     return torch.stack(out).to(b.x0)
+
+
+def fresh_point(b: StepBatch) -> Point:
+    """The forward-process objectives' point: x_t = (1 − t)·x0 + t·ε from the trajectory's
+    final sample and fresh ε (``point_noise``), conditional, no CFG."""
+    eps = point_noise(b)
+    return Point(interpolate(b.x0, eps, b.t.to(b.x0)), b.t, b.cond, None, eps)
 
 
 def velocity_with(

@@ -15,7 +15,7 @@ import contextlib
 
 from torch import Tensor
 
-from ddrl.losses.base import Extra, LossOut, ObjectiveOut, StepBatch
+from ddrl.losses.base import Extra, LossOut, Objective, ObjectiveOut, Regulariser, StepBatch
 from ddrl.losses.config import NoObjectiveConfig
 
 
@@ -51,7 +51,7 @@ def _on(part, b: StepBatch) -> bool:
 class Composite:
     """objective + Σ regularisers (each ``cls(cfg, ctx)`` on the same composed config)."""
 
-    def __init__(self, objective, regularisers: list):
+    def __init__(self, objective: Objective, regularisers: list[Regulariser]):
         self.objective, self.regularisers = objective, regularisers
         self.parts = [objective, *regularisers]
         self.needs_data = any(getattr(r, "needs_data", False) for r in regularisers)
