@@ -304,8 +304,11 @@ TINY_SD3 = [
             "optim.ema_every=2",
             "optim.ema_warmup=true",
         ],
+        # NFT + data term: old-policy rollouts with CFG, the old LoRA weights swapped into the
+        # sharded model, and checkpointed (part "loss") and resharded on resume
+        ["model.finetune=lora", "algorithm=nft_data", "loss.old_rate=0.3"],
     ],
-    ids=["lora-ddrl", "full-flow_grpo"],
+    ids=["lora-ddrl", "full-flow_grpo", "lora-nft_data"],
 )
 def test_two_fsdp2_processes_take_the_single_process_steps(tmp_path, extra):
     """FSDP2 (fully_shard per transformer block, gloo) on the tiny SD3 over 2 ranks vs one

@@ -345,7 +345,7 @@ def test_resume_is_exact_for_every_algorithm(tmp_path, algorithm, extra):
         assert pa[part].keys() == pb[part].keys()
         for k in pa[part]:
             assert torch.equal(pa[part][k], pb[part][k]), (part, k)
-    assert ("loss" in pa) == algorithm in ("nft", "awm_data")
+    assert ("loss" in pa) == (algorithm in ("nft", "awm_data"))
 
 
 # ------------------------------------------------------------------ SDE marginals

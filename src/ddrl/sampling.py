@@ -77,6 +77,7 @@ def rollout(
     given: tuple[Tensor, Tensor] | None = None,
     record: str = "transitions",
     sde_steps: Tensor | None = None,
+    inference: bool = True,
 ) -> Rollout:
     """Roll out ``group_size`` samples per prompt with the stochastic step ``cfg.sde``.
 
@@ -89,11 +90,13 @@ def rollout(
     trajectories, (x0 [n, ...], k [n]) (``with_frames``). ``record``: "transitions" (every
     state and log-prob, for objectives that recompute them), "means" (also each step's mean,
     GRPO-Guard), "final" (the initial noise and final sample only, under inference mode: the
-    forward-process objectives need nothing else). ``sde_steps`` [T] bool: the steps taken with
-    the SDE, the others with the Euler ODE (MixGRPO's window); None = all with the SDE.
+    forward-process objectives need nothing else; ``inference=False`` keeps plain no-grad mode,
+    for FSDP2, whose all-gather buffers outlive the rollout and are written in place later).
+    ``sde_steps`` [T] bool: the steps taken with the SDE, the others with the Euler ODE
+    (MixGRPO's window); None = all with the SDE.
     """
     # Forward-process objectives never differentiate through the rollout.
-    with torch.inference_mode() if record == "final" else torch.no_grad():
+    with torch.inference_mode() if record == "final" and inference else torch.no_grad():
         p = len(prompts)
         rows = rows or slice(None)
         rep = [q for q in prompts for _ in range(group_size)][rows]

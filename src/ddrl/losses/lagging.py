@@ -38,11 +38,19 @@ def swapped_in(model: nn.Module, weights: dict[str, torch.Tensor]):
 
 
 class LaggingWeights:
-    """lag ← d(s)·lag + (1 − d(s))·θ over the trainable parameters of ``model``."""
+    """lag ← d(s)·lag + (1 − d(s))·θ over the trainable parameters of ``model``. The copy is
+    taken on first use, so it has the layout the loop gives the model (FSDP2 shards it after
+    the loss is built); the first use comes before any update, so it starts as the base."""
 
     def __init__(self, model: nn.Module, flat: int, rate: float, cap: float):
         self.model, self.flat, self.rate, self.cap = model, flat, rate, cap
-        self.lag = {k: p.detach().clone() for k, p in trainable(model).items()}
+        self._lag: dict[str, torch.Tensor] | None = None
+
+    @property
+    def lag(self) -> dict[str, torch.Tensor]:
+        if self._lag is None:
+            self._lag = {k: p.detach().clone() for k, p in trainable(self.model).items()}
+        return self._lag
 
     def decay(self, s: int) -> float:
         """d after ``s`` optimizer steps."""

@@ -158,10 +158,12 @@ def collect(
     device,
     record: str = "transitions",
     sampling=contextlib.nullcontext,
+    inference: bool = True,
 ) -> Iteration:
     """Iteration ``it``'s batch for this rank's ``rows`` of the P·G trajectories; the rollout
     keeps what the loss needs (``record``, ``ddrl.sampling.rollout``) and samples in the
-    loss's ``sampling()`` context (NFT: with its old policy's weights).
+    loss's ``sampling()`` context (NFT: with its old policy's weights); ``inference``: a
+    final-samples rollout may run under inference mode (not under FSDP2).
 
     The shared stream (seed, it) draws the prompts, the trained steps, the plan seed and the
     conditional frames, in that order; the noise stream draws the rollout's noise and then the
@@ -215,6 +217,7 @@ def collect(
                 given=given,
                 record=record,
                 sde_steps=sde_steps,
+                inference=inference,
             )
         gen.denoiser.train()
     if scorer is None:

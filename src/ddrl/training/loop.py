@@ -117,7 +117,7 @@ def train(
     for it in bar:
         t0 = time.perf_counter()
         with timer.active():
-            b = collect(cfg, c, it, rows, encode, dev, record, sampling)
+            b = collect(cfg, c, it, rows, encode, dev, record, sampling, not par.sharded)
             m = learner.step(b, tc)
             with phase("log"):
                 row = _metrics_row(b, m, c, tc.group_size, dev)
