@@ -135,7 +135,8 @@ def rollout(
                     logps[i, part] = out.log_prob
                 if means is not None:
                     means[i, part] = out.mean
-            states[-1, part] = x
+            if not every:  # the final sample (the loop above kept every state otherwise)
+                states[-1, part] = x
             if on_chunk is not None:
                 on_chunk(part, x)
         return Rollout(states, logps, ts, cond, null, rep, means)

@@ -92,7 +92,7 @@ class Composite:
 
     def sampling(self):
         """The context the rollout samples in: the objective's (NFT: its old policy)."""
-        return getattr(self.objective, "sampling", _nothing)()
+        return getattr(self.objective, "sampling", contextlib.nullcontext)()
 
     def end_iteration(self, steps: int) -> None:
         for p in self.parts:
@@ -113,7 +113,3 @@ class Composite:
             if hasattr(p, "state_dict"):
                 own = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(f"{i}.")}
                 p.load_state_dict(own)
-
-
-def _nothing():
-    return contextlib.nullcontext()

@@ -30,13 +30,13 @@ def step_batches(
     ``stack``; the per-sample t makes it the same computation."""
     ro, steps, data_cond = b.rollout, b.steps, b.data_cond
     n, offset = steps.shape[1], b.rows.start if b.rows is not None else 0
+    every = ro.transitions  # else only the initial noise and final sample were kept
     chosen = torch.arange(b.advantages.shape[0]) if rows is None else rows
     for j0 in range(0, n, stack):
         cols = torch.arange(j0, min(j0 + stack, n))
         for idx in chosen.split(micro):
             s = steps[idx][:, cols].T.reshape(-1)  # [k·m]: position j0's rows, then j0 + 1's
             rows = idx.repeat(len(cols)).to(ro.states.device)
-            every = ro.transitions  # else only the initial noise and final sample were kept
             yield StepBatch(
                 x_t=ro.states[s, rows] if every else None,
                 x_next=ro.states[s + 1, rows] if every else None,
