@@ -18,6 +18,11 @@ DIFFUSERS_FAMILIES = {  # diffusers pipelines: a hub id, a folder, or "tiny"
     "flux": "ddrl.models.flux:FluxGenerator",
     "cosmos": "ddrl.models.cosmos:CosmosGenerator",
     "wan": "ddrl.models.wan:WanGenerator",
+    "qwen_image": "ddrl.models.qwen_image:QwenImageGenerator",
+    "qwen_image_edit": "ddrl.models.qwen_image:QwenImageEditGenerator",
+    "flux2": "ddrl.models.flux2:Flux2Generator",
+    "flux2_klein": "ddrl.models.flux2:Flux2KleinGenerator",
+    "z_image": "ddrl.models.z_image:ZImageGenerator",
 }
 MODELS = {**EMBEDDED, **DIFFUSERS_FAMILIES}
 # diffusers pipeline class (model_index.json "_class_name") → family name
@@ -26,6 +31,11 @@ PIPELINES = {
     "FluxPipeline": "flux",
     "Cosmos2_5_PredictBasePipeline": "cosmos",
     "WanPipeline": "wan",
+    "QwenImagePipeline": "qwen_image",
+    "QwenImageEditPlusPipeline": "qwen_image_edit",
+    "Flux2Pipeline": "flux2",
+    "Flux2KleinPipeline": "flux2_klein",
+    "ZImagePipeline": "z_image",
 }
 
 

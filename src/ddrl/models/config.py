@@ -43,7 +43,10 @@ class ModelConfig:
 
     name: str = field(
         default="digits",
-        metadata={"help": 'family: digits | toy2d | sd3 | flux | cosmos | wan | "module:Class"'},
+        metadata={
+            "help": "family: digits | toy2d | sd3 | flux | cosmos | wan | qwen_image | "
+            'qwen_image_edit | flux2 | flux2_klein | z_image | "module:Class"'
+        },
     )
     base: str = field(
         default="",

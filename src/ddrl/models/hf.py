@@ -31,7 +31,7 @@ from ddrl.models.hf_parts import TORCH_DTYPES
 
 DEFAULTS_FILE = "ddrl_defaults.json"  # optional {"height", "width", "frames"} in a pipeline
 # folder: replaces the family's native size (the tiny video pipelines are 16×16 × 5 frames)
-TINY_VERSION = 1  # bump when a tiny builder changes: the cache folder name includes it
+TINY_VERSION = 2  # bump when a tiny builder changes: the cache folder name includes it
 
 
 def _not_the_torchvision_fallback(record: logging.LogRecord) -> bool:
