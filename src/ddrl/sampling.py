@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ddrl.config.core import SamplerConfig
 from ddrl.flow import linear_grid
-from ddrl.models.base import Cond, CondCache, Generator, guided_velocity
+from ddrl.models.base import Cond, CondCache, Generator, guided_velocity, null_cond
 from ddrl.sde import ode_step, stepper
 
 
@@ -101,7 +101,7 @@ def rollout(
         rows = rows or slice(None)
         rep = [q for q in prompts for _ in range(group_size)][rows]
         cond = (encode or gen.conditioner.encode)(rep).to(device)
-        null = gen.conditioner.null(len(rep)).to(device) if cfg.cfg_scale != 1.0 else None
+        null = null_cond(gen.conditioner, rep).to(device) if cfg.cfg_scale != 1.0 else None
         cond, null = with_frames(gen, cond, null, given)
         x0 = initial_noise(p, group_size, gen.sample_shape, cfg.shared_noise, generator)
         full = x0.shape
@@ -170,7 +170,7 @@ def ode_solve(
     ts = time_grid(cfg, gen, cfg.eval_steps).to(device)
     x = noise.to(device)
     cond = gen.conditioner.encode(list(prompts)).to(device)
-    null = gen.conditioner.null(x.shape[0]).to(device) if cfg.cfg_scale != 1.0 else None
+    null = null_cond(gen.conditioner, list(prompts)).to(device) if cfg.cfg_scale != 1.0 else None
     cond, null = with_frames(gen, cond, null, given)
     for i in range(cfg.eval_steps):
         t = ts[i].expand(x.shape[0])

@@ -69,6 +69,12 @@ class Conditioner(Protocol):
         """Called once before training with every prompt the run will use: a conditioner may
         encode them now and free its text encoders (diffusers families)."""
 
+    # Optional, for conditioners whose null condition depends on the prompt's inputs (an edit
+    # model's negative prompt is encoded with the prompt's condition image):
+    # ``null_for(prompts) -> Cond`` (batch len(prompts)); see ``null_cond``.
+    # Optional, for families conditioned on one image per prompt (``data.condition_images``):
+    # ``set_images(images: dict[str, Tensor [3, H, W] in [-1, 1]])``, called before ``prepare``.
+
 
 class Codec(Protocol):
     """Images ↔ model space."""
@@ -151,6 +157,13 @@ class CondCache:
                 self.rows[p] = {k: v[i : i + 1] for k, v in c.batched.items()}
         keys = self.rows[prompts[0]].keys()
         return Cond({k: torch.cat([self.rows[p][k] for p in prompts]) for k in keys}, self.shared)
+
+
+def null_cond(conditioner: Conditioner, prompts: list[str]) -> Cond:
+    """The CFG null condition for ``prompts`` [B]: the conditioner's ``null_for(prompts)`` where
+    it has one (prompt-dependent negatives), else ``null(B)``."""
+    per_prompt = getattr(conditioner, "null_for", None)
+    return per_prompt(list(prompts)) if callable(per_prompt) else conditioner.null(len(prompts))
 
 
 def guided_velocity(
