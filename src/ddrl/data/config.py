@@ -53,6 +53,13 @@ class DataConfig:
             'diffusion loss in evaluation; "" = none'
         },
     )
+    condition_images: str = field(
+        default="",
+        metadata={
+            "help": "files: one condition image per prompt (edit models; Cosmos image-to-video): "
+            "a caption folder or table as data.images, whose captions are the prompts"
+        },
+    )
     synthetic_per_prompt: int = field(
         default=8,
         metadata={
@@ -65,7 +72,9 @@ class DataConfig:
         check_literals(self, "data.")
         check_choice("data.name", self.name, DATA_NAMES)
         given = [
-            k for k in ("prompts", "eval_prompts", "images", "eval_images") if getattr(self, k)
+            k
+            for k in ("prompts", "eval_prompts", "images", "eval_images", "condition_images")
+            if getattr(self, k)
         ]
         if self.name != "files":
             if given:

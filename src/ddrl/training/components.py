@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ddrl.config import RunConfig
+from ddrl.data.conditions import attach_condition_images
 from ddrl.data.latents import latent_pool
 from ddrl.data.pool_io import load_pool
 from ddrl.data.pools import PairedPool, TaskData, load_data
@@ -64,7 +65,14 @@ def device_of(cfg: RunConfig) -> str:
 def load_base(cfg: RunConfig, log=print) -> tuple[Generator, Path]:
     """The starting generator and the folder it came from: a diffusers family's pipeline (hub
     id, folder, or "tiny": built from config into the cache on first use), model.base (a saved
-    generator folder), or the embedded family's cached base (pretrained on first use)."""
+    generator folder), or the embedded family's cached base (pretrained on first use); with
+    ``data.condition_images`` handed to its conditioner."""
+    gen, path = _load_base(cfg, log)
+    condition_images(cfg, gen)
+    return gen, path
+
+
+def _load_base(cfg: RunConfig, log) -> tuple[Generator, Path]:
     m = cfg.model
     if m.name in DIFFUSERS_FAMILIES:
         family = resolve(m.name)
@@ -82,6 +90,21 @@ def load_base(cfg: RunConfig, log=print) -> tuple[Generator, Path]:
             raise DDRLError(f"model.base={m.base!r} does not exist")
         return resolve(m.name).from_pretrained(path, config=m), path
     return ensure_base(m.name, cfg.data.name, cfg.pretrain, m.cache_dir, log)
+
+
+def condition_images(cfg: RunConfig, gen: Generator) -> None:
+    """Hand ``data.condition_images`` to the conditioner (``ddrl.data.conditions``), checked to
+    cover the training and evaluation prompts; a family that needs them fails without."""
+    path = cfg.data.condition_images
+    if not path:
+        if getattr(gen, "needs_condition_images", False):
+            raise DDRLError(
+                f"model.name={cfg.model.name!r} edits an image per prompt: set "
+                "data.condition_images (a caption folder or table whose captions are the prompts)"
+            )
+        return
+    data = load_data(cfg.data)
+    attach_condition_images(gen, path, [*data.prompts, *data.eval_prompts], cfg.model.name)
 
 
 def slug(text: str) -> str:
@@ -114,6 +137,7 @@ def synthetic_path(cfg: RunConfig, base_path: Path) -> Path:
             s.grid,
             s.shift,
             cfg.seed,
+            *([cfg.data.condition_images] if cfg.data.condition_images else []),
         ]
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
