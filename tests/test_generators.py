@@ -162,9 +162,9 @@ def test_presets_are_listed_with_descriptions_and_tiny_ones_resolve(capsys):
     ],
 )
 def test_bad_model_input_is_one_line(tmp_path, capsys, override, says):
+    from ddrl.data.config import cache_root
     from ddrl.models.hf import ensure_tiny
     from ddrl.models.sd3 import SD3Generator
-    from ddrl.training.pretrain import cache_root
 
     extra = []
     if override == "model.name=flux":  # an SD3 folder loaded as FLUX

@@ -21,6 +21,7 @@ from diffusers import (
 
 from ddrl.config.core import FlowSDE, SamplerConfig
 from ddrl.errors import DDRLError
+from ddrl.models import shapes
 from ddrl.models.base import guided_velocity
 from ddrl.models.config import LoraConfig, ModelConfig
 from ddrl.models.hf import ensure_tiny
@@ -79,9 +80,9 @@ def pipeline(pipe, gen, guidance=1.0, scheduler=None, output_type="latent", step
     try:
         out = pipe(
             prompt=PROMPTS,
-            height=16,
-            width=16,
-            num_frames=5,
+            height=gen.height,
+            width=gen.width,
+            num_frames=gen.frames,
             num_inference_steps=steps,
             guidance_scale=guidance,
             latents=noise_for(gen),
@@ -93,16 +94,28 @@ def pipeline(pipe, gen, guidance=1.0, scheduler=None, output_type="latent", step
     return out
 
 
+def test_structure_is_the_published_one(tiny):
+    """The tiny Wan2.1 differs from Wan2.1-T2V-1.3B's published configs in sizes only."""
+    gen = load(tiny, tiny)
+    real = shapes.real_config("wan2.1-t2v-1.3b")
+    for part, module in (("transformer", gen.pipe.transformer), ("vae", gen.pipe.vae)):
+        assert shapes.structural_differences(real[part], dict(module.config)) == []
+    sched = dict(gen.pipe.scheduler.config)
+    assert shapes.structural_differences(real["scheduler"], sched) == []
+    assert gen.pipe.config.get("boundary_ratio") is None and not gen.pipe.config.expand_timesteps
+    assert gen.denoiser.transformer_2 is None
+
+
 def test_shape_and_grid(tiny):
     gen = load(tiny, tiny)
-    assert gen.sample_shape == (4, 2, 2, 2) and (gen.height, gen.width, gen.frames) == (16, 16, 5)
+    assert gen.sample_shape == (16, 2, 4, 4) and (gen.height, gen.width, gen.frames) == (32, 32, 5)
     grid = gen.timestep_grid(STEPS)
     ref = UniPCMultistepScheduler.from_config(gen.pipe.scheduler.config)
     ref.set_timesteps(STEPS)
     assert len(grid) == STEPS + 1 and torch.equal(grid, ref.sigmas.float())
     assert abs(grid[0] - 1) < 1e-5 and grid[-1] == 0 and bool((grid[1:] < grid[:-1]).all())
-    big = load(tiny, tiny, resolution=32, frames=9)
-    assert big.sample_shape == (4, 3, 4, 4) and (big.height, big.width, big.frames) == (32, 32, 9)
+    big = load(tiny, tiny, resolution=64, frames=9)
+    assert big.sample_shape == (16, 3, 8, 8) and (big.height, big.width, big.frames) == (64, 64, 9)
 
 
 @pytest.mark.parametrize("guidance", [1.0, 4.0])
@@ -115,7 +128,7 @@ def test_pipeline_equivalence(tiny, guidance):
     if guidance == 1.0:
         assert (x - ours(gen, scale=4.0)).abs().max() > 1e-3  # CFG changes the samples
         video = gen.codec.decode(x)
-        assert video.shape == (2, 3, 5, 16, 16)
+        assert video.shape == (2, 3, 5, 32, 32)
         ref_video = pipeline(gen.pipe, gen, output_type="pt")  # [B, F, 3, H, W] in [0, 1]
         ours_video = (video / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)
         assert (ref_video - ours_video).abs().max() < TOL
@@ -211,7 +224,8 @@ def test_bad_inputs(tiny, tmp_path):
     with pytest.raises(DDRLError) as e:
         load(tiny, tiny, finetune="lora", lora=LoraConfig(rank=4, target_modules="to_qq"))
     assert "to_qq" in one_line(e)
-    # a two-expert Wan2.2 A14B pipeline (transformer_2 + boundary_ratio)
+    # transformer_2 without boundary_ratio (the pipeline would never use it), and
+    # model.experts on a one-transformer pipeline
     p = WanPipeline.from_pretrained(tiny)
     two = WanPipeline(
         tokenizer=p.tokenizer,
@@ -220,12 +234,16 @@ def test_bad_inputs(tiny, tmp_path):
         scheduler=p.scheduler,
         transformer=p.transformer,
         transformer_2=p.transformer,
-        boundary_ratio=0.9,
     )
-    two.save_pretrained(tmp_path / "a14b")
+    two.save_pretrained(tmp_path / "half")
     with pytest.raises(DDRLError) as e:
-        load(tmp_path / "a14b", tmp_path / "a14b")
-    assert "transformer_2" in one_line(e)
+        load(tmp_path / "half", tmp_path / "half")
+    assert "boundary_ratio" in one_line(e)
+    cfg = ModelConfig(name="wan", base=str(tiny), max_sequence_length=MAXLEN)
+    object.__setattr__(cfg, "experts", "high")
+    with pytest.raises(DDRLError) as e:
+        WanGenerator.from_pretrained(tiny, cfg)
+    assert "two-expert" in one_line(e)
 
 
 def test_bfloat16_lora_and_native_size(tiny, tmp_path):
@@ -238,7 +256,7 @@ def test_bfloat16_lora_and_native_size(tiny, tmp_path):
     # a pipeline folder without ddrl_defaults.json: WanPipeline's 480×832, 81 frames
     WanPipeline.from_pretrained(tiny).save_pretrained(tmp_path / "native")
     native = load(tmp_path / "native", tmp_path / "native")
-    assert native.sample_shape == (4, 21, 60, 104) and native.frames == 81
+    assert native.sample_shape == (16, 21, 60, 104) and native.frames == 81
 
 
 def test_expand_timesteps(tiny, tmp_path):
@@ -248,6 +266,6 @@ def test_expand_timesteps(tiny, tmp_path):
     WanPipeline(transformer=p.transformer, expand_timesteps=True, **parts).save_pretrained(
         tmp_path / "ti2v"
     )
-    gen = load(tmp_path / "ti2v", tmp_path / "ti2v", resolution=16, frames=5)
+    gen = load(tmp_path / "ti2v", tmp_path / "ti2v", resolution=32, frames=5)
     assert gen.denoiser.expand_timesteps
     assert (pipeline(gen.pipe, gen, 4.0) - ours(gen, 4.0)).abs().max() < TOL

@@ -1,5 +1,5 @@
 """The `ddrl` command: pretrain, synth, train, eval, export, sample, score, reward-server, report,
-demo, compare, long, bench, config, presets.
+demo, compare, long, bench, config, presets, data.
 
 Every subcommand takes config files (``--config``) and ``key=value`` overrides; user errors
 print one line (``ddrl: error: ...``) and exit with status 2. On SIGTERM, ``train`` finishes and
@@ -24,7 +24,7 @@ from ddrl.losses import ALGORITHMS, OBJECTIVES, REGULARISERS
 from ddrl.models import MODELS
 from ddrl.rewards import REWARDS
 
-LIGHT = ("config", "presets")  # commands that never load torch
+LIGHT = ("config", "presets", "data")  # commands that never load torch
 
 
 def _version() -> str:
@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("config", "config", "print every config key: type, value (and default), meaning")
     add("presets", "config", "list every preset with a one-line description", config=False)
+    s = add("data", "data_cmd", "published prompt sets: ddrl data list | get NAME...", False)
+    s.add_argument("action", choices=("get", "list"), help="get: download; list: show them")
+    s.add_argument("names", nargs="*", help="get: the sets (ddrl data list names them)")
+    s.add_argument("--cache", default="", help="cache root (default: $DDRL_CACHE or ~/.cache/ddrl)")
     s = add("score", "rewards", "score image files with a reward (one line each)", False)
     s.add_argument("--reward", required=True, help="reward name (or module:factory)")
     s.add_argument("--prompt", default=None, help="one prompt for every image")
@@ -100,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = add("sample", "sample", "render N samples per prompt from a run or a model folder", False)
     s.add_argument("run", help="run folder (RUN/final, or --step) or a saved model folder")
     s.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for more)")
+    s.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        help="edit / image-to-video models: the condition image of each --prompt, in order",
+    )
     s.add_argument("--n", type=int, default=1, help="samples per prompt")
     s.add_argument("--seed", type=int, default=0, help="noise seed (the same seed, the same files)")
     s.add_argument("--out", required=True, help="new (or empty) output folder")

@@ -24,7 +24,7 @@ NEEDS = {
 
 def _is_hub_id_or_path(base: str) -> bool:
     """A hub id ("org/name") or an existing path: what ``base_model`` may name."""
-    if not base or base == "tiny":
+    if not base or base == "tiny" or base.startswith("tiny:"):
         return False
     if Path(os.path.expanduser(base)).exists():
         return True
@@ -237,8 +237,9 @@ def model_card(
             if merged
             else "the trained part only, loaded onto the base pipeline"
         )
-        base_text = gen.source if base in ("", "tiny") else base
-        if base == "tiny":
+        tiny = base == "tiny" or base.startswith("tiny:")
+        base_text = gen.source if not base or tiny else base
+        if tiny:
             base_text = f"the tiny {family} pipeline ddrl builds from config ({gen.source})"
         size = f"{gen.height} × {gen.width} px" + (f" × {gen.frames} frames" if gen.frames else "")
     else:

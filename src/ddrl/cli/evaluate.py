@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ddrl.config import PRESET_NAMES, RunConfig, build_config, load_config
+from ddrl.data.published import require_data
 from ddrl.errors import DDRLError
 from ddrl.training.runlog import finite_or_null
 
@@ -63,6 +64,7 @@ def evaluate_run(
         why = "is a folder" if out.is_dir() else f"is in a missing folder ({out.parent})"
         raise DDRLError(f"--out {out} {why}; allowed: a file path in an existing folder")
     cfg = eval_config(run, step, list(overrides), preset, list(files))
+    require_data(cfg.data)  # the prompt files, before the model loads
     # Imported once the config is checked: torch and the families.
     from ddrl.dist.checkpoint import find_checkpoint, load_trained
     from ddrl.evaluation.evaluate import evaluate_components

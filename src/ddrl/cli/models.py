@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ddrl.cli.args import resolve_args
+from ddrl.data.published import require_data
 from ddrl.errors import DDRLError
 
 
@@ -20,6 +21,7 @@ def cmd_pretrain(args) -> None:
 def cmd_synth(args) -> None:
     extra = [f"data.synthetic_per_prompt={args.per_prompt}"] if args.per_prompt else []
     cfg = resolve_args(args, extra)
+    require_data(cfg.data)  # the prompt files, before the base model loads
     if args.out and Path(args.out).is_dir():  # checked before the base is sampled
         raise DDRLError(f"--out {args.out} is a folder; allowed: a .safetensors file path")
     from ddrl.data.pools import load_data  # after the checks: torch and the families

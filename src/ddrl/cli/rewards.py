@@ -8,13 +8,13 @@ from pathlib import Path
 
 from ddrl.config import set_key
 from ddrl.config.resolve import parse_overrides
+from ddrl.data.config import cache_root
 from ddrl.errors import DDRLError
 from ddrl.rewards.base import RewardContext
 from ddrl.rewards.build import build_reward
 from ddrl.rewards.config import RewardConfig
 from ddrl.rewards.remote.server import serve
 from ddrl.rewards.score import read_prompt_args, score_files
-from ddrl.training.pretrain import cache_root
 
 
 def _reward_from_args(args):

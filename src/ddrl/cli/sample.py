@@ -16,18 +16,35 @@ from pathlib import Path
 
 from ddrl.config import PRESET_NAMES, RunConfig, build_config, load_config
 from ddrl.config.resolve import parse_overrides
-from ddrl.errors import DDRLError, check_range
+from ddrl.errors import DDRLError, check_range, first_line
 from ddrl.models import family_of
 
 ALLOWED = ("sampler.eval_steps", "sampler.cfg_scale", "eval.cfg_scale")
 
 
 def check_sample_args(
-    run: Path, prompts: list[str], n: int, seed: int, out: Path, step: int | None, overrides
+    run: Path,
+    prompts: list[str],
+    n: int,
+    seed: int,
+    out: Path,
+    step: int | None,
+    overrides,
+    images: list[str] = (),
 ) -> None:
     """The one-line refusals ``ddrl sample`` gives before any work."""
     if not prompts:
         raise DDRLError("no prompt given; allowed: --prompt TEXT, once per prompt")
+    if images and len(images) != len(prompts):
+        raise DDRLError(
+            f"{len(images)} --image for {len(prompts)} --prompt; allowed: one image per prompt, "
+            "in the same order (or none for text-only models)"
+        )
+    for img in images:
+        if not Path(img).is_file():
+            raise DDRLError(f"--image {img!r} does not exist")
+    if len(set(prompts)) != len(prompts) and images:
+        raise DDRLError("with --image every --prompt must differ (each names its own image)")
     check_range("--n", n, 1)
     check_range("--seed", seed, 0, 2**63 - 1)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -74,11 +91,13 @@ def sample(
     seed: int = 0,
     step: int | None = None,
     overrides=(),
+    images: list[str] = (),
 ) -> list[Path]:
     """Render ``n`` samples per prompt of RUN into the new folder ``out`` (see the module
-    docstring); returns the files written, prompt-major."""
+    docstring); returns the files written, prompt-major. ``images``: one condition image per
+    prompt (edit and image-to-video models)."""
     run, out = Path(run), Path(out)
-    check_sample_args(run, prompts, n, seed, out, step, overrides)
+    check_sample_args(run, prompts, n, seed, out, step, overrides, images)
     cfg = sample_config(run, overrides)
     # Imported once the arguments are checked: torch and the families.
     import torch
@@ -95,6 +114,7 @@ def sample(
     dev = device_of(cfg)
     gen = load_for_sampling(run, step).to(dev)
     gen.denoiser.eval()
+    given_images(gen, prompts, images)
     every = [p for p in prompts for _ in range(n)]
     sampler = cfg.eval.sampler(cfg.sampler)  # as evaluation samples
     with torch.no_grad():
@@ -116,6 +136,29 @@ def sample(
     return [out / name for name in names]
 
 
+def given_images(gen, prompts: list[str], images: list[str]) -> None:
+    """Hand the ``--image`` files to the conditioner (read at the model's size), or refuse:
+    images for a text-only model, none for an edit model."""
+    setter = getattr(gen.conditioner, "set_images", None)
+    if images and not callable(setter):
+        raise DDRLError("--image given, but this model takes no condition image")
+    if not images:
+        if getattr(gen, "needs_condition_images", False):
+            raise DDRLError("this model edits an image per prompt: give --image FILE per --prompt")
+        return
+    from PIL import Image
+
+    from ddrl.data.media import to_tensor
+
+    size, read = (gen.height, gen.width), {}
+    for p, f in zip(prompts, images, strict=True):
+        try:
+            read[p] = to_tensor(Image.open(f), size)
+        except OSError as e:
+            raise DDRLError(f"--image {f!r} is not a readable image: {first_line(e)}") from None
+    setter(read)
+
+
 def cmd_sample(args) -> None:
     for path in sample(
         Path(args.run),
@@ -125,5 +168,6 @@ def cmd_sample(args) -> None:
         seed=args.seed,
         step=args.step,
         overrides=args.overrides,
+        images=list(args.image),
     ):
         print(path)

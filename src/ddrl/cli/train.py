@@ -14,6 +14,7 @@ from pathlib import Path
 from ddrl.cli.args import resolve_args, say
 from ddrl.config import load_config, set_key, to_dict
 from ddrl.config.resolve import flatten, parse_overrides, read_file
+from ddrl.data.published import require_data
 from ddrl.errors import DDRLError
 from ddrl.training.runlog import LOCK_FILE, RunLock, has_records, prepare_run_dir, read_jsonl
 
@@ -63,6 +64,7 @@ def cmd_train(args) -> None:
     writes the run folder."""
     out = Path(args.out)
     cfg = _train_config(args, out)
+    require_data(cfg.data)  # every data file there, before torch and the model load
     _train(cfg, args, out)
 
 

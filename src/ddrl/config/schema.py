@@ -88,6 +88,7 @@ class RunConfig:
             check_reward_name(self.data.name, name)
         if self.eval.features:
             check_reward_name(self.data.name, self.eval.features)
+        self.data._cache_dir = self.model.cache_dir  # where data:<set>/<file> is looked up
         for f in dataclasses.fields(self):
             sub = getattr(self, f.name)
             if hasattr(sub, "check"):

@@ -295,12 +295,12 @@ def files_data(cfg: DataConfig) -> TaskData:
     captions of ``data.images``) for training, ``data.eval_prompts`` (or the training prompts)
     for evaluation. No image-space pools: real data is encoded by ``latent_pool``."""
     if cfg.prompts:
-        records = load_prompts(cfg.prompts)
+        records = load_prompts(cfg.file("prompts"))  # data:<set>/<file> resolved
     elif cfg.images:
         records = [{"prompt": it.caption, "file_name": it.name} for it in list_items(cfg.images)]
     else:
         raise DDRLError("data.name='files' needs data.prompts (a prompt file) or data.images")
-    evals = load_prompts(cfg.eval_prompts) if cfg.eval_prompts else records
+    evals = load_prompts(cfg.file("eval_prompts")) if cfg.eval_prompts else records
     return TaskData(
         [r["prompt"] for r in records],
         None,

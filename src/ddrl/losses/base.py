@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ddrl.flow import interpolate
-from ddrl.models.base import Cond, cfg_mix, guided_velocity
+from ddrl.models.base import Cond, guide, guided_velocity
 from ddrl.sde import Step
 
 
@@ -221,7 +221,7 @@ def velocity_with(
     n = x.shape[0]
     xs, ts, c = ([x, x], [t, t], cond.cat(null)) if guided else ([x], [t], cond)
     v = denoiser.velocity(torch.cat([*xs, extra.x]), torch.cat([*ts, extra.t]), c.cat(extra.cond))
-    v_own = cfg_mix(v[:n], v[n : 2 * n], scale, True) if guided else v[:n]
+    v_own = guide(denoiser, v[:n], v[n : 2 * n], t, scale, True) if guided else v[:n]
     return v_own, v[len(xs) * n :]
 
 

@@ -44,21 +44,27 @@ class AdapterDisabled:
 
     @torch.no_grad()
     def velocity(self, x_t, t, cond, null, scale):
-        tr = self.model.transformer
+        adapted = adapted_modules(self.model)  # every transformer (Wan2.2: both experts)
         was_training = self.model.training
         self.model.eval()  # no adapter dropout; the base has none of its own
-        tr.disable_adapters()
+        for m in adapted:
+            m.disable_adapters()
         try:
             return guided_velocity(self.model, x_t, t, cond, null, scale)
         finally:
-            tr.enable_adapters()
+            for m in adapted:
+                m.enable_adapters()
             self.model.train(was_training)
 
 
+def adapted_modules(denoiser: nn.Module) -> list[nn.Module]:
+    """The denoiser's diffusers models that carry peft adapters (model.finetune = "lora")."""
+    return [m for m in denoiser.modules() if getattr(m, "_hf_peft_config_loaded", False)]
+
+
 def has_adapters(denoiser: nn.Module) -> bool:
-    """Whether the denoiser's transformer carries peft adapters (model.finetune = "lora")."""
-    tr = getattr(denoiser, "transformer", None)
-    return bool(getattr(tr, "_hf_peft_config_loaded", False))
+    """Whether any of the denoiser's transformers carries peft adapters."""
+    return bool(adapted_modules(denoiser))
 
 
 REFERENCES = {"auto": None, "frozen_copy": FrozenCopy, "adapter_disabled": AdapterDisabled}

@@ -175,18 +175,34 @@ def guided_velocity(
     scale: float = 1.0,
     detach_uncond: bool = False,
 ) -> Tensor:
-    """v = v_u + w·(v_c − v_u); w = 1 (or no null) is plain conditional: one pass.
-    ``detach_uncond``: no gradient through v_u (flow_grpo's training-time CFG)."""
+    """v = v_u + w·(v_c − v_u) (or the family's own mix, ``guide``); w = 1 (or no null) is
+    plain conditional: one pass. ``detach_uncond``: no gradient through v_u (flow_grpo's
+    training-time CFG)."""
     if scale == 1.0 or null is None:
         return denoiser.velocity(x_t, t, cond)
     n = x_t.shape[0]
     v = denoiser.velocity(torch.cat([x_t, x_t]), torch.cat([t, t]), cond.cat(null))
-    return cfg_mix(v[:n], v[n:], scale, detach_uncond)
+    return guide(denoiser, v[:n], v[n:], t, scale, detach_uncond)
 
 
-def cfg_mix(v_c: Tensor, v_u: Tensor, scale: float, detach_uncond: bool = False) -> Tensor:
+def guide(
+    denoiser, v_c: Tensor, v_u: Tensor, t: Tensor, scale: float, detach_uncond: bool = False
+) -> Tensor:
+    """The guided velocity [B, ...] from v_c, v_u [B, ...] at t [B]: the denoiser's own
+    ``cfg_mix(v_c, v_u, t, scale, detach_uncond)`` where its family's pipeline guides otherwise
+    (Qwen-Image's norm-rescaled true CFG, Wan2.2's per-expert scale), else ``cfg_mix``."""
+    own = getattr(getattr(denoiser, "module", denoiser), "cfg_mix", None)  # DDP wraps it
+    if callable(own):
+        return own(v_c, v_u, t, scale, detach_uncond)
+    return cfg_mix(v_c, v_u, scale, detach_uncond)
+
+
+def cfg_mix(v_c: Tensor, v_u: Tensor, scale: float | Tensor, detach_uncond: bool = False) -> Tensor:
     """Classifier-free guidance v = v_u + w·(v_c − v_u) of conditional and unconditional
-    velocities [B, ...]; ``detach_uncond``: no gradient through v_u."""
+    velocities [B, ...], w one float or one per sample [B]; ``detach_uncond``: no gradient
+    through v_u."""
     if detach_uncond:
         v_u = v_u.detach()
+    if torch.is_tensor(scale):
+        scale = scale.to(v_c.device, v_c.dtype).view(-1, *[1] * (v_c.dim() - 1))
     return v_u + scale * (v_c - v_u)

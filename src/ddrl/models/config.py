@@ -52,8 +52,8 @@ class ModelConfig:
         default="",
         metadata={
             "help": 'weights: a hub id or pipeline folder (diffusers families; "tiny" = a tiny '
-            'pipeline built from config into the cache), a saved generator folder; "" = cached '
-            "base"
+            'pipeline built from config into the cache; "tiny:VARIANT" another of the family, '
+            'e.g. wan\'s tiny:a14b), a saved generator folder; "" = cached base'
         },
     )
     resolution: int = field(
@@ -93,6 +93,20 @@ class ModelConfig:
         metadata={"help": '"full": every transformer weight; "lora": peft adapters only'},
     )
     lora: LoraConfig = field(default_factory=LoraConfig)
+    experts: Literal["both", "high", "low"] = field(
+        default="both",
+        metadata={
+            "help": 'Wan2.2 A14B: which expert trains: "high" (transformer, t ≥ boundary), "low" '
+            "(transformer_2), or both; the other is frozen"
+        },
+    )
+    cfg_scale_2: float = field(
+        default=0.0,
+        metadata={
+            "help": "Wan2.2 A14B: CFG scale where the low-noise expert runs (WanPipeline's "
+            "guidance_scale_2); 0 = sampler.cfg_scale"
+        },
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = field(
         default="float32",
         metadata={"help": "weights of the frozen parts (text encoders, VAE, LoRA's base)"},
@@ -159,6 +173,13 @@ class ModelConfig:
                 f"model.cond_frames={list(self.cond_frames)}: allowed [min, max], min <= max"
             )
         check_range("model.guidance", self.guidance, 0.0, 100.0)
+        check_range("model.cfg_scale_2", self.cfg_scale_2, 0.0, 100.0)
+        for key, default in (("experts", "both"), ("cfg_scale_2", 0.0)):
+            if getattr(self, key) != default and self.name != "wan":
+                raise DDRLError(
+                    f"model.{key}={getattr(self, key)!r} applies to Wan2.2's two experts "
+                    f"(model.name='wan'), not model.name={self.name!r}; allowed: {default!r}"
+                )
         check_range("model.max_sequence_length", self.max_sequence_length, 0)
         self.lora.check()
         if self.name in EMBEDDED:

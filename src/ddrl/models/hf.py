@@ -89,14 +89,15 @@ def load_pipeline(family: type[DiffusersGenerator], source: str, cfg: ModelConfi
             "'org/name', or 'tiny')"
         )
     dtype = TORCH_DTYPES[cfg.dtype]
-    # Full fine-tuning keeps float32 master weights for the transformer.
+    # Full fine-tuning keeps float32 master weights for the trained transformer(s).
     tdtype = torch.float32 if cfg.finetune == "full" else dtype
+    dtypes = {name: tdtype for name in family.trained_names(cfg)}
     cls = getattr(diffusers, family.pipeline_class)
     try:
         with quiet_loading():
             pipe = cls.from_pretrained(
                 str(local) if local.exists() else source,
-                torch_dtype={"transformer": tdtype, "default": dtype},
+                torch_dtype={**dtypes, "default": dtype},
                 **({"revision": cfg.revision} if cfg.revision and not local.exists() else {}),
                 **family.load_kwargs(),
                 **parts,
@@ -126,15 +127,16 @@ def dynamic_mu(scheduler_config, image_seq_len: int, max_shift: float) -> float:
     )
 
 
-def transformer_class(source: str) -> type:
-    """The diffusers class of a pipeline's transformer, read from its model_index.json (hub id
-    or folder) without loading any weights."""
+def transformer_class(source: str, component: str = "transformer") -> type:
+    """The diffusers class of a pipeline's transformer (or another ``component``, e.g. Wan2.2's
+    "transformer_2"), read from its model_index.json (hub id or folder) without loading any
+    weights."""
     import diffusers
 
     local = Path(os.path.expanduser(source))
     try:
         index = diffusers.DiffusionPipeline.load_config(str(local) if local.exists() else source)
-        return getattr(diffusers, index["transformer"][1])
+        return getattr(diffusers, index[component][1])
     except Exception as e:  # no model_index.json, no network for a hub id, no transformer
         raise DDRLError(f"cannot read the transformer class of {source!r}: {first_line(e)}") from e
 
@@ -168,6 +170,7 @@ class DiffusersGenerator(nn.Module):
     family: ClassVar[str] = ""
     pipeline_class: ClassVar[str] = ""
     lora_default_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
+    tiny_variants: ClassVar[tuple[str, ...]] = ("",)  # model.base "tiny" / "tiny:<variant>"
 
     def __init__(self, pipe, cfg: ModelConfig, source: str):
         super().__init__()
@@ -176,32 +179,32 @@ class DiffusersGenerator(nn.Module):
         self.build_parts(pipe, cfg)  # sets denoiser, conditioner, codec, sample_shape
         (self.height, self.width), self.frames = self.pixel_size(pipe)
         self.resolution = (self.height, self.width)  # what data reading resizes to
-        tr = self.denoiser.transformer
-        if cfg.finetune == "lora":
-            from peft import LoraConfig as PeftLora
+        for tr in self.trained_transformers():  # each with the same LoRA init (fixed seed)
+            if cfg.finetune == "lora":
+                from peft import LoraConfig as PeftLora
 
-            targets = lora_targets(tr, cfg.lora, self.lora_default_targets)
-            tr.requires_grad_(False)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.lora.init_seed)
-                tr.add_adapter(
-                    PeftLora(
-                        r=cfg.lora.rank,
-                        lora_alpha=cfg.lora.alpha or cfg.lora.rank,
-                        lora_dropout=cfg.lora.dropout,
-                        target_modules=targets,
-                        init_lora_weights=True,
+                targets = lora_targets(tr, cfg.lora, self.lora_default_targets)
+                tr.requires_grad_(False)
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(cfg.lora.init_seed)
+                    tr.add_adapter(
+                        PeftLora(
+                            r=cfg.lora.rank,
+                            lora_alpha=cfg.lora.alpha or cfg.lora.rank,
+                            lora_dropout=cfg.lora.dropout,
+                            target_modules=targets,
+                            init_lora_weights=True,
+                        )
                     )
-                )
-            for n, p in tr.named_parameters():  # adapters train in float32
-                p.requires_grad_("lora_" in n)
-                if "lora_" in n:
-                    p.data = p.data.float()
-        else:
-            tr.requires_grad_(True)
-        if cfg.gradient_checkpointing:
-            tr.enable_gradient_checkpointing()
-        for part in (self.conditioner, self.codec):
+                for n, p in tr.named_parameters():  # adapters train in float32
+                    p.requires_grad_("lora_" in n)
+                    if "lora_" in n:
+                        p.data = p.data.float()
+            else:
+                tr.requires_grad_(True)
+            if cfg.gradient_checkpointing:
+                tr.enable_gradient_checkpointing()
+        for part in (self.conditioner, self.codec, *self.frozen_transformers()):
             part.requires_grad_(False)
 
     # -- what a family provides -------------------------------------------------------------
@@ -213,6 +216,25 @@ class DiffusersGenerator(nn.Module):
         """Write a tiny randomly initialised pipeline of this family to ``path``
         (``save_pretrained``), small enough to run on a CPU in seconds."""
         raise NotImplementedError
+
+    @classmethod
+    def trained_names(cls, cfg: ModelConfig) -> tuple[str, ...]:
+        """The pipeline components that train (LoRA or full), by their pipeline attribute name;
+        a family with several transformers (Wan2.2 A14B) names the configured ones."""
+        return ("transformer",)
+
+    def trained_components(self) -> dict[str, nn.Module]:
+        """Pipeline component name → the trained module (``trained_names``), as the denoiser
+        holds it."""
+        return {"transformer": self.denoiser.transformer}
+
+    def trained_transformers(self) -> list[nn.Module]:
+        """The modules that train (LoRA adapters or every weight)."""
+        return list(self.trained_components().values())
+
+    def frozen_transformers(self) -> list[nn.Module]:
+        """Denoising modules the denoiser uses but never trains (Wan2.2's other expert)."""
+        return []
 
     @classmethod
     def load_kwargs(cls) -> dict:
@@ -239,11 +261,12 @@ class DiffusersGenerator(nn.Module):
         scheduler's shift)."""
         return scheduler_grid(num_steps, shift, scheduler=self.scheduler)
 
-    def lora_state(self) -> dict[str, Tensor]:
-        """The adapter weights in the diffusers/peft key format ``load_lora_weights`` reads."""
+    def lora_state(self, transformer: nn.Module | None = None) -> dict[str, Tensor]:
+        """The adapter weights of ``transformer`` (default: the first trained one) in the
+        diffusers/peft key format ``load_lora_weights`` reads."""
         from peft.utils import get_peft_model_state_dict
 
-        sd = get_peft_model_state_dict(self.denoiser.transformer)
+        sd = get_peft_model_state_dict(transformer or self.trained_transformers()[0])
         return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -252,17 +275,21 @@ class DiffusersGenerator(nn.Module):
         format). generator.json names the family and the base the rest comes from."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tr = self.denoiser.transformer
-        if self.lora:
-            meta = tr.peft_config["default"].to_dict()
-            type(self.pipe).save_lora_weights(
-                path,
-                transformer_lora_layers=self.lora_state(),
-                transformer_lora_adapter_metadata=meta,
-            )
-        else:
-            tr.save_pretrained(path / "transformer", safe_serialization=True)
+        trained = self.trained_components()
+        for name, tr in trained.items():
+            if self.lora:
+                meta = tr.peft_config["default"].to_dict()
+                type(self.pipe).save_lora_weights(
+                    path,
+                    transformer_lora_layers=self.lora_state(tr),
+                    transformer_lora_adapter_metadata=meta,
+                    weight_name=lora_file(name),
+                )
+            else:
+                tr.save_pretrained(path / name, safe_serialization=True)
         info = {"type": self.family, "base": self.source, "finetune": self.cfg.finetune}
+        if list(trained) != ["transformer"]:  # several or other components (Wan2.2 A14B)
+            info["trained"] = list(trained)
         (path / "generator.json").write_text(json.dumps(info, indent=2))
 
     @classmethod
@@ -281,8 +308,9 @@ class DiffusersGenerator(nn.Module):
         saved = meta_path.parent
         parts = {}
         if meta.get("finetune") == "full":  # the class from the base's model_index.json
-            tcls = transformer_class(meta["base"])
-            parts["transformer"] = tcls.from_pretrained(saved / "transformer")
+            for name in meta.get("trained", ["transformer"]):
+                tcls = transformer_class(meta["base"], name)
+                parts[name] = tcls.from_pretrained(saved / name)
         gen = cls(load_pipeline(cls, meta["base"], cfg, **parts), cfg, meta["base"])
         if meta.get("finetune") == "lora":
             gen.load_adapter(saved)
@@ -296,15 +324,21 @@ class DiffusersGenerator(nn.Module):
 
         if not self.lora:
             raise DDRLError(f"{folder} holds a LoRA adapter; load it with model.finetune=lora")
-        sd = load_file(Path(folder) / "pytorch_lora_weights.safetensors")
-        sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
-        res = set_peft_model_state_dict(self.denoiser.transformer, sd)
-        missing = [k for k in getattr(res, "missing_keys", []) if "lora_" in k]
-        if missing or getattr(res, "unexpected_keys", []):
-            raise DDRLError(
-                f"adapter in {folder} does not fit model.lora (missing {missing[:2]}, "
-                f"unexpected {list(getattr(res, 'unexpected_keys', []))[:2]})"
-            )
+        for name, tr in self.trained_components().items():
+            file = Path(folder) / lora_file(name)
+            if not file.is_file():
+                raise DDRLError(
+                    f"{folder} has no {file.name}: it holds no adapter for the {name} this "
+                    "model.* trains"
+                )
+            sd = {k.removeprefix("transformer."): v for k, v in load_file(file).items()}
+            res = set_peft_model_state_dict(tr, sd)
+            missing = [k for k in getattr(res, "missing_keys", []) if "lora_" in k]
+            if missing or getattr(res, "unexpected_keys", []):
+                raise DDRLError(
+                    f"adapter in {file} does not fit model.lora (missing {missing[:2]}, "
+                    f"unexpected {list(getattr(res, 'unexpected_keys', []))[:2]})"
+                )
 
     def export(self, out: str | Path) -> Path:
         """A merged, self-contained pipeline folder the plain diffusers pipeline loads: the
@@ -312,24 +346,35 @@ class DiffusersGenerator(nn.Module):
         out = Path(out)
         if out.exists():
             raise DDRLError(f"{out} exists; choose a new folder (nothing is overwritten)")
-        tr = self.denoiser.transformer
-        parts = {} if self.lora else {"transformer": tr}
+        trained = self.trained_components()
+        parts = {} if self.lora else dict(trained)
         pipe = load_pipeline(type(self), self.source, self.cfg, **parts)
         if self.lora:
             from peft import LoraConfig as PeftLora
             from peft.utils import set_peft_model_state_dict
 
-            base_tr = pipe.transformer
-            base_tr.add_adapter(PeftLora(**_peft_kwargs(tr.peft_config["default"])))
-            set_peft_model_state_dict(base_tr, self.lora_state())
-            base_tr.fuse_lora()
-            base_tr.unload_lora()
+            for name, tr in trained.items():
+                base_tr = getattr(pipe, name)
+                base_tr.add_adapter(PeftLora(**_peft_kwargs(tr.peft_config["default"])))
+                set_peft_model_state_dict(base_tr, self.lora_state(tr))
+                base_tr.fuse_lora()
+                base_tr.unload_lora()
         with atomic_dir(out, race_ok=False) as tmp:
             pipe.save_pretrained(tmp, safe_serialization=True)
             defaults = Path(os.path.expanduser(self.source)) / DEFAULTS_FILE
             if defaults.is_file():  # a base folder's own native size travels with it
                 shutil.copy(defaults, tmp / DEFAULTS_FILE)
         return out
+
+
+def lora_file(component: str) -> str:
+    """The adapter file of a trained pipeline component: "transformer" →
+    pytorch_lora_weights.safetensors (what ``load_lora_weights(folder)`` reads); another, e.g.
+    Wan2.2's "transformer_2" → pytorch_lora_weights_transformer_2.safetensors (read with
+    ``load_lora_weights(folder, weight_name=..., load_into_transformer_2=True)``)."""
+    if component == "transformer":
+        return "pytorch_lora_weights.safetensors"
+    return f"pytorch_lora_weights_{component}.safetensors"
 
 
 def _peft_kwargs(pc) -> dict:
@@ -341,14 +386,19 @@ def _peft_kwargs(pc) -> dict:
     }
 
 
-def ensure_tiny(family: type[DiffusersGenerator], cache: Path, log=print) -> Path:
-    """The family's tiny pipeline folder in the cache, built from config on first use."""
-    path = Path(cache) / "tiny" / f"{family.family}-v{TINY_VERSION}"
+def ensure_tiny(
+    family: type[DiffusersGenerator], cache: Path, log=print, variant: str = ""
+) -> Path:
+    """The family's tiny pipeline folder in the cache, built from config on first use;
+    ``variant``: another tiny checkpoint of the family (``build_tiny(path, variant)``, e.g.
+    Wan's "a14b" and "ti2v")."""
+    name = f"{family.family}-{variant}" if variant else family.family
+    path = Path(cache) / "tiny" / f"{name}-v{TINY_VERSION}"
     if (path / "model_index.json").is_file():
         return path
     with atomic_dir(path) as tmp, torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         with quiet_loading():
-            family.build_tiny(tmp)
-    log(f"built the tiny {family.family} pipeline into {path}")
+            family.build_tiny(tmp, variant) if variant else family.build_tiny(tmp)
+    log(f"built the tiny {name} pipeline into {path}")
     return path

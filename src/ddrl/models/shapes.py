@@ -58,6 +58,7 @@ SIZE_KEYS = frozenset(
         "timestep_guidance_channels",
         "block_out_channels",
         "base_dim",
+        "decoder_base_dim",
         "norm_num_groups",
         "mlp_ratio",
         "axes_dims_rope",

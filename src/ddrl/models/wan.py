@@ -2,9 +2,17 @@
 
 - Denoiser: ``WanTransformer3DModel`` on normalised latents [B, C, T, h, w]; it is called with
   ``timestep`` = t·1000 and its output is the flow velocity v = ε − x0 (the scheduler runs
-  with ``prediction_type="flow_prediction"``). Wan2.2 TI2V (``expand_timesteps``) gets the
-  same value per latent token, as the pipeline passes it. The two-expert Wan2.2 A14B
-  (``transformer_2`` / ``boundary_ratio``) is rejected: one policy per run.
+  with ``prediction_type="flow_prediction"``). Wan2.2 TI2V-5B (``expand_timesteps``, the
+  z_dim-48 VAE with spatial factor 16) gets the same value per latent token, as the pipeline
+  passes it.
+- Wan2.2 A14B: two experts. ``transformer`` (high noise) runs where the pipeline's timestep
+  t·1000 ≥ ``boundary_ratio`` · num_train_timesteps (0.875 · 1000), ``transformer_2`` (low
+  noise) below, *per sample*: every velocity (rollout, policy and data terms, evaluation) uses
+  the expert the pipeline would use at that sample's t. ``model.experts`` ("both" | "high" |
+  "low") says which train (LoRA or full); the other is frozen. CFG: the pipeline's
+  ``guidance_scale`` is ``sampler.cfg_scale``; its ``guidance_scale_2`` (the low-noise expert's)
+  is ``model.cfg_scale_2`` (0 = the same, the pipeline's default), applied per sample by
+  ``WanDenoiser.cfg_mix`` (the family's CFG hook, ``ddrl.models.base.guide``).
 - Conditioner: ``pipe.encode_prompt`` (UMT5, zero-padded to ``max_sequence_length`` tokens,
   default 512 as in the pipeline's ``__call__``); the null prompt is "", the pipeline's
   negative-prompt default, and CFG is v_u + w·(v_c − v_u) exactly as the pipeline's.
@@ -14,7 +22,7 @@
 Size: ``model.frames`` (0 = 81, the pipeline's default) and ``model.height`` × ``model.width``,
 or ``model.resolution`` = R for R×R videos; neither gives the pipeline's native 480×832. A
 pipeline folder may carry ``ddrl_defaults.json`` ({"height", "width", "frames"}) to replace
-those natives: the tiny pipeline does (16×16, 5 frames).
+those natives: the tiny pipelines do (32×32 px × 5 frames; TI2V 64×64).
 
 Sampling grid: Wan ships ``UniPCMultistepScheduler`` (use_flow_sigmas, flow_shift 3.0), a
 multistep solver. The RL loop needs one first-order Gaussian transition per step, so ddrl
@@ -24,7 +32,12 @@ samples with the Euler (ODE) or SDE step *on that scheduler's own sigmas*
 prediction (its DDIM update x0·α_t + ε̂·σ_t equals x + (σ_t − σ_s)·v); the tests compare
 against the pipeline running a first-order scheduler on the same sigmas. One difference from
 the stock pipeline remains: UniPC stores integer timesteps (⌊σ·1000⌋), ddrl conditions the
-transformer on the continuous t·1000.
+transformer on the continuous t·1000 (so the A14B's expert switch can differ from the stock
+pipeline's on a step with 875 ≤ σ·1000 < 876).
+
+Tiny pipelines (``build_tiny``): the published configs (``shapes/wan2.1-t2v-1.3b.json``,
+``wan2.2-t2v-a14b.json``, ``wan2.2-ti2v-5b.json``) with only sizes shrunk; ``model.base =
+"tiny"`` (Wan2.1), ``"tiny:a14b"`` (two experts) or ``"tiny:ti2v"``.
 """
 
 from __future__ import annotations
@@ -34,16 +47,34 @@ import os
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ddrl.errors import DDRLError
-from ddrl.models.base import Cond
+from ddrl.models import shapes
+from ddrl.models.base import Cond, cfg_mix
 from ddrl.models.config import ModelConfig
 from ddrl.models.hf import DEFAULTS_FILE, DiffusersGenerator
 from ddrl.models.hf_parts import TORCH_DTYPES, HFDenoiser, TextConditioner, VAECodec
 
-TINY_DEFAULTS = {"height": 16, "width": 16, "frames": 5}
+TINY_DEFAULTS = {"height": 16, "width": 16, "frames": 5}  # the legacy tiny VAE's size (Cosmos)
 NATIVE = (480, 832, 81)  # WanPipeline's default height, width, num_frames
+
+# The tiny checkpoints: model.base "tiny" / "tiny:<variant>" → published config, native size.
+TINY_VARIANTS = {
+    "": ("wan2.1-t2v-1.3b", {"height": 32, "width": 32, "frames": 5}),
+    "a14b": ("wan2.2-t2v-a14b", {"height": 32, "width": 32, "frames": 5}),
+    "ti2v": ("wan2.2-ti2v-5b", {"height": 64, "width": 64, "frames": 5}),  # VAE factor 16
+}
+TINY_TRANSFORMER = {  # sizes only (shapes.SIZE_KEYS); 12 = the smallest head the 3-axis RoPE
+    "num_layers": 1,  # splits into (4, 4, 4)
+    "num_attention_heads": 2,
+    "attention_head_dim": 12,
+    "ffn_dim": 32,
+    "freq_dim": 16,
+    "text_dim": 16,
+}
+TINY_VAE = {"base_dim": 4, "num_res_blocks": 1}
+TINY_VAE_22 = {"decoder_base_dim": 4}  # the z_dim-48 VAE's separate decoder width (a size)
 
 
 def wan_vae_codec(vae, batch: int) -> VAECodec:
@@ -92,26 +123,108 @@ def video_sample_shape(
     return (channels, (frames - 1) // tf + 1, height // s, width // s)
 
 
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 class WanDenoiser(HFDenoiser):
     """v_θ(x_t, t, c) = WanTransformer3DModel(x_t, t·1000, prompt_embeds);
-    x_t [B, C, T, h, w], t [B], c.batched["prompt_embeds"] [B, L, D]."""
+    x_t [B, C, T, h, w], t [B], c.batched["prompt_embeds"] [B, L, D]. With ``transformer_2``
+    (Wan2.2 A14B) each sample goes to the expert its t selects (``high_noise``)."""
 
     BLOCKS = ("blocks",)
 
-    def __init__(self, transformer, autocast: str = "none", expand_timesteps: bool = False):
+    def __init__(
+        self,
+        transformer,
+        autocast: str = "none",
+        expand_timesteps: bool = False,
+        transformer_2=None,
+        boundary: float | None = None,
+        cfg_scale_2: float = 0.0,
+    ):
         super().__init__(transformer, autocast)
         self.expand_timesteps = expand_timesteps
+        self.transformer_2 = transformer_2  # registered (None: one expert)
+        self.boundary = boundary  # the pipeline's boundary_timestep, on the t·1000 scale
+        self.cfg_scale_2 = cfg_scale_2
 
-    def forward_velocity(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+    def shard_units(self) -> list[nn.Module]:
+        """Every block of both experts (FSDP2 units)."""
+        experts = [t for t in (self.transformer, self.transformer_2) if t is not None]
+        return [b for tr in experts for name in self.BLOCKS for b in getattr(tr, name)]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """float32 when either expert is (a fully fine-tuned expert beside a frozen bfloat16
+        one); each expert's call casts to its own dtype."""
+        if self.transformer_2 is not None and self.transformer_2.dtype == torch.float32:
+            return torch.float32
+        return super().dtype
+
+    def high_noise(self, t: Tensor) -> Tensor:
+        """[B] bool: True where ``transformer`` (the high-noise expert) runs: as WanPipeline,
+        timestep ≥ boundary_ratio · num_train_timesteps, with timestep = t·1000."""
+        if self.transformer_2 is None:
+            return torch.ones(t.shape, dtype=torch.bool, device=t.device)
+        return t * 1000 >= self.boundary
+
+    def cfg_scale(self, t: Tensor, scale: float) -> float | Tensor:
+        """The CFG scale per sample [B] (or one float for all): ``scale`` (sampler.cfg_scale,
+        the pipeline's guidance_scale) where the high-noise expert runs, ``cfg_scale_2``
+        (guidance_scale_2) where the low-noise one does. ``scale`` = 1 means no CFG at all, as
+        in the pipeline (it guides only when guidance_scale > 1)."""
+        s2 = self.cfg_scale_2
+        if self.transformer_2 is None or not s2 or s2 == scale or scale == 1.0:
+            return scale
+        hi = self.high_noise(t)
+        return torch.where(hi, torch.tensor(float(scale)), torch.tensor(float(s2))).float()
+
+    def cfg_mix(
+        self, v_c: Tensor, v_u: Tensor, t: Tensor, scale: float, detach_uncond: bool = False
+    ) -> Tensor:
+        """The loop's CFG (``ddrl.models.base.guide``) with the per-expert scale
+        (``cfg_scale``): v_u + w_i·(v_c − v_u) for each sample i, as WanPipeline guides."""
+        return cfg_mix(v_c, v_u, self.cfg_scale(t, scale), detach_uncond)
+
+    def _call(self, model, x_t: Tensor, t: Tensor, emb: Tensor) -> Tensor:
+        dtype = model.dtype if hasattr(model, "dtype") else next(model.parameters()).dtype
         timestep = t * 1000
         if self.expand_timesteps:  # Wan2.2 TI2V: one timestep per latent token [B, T·h/2·w/2]
             b, _, f, h, w = x_t.shape
-            p = self.transformer.config.patch_size
+            p = model.config.patch_size
             timestep = timestep[:, None].expand(b, f * -(-h // p[1]) * -(-w // p[2]))
-        emb = cond.batched["prompt_embeds"].to(x_t.device, self.dtype)
-        return self.transformer(
-            hidden_states=x_t, timestep=timestep, encoder_hidden_states=emb, return_dict=False
+        return model(
+            hidden_states=x_t.to(dtype),
+            timestep=timestep,
+            encoder_hidden_states=emb.to(dtype),
+            return_dict=False,
         )[0]
+
+    def forward_velocity(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        emb = cond.batched["prompt_embeds"].to(x_t.device)
+        if self.transformer_2 is None:
+            return self._call(self.transformer, x_t, t, emb)
+        high = self.high_noise(t)
+        # Under DDP/FSDP every rank must run both experts in the same order (FSDP's all-gathers,
+        # DDP's gradient buckets): an expert with no sample here runs on one and adds 0·v.
+        sync = _distributed()
+        if not sync and bool(high.all()):
+            return self._call(self.transformer, x_t, t, emb)
+        if not sync and not bool(high.any()):
+            return self._call(self.transformer_2, x_t, t, emb)
+        v = torch.zeros(x_t.shape, dtype=torch.float32, device=x_t.device)
+        zero = x_t.new_zeros(())
+        for model, mask in ((self.transformer, high), (self.transformer_2, ~high)):
+            idx = mask.nonzero().squeeze(1)
+            if len(idx):
+                out = self._call(model, x_t[idx], t[idx], emb[idx.to(emb.device)])
+                v = v.index_copy(0, idx, out.float())
+            else:
+                zero = zero + 0.0 * self._call(model, x_t[:1], t[:1], emb[:1]).float().sum()
+        return v + zero
 
 
 class WanConditioner(TextConditioner):
@@ -131,46 +244,92 @@ class WanConditioner(TextConditioner):
 
 
 class WanGenerator(DiffusersGenerator):
-    """WanPipeline (Wan2.1 / Wan2.2 single-transformer text-to-video) as a Generator."""
+    """WanPipeline (Wan2.1, Wan2.2 TI2V-5B, and the two-expert Wan2.2 A14B) as a Generator."""
 
     family = "wan"
     pipeline_class = "WanPipeline"
 
+    tiny_variants = ("", "a14b", "ti2v")  # model.base "tiny", "tiny:a14b", "tiny:ti2v"
+
+    @classmethod
+    def trained_names(cls, cfg: ModelConfig) -> tuple[str, ...]:
+        experts = cfg.experts
+        return {"both": ("transformer", "transformer_2"), "high": ("transformer",)}.get(
+            experts, ("transformer_2",)
+        )
+
+    def trained_components(self) -> dict[str, nn.Module]:
+        den = self.denoiser
+        if den.transformer_2 is None:
+            return {"transformer": den.transformer}
+        return {n: getattr(den, n) for n in self.trained_names(self.cfg)}
+
+    def frozen_transformers(self) -> list[nn.Module]:
+        trained = self.trained_components()
+        den = self.denoiser
+        return [
+            getattr(den, n)
+            for n in ("transformer", "transformer_2")
+            if getattr(den, n) is not None and n not in trained
+        ]
+
     def build_parts(self, pipe, cfg: ModelConfig) -> None:
-        two = getattr(pipe, "transformer_2", None) is not None
+        tr, tr2 = pipe.transformer, getattr(pipe, "transformer_2", None)
         ratio = pipe.config.get("boundary_ratio")
-        if pipe.transformer is None or two or ratio is not None:
+        if tr is None:
+            raise DDRLError(f"{self.source!r} has no transformer (only transformer_2)")
+        if (tr2 is None) != (ratio is None):
             raise DDRLError(
-                f"{self.source!r} is a two-expert Wan2.2 pipeline (transformer_2, boundary_ratio="
-                f"{ratio}); ddrl trains one transformer: use Wan2.1 or Wan2.2-TI2V"
+                f"{self.source!r}: transformer_2 {'without' if ratio is None else 'missing for'} "
+                f"boundary_ratio={ratio}; a two-expert Wan2.2 pipeline needs both"
             )
-        tr = pipe.transformer
-        if tr.config.in_channels != pipe.vae.config.z_dim:
+        experts = cfg.experts
+        if tr2 is None and experts != "both":
             raise DDRLError(
-                f"{self.source!r}: transformer in_channels {tr.config.in_channels} != VAE z_dim "
-                f"{pipe.vae.config.z_dim}; only text-to-video Wan pipelines are supported"
+                f"model.experts={experts!r} needs a two-expert Wan2.2 A14B pipeline; "
+                f"{self.source!r} has one transformer (allowed: both)"
             )
-        self.denoiser = WanDenoiser(tr, cfg.autocast, bool(pipe.config.get("expand_timesteps")))
+        for t in (tr, tr2):
+            if t is not None and t.config.in_channels != pipe.vae.config.z_dim:
+                raise DDRLError(
+                    f"{self.source!r}: transformer in_channels {t.config.in_channels} != VAE "
+                    f"z_dim {pipe.vae.config.z_dim}; only text-to-video Wan pipelines are "
+                    "supported"
+                )
+        boundary = None if ratio is None else ratio * pipe.scheduler.config.num_train_timesteps
+        self.denoiser = WanDenoiser(
+            tr,
+            cfg.autocast,
+            bool(pipe.config.get("expand_timesteps")),
+            transformer_2=tr2,
+            boundary=boundary,
+            cfg_scale_2=cfg.cfg_scale_2,
+        )
         self.conditioner = WanConditioner(pipe, cfg, ("text_encoder",))
         self.codec = wan_vae_codec(pipe.vae, cfg.vae_batch)
         patch = tr.config.patch_size[1]
         self.sample_shape = video_sample_shape(self, cfg, tr.config.in_channels, patch, NATIVE)
 
     @classmethod
-    def build_tiny(cls, path: Path) -> None:
-        """A tiny Wan pipeline (~30 k parameters: a 1-layer transformer on 4 latent channels, a
-        1-layer UMT5, a character-level T5 tokenizer, a tiny Wan VAE) whose native size is
-        16×16 px × 5 frames."""
+    def build_tiny(cls, path: Path, variant: str = "") -> None:
+        """A tiny Wan pipeline from a published config with only sizes shrunk
+        (``TINY_VARIANTS``): "" = Wan2.1-T2V-1.3B (16 latent channels, patch (1, 2, 2),
+        qk-norm across heads, cross-attention norm, the Wan2.1 VAE's four stages and temporal
+        downsampling, latents mean/std), "a14b" = two such experts with boundary_ratio 0.875,
+        "ti2v" = the TI2V-5B (48 latent channels, the z_dim-48 VAE with spatial factor 16,
+        expand_timesteps). A 1-layer UMT5 and a character-level T5 tokenizer encode text."""
         from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
         from transformers import UMT5Config, UMT5EncoderModel
 
         from ddrl.models.tiny_text import t5_tokenizer
 
+        name, size = TINY_VARIANTS[variant]
+        cfg = tiny_configs(name)
         tok = t5_tokenizer()
         text = UMT5EncoderModel(
             UMT5Config(
                 vocab_size=len(tok),
-                d_model=16,
+                d_model=cfg["transformer"]["text_dim"],
                 d_kv=8,
                 d_ff=32,
                 num_layers=1,
@@ -181,34 +340,53 @@ class WanGenerator(DiffusersGenerator):
                 eos_token_id=tok.eos_token_id,
             )
         )
-        transformer = WanTransformer3DModel(
-            patch_size=(1, 2, 2),
-            num_attention_heads=2,
-            attention_head_dim=8,
-            in_channels=4,
-            out_channels=4,
-            text_dim=16,
-            freq_dim=16,
-            ffn_dim=32,
-            num_layers=1,
-            rope_max_seq_len=64,
-        )
+        parts = {"transformer": WanTransformer3DModel(**cfg["transformer"])}
+        if "transformer_2" in cfg:
+            parts["transformer_2"] = WanTransformer3DModel(**cfg["transformer_2"])
         pipe = WanPipeline(
             tokenizer=tok,
             text_encoder=text,
-            vae=tiny_wan_vae(),
-            transformer=transformer,
-            scheduler=UniPCMultistepScheduler(
-                prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
-            ),
+            vae=_vae(cfg["vae"]),
+            scheduler=UniPCMultistepScheduler(**cfg["scheduler"]),
+            **parts,
+            **{k: v for k, v in cfg["pipeline_config"].items() if v is not None},
         )
         pipe.save_pretrained(path, safe_serialization=True)
-        (Path(path) / DEFAULTS_FILE).write_text(json.dumps(TINY_DEFAULTS))
+        (Path(path) / DEFAULTS_FILE).write_text(json.dumps(size))
 
 
-def tiny_wan_vae():
-    """A tiny AutoencoderKLWan: 4 latent channels, spatial factor 8, temporal factor 4, and a
-    non-trivial per-channel latent mean/std so the normalisation is exercised."""
+def tiny_configs(checkpoint: str) -> dict:
+    """The published configs of ``checkpoint`` (``shapes/<checkpoint>.json``) with only sizes
+    shrunk (``TINY_TRANSFORMER``, ``TINY_VAE``): the tiny pipeline's parts."""
+    real = shapes.real_config(checkpoint)
+    out = {k: real[k] for k in ("scheduler", "pipeline_config")}
+    for part in ("transformer", "transformer_2"):
+        if part in real:
+            out[part] = shapes.shrink(real[part], **TINY_TRANSFORMER)
+    vae = shapes.shrink(real["vae"], **TINY_VAE)
+    if vae.get("decoder_base_dim") is not None:
+        # decoder_base_dim: a width (the decoder's own base_dim), not yet in shapes.SIZE_KEYS
+        extra = {k: v for k, v in TINY_VAE_22.items() if k in shapes.SIZE_KEYS}
+        vae = shapes.shrink(vae, **extra)
+        vae.update({k: v for k, v in TINY_VAE_22.items() if k not in extra})
+    out["vae"] = vae
+    return out
+
+
+def _vae(config: dict):
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan(**config)
+
+
+def tiny_wan_vae(checkpoint: str = ""):
+    """A tiny AutoencoderKLWan. ``checkpoint`` = a published config (e.g. "wan2.1-t2v-1.3b":
+    the Wan2.1 VAE shrunk, 16 latent channels, its real stages, temporal downsampling and
+    latents mean/std; Cosmos-Predict2.5 uses this VAE). "" = the legacy 4-channel tiny VAE
+    (spatial factor 8, temporal 4, non-trivial latent mean/std) that Cosmos' tiny pipeline is
+    built around."""
+    if checkpoint:
+        return _vae(tiny_configs(checkpoint)["vae"])
     from diffusers import AutoencoderKLWan
 
     return AutoencoderKLWan(

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ddrl.config import RunConfig
 from ddrl.data.conditions import attach_condition_images
+from ddrl.data.config import cache_root
 from ddrl.data.latents import latent_pool
 from ddrl.data.pool_io import load_pool
 from ddrl.data.pools import PairedPool, TaskData, load_data
@@ -29,7 +30,7 @@ from ddrl.models.hf import ensure_tiny
 from ddrl.rewards.base import GoldEvaluator, RewardContext
 from ddrl.rewards.build import build_gold, build_reward, build_rewards
 from ddrl.rewards.multi import MultiReward
-from ddrl.training.pretrain import cache_root, ensure_base
+from ddrl.training.pretrain import ensure_base
 
 
 @dataclass
@@ -77,8 +78,12 @@ def _load_base(cfg: RunConfig, log) -> tuple[Generator, Path]:
     if m.name in DIFFUSERS_FAMILIES:
         family = resolve(m.name)
         source = m.base
-        if m.base == "tiny":
-            source = str(ensure_tiny(family, cache_root(m.cache_dir), log))
+        if m.base == "tiny" or m.base.startswith("tiny:"):
+            variant = m.base.partition(":")[2]
+            if variant not in family.tiny_variants:
+                have = ", ".join(["tiny", *(f"tiny:{v}" for v in family.tiny_variants if v)])
+                raise DDRLError(f"model.base={m.base!r} for {m.name}; allowed: {have}")
+            source = str(ensure_tiny(family, cache_root(m.cache_dir), log, variant))
         gen = family.from_pretrained(source, config=m)
         local = Path(os.path.expanduser(source))
         return gen, local if local.exists() else cache_root(m.cache_dir) / "hub" / slug(source)

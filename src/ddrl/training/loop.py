@@ -176,13 +176,15 @@ def _setup(cfg: RunConfig, c: Components, dev: str, log) -> tuple[Learner, Paral
         cfg.algorithm, cfg.loss, ctx, *cell[1:]
     )  # before resume: the reference is the base
     if cfg.model.compile:  # after the reference copy was taken; compiled in place
-        backbone = getattr(denoiser, "transformer", None)
-        if backbone is None or par.sharded:
+        backbones = [getattr(denoiser, n, None) for n in ("transformer", "transformer_2")]
+        backbones = [b for b in backbones if b is not None]  # Wan2.2 A14B: both experts
+        if not backbones or par.sharded:
             raise DDRLError(
                 "model.compile=true needs a transformer backbone (digits, diffusers families) "
                 f"and parallel.strategy none or ddp (here {par.strategy}); allowed: false"
             )
-        backbone.compile()
+        for b in backbones:
+            b.compile()
     return Learner(loss_fn, par.wrap(denoiser), denoiser, cfg.optim, par, log), par, base
 
 

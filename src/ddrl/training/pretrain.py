@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ddrl.data.config import cache_root
 from ddrl.data.pools import load_data
 from ddrl.flow import flow_matching_loss, interpolate, sample_training_t
 from ddrl.io import atomic_dir
@@ -26,10 +26,6 @@ from ddrl.training.config import PretrainConfig
 from ddrl.training.ema import ema_update
 
 FORMAT = 2  # bump when the saved layout changes, so stale cache entries are not loaded
-
-
-def cache_root(configured: str = "") -> Path:
-    return Path(configured or os.environ.get("DDRL_CACHE") or Path.home() / ".cache" / "ddrl")
 
 
 def base_path(model: str, data: str, cfg: PretrainConfig, cache_dir: str = "") -> Path:
