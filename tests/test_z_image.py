@@ -23,7 +23,7 @@ from ddrl.config.core import SamplerConfig
 from ddrl.models import shapes
 from ddrl.models.config import LoraConfig, ModelConfig
 from ddrl.models.hf import ensure_tiny
-from ddrl.models.z_image import ZImageGenerator, pipeline_cfg
+from ddrl.models.z_image import ZImageGenerator
 from ddrl.sampling import ode_solve, rollout, sample_ode
 from ddrl.sde import stepper
 from ddrl.training.loop import train
@@ -128,32 +128,6 @@ def test_pipeline_equivalence(folder, gen, guidance):
     dec = gen.codec.decode(mine)
     assert dec.shape == (2, 3, 32, 32)
     assert maxdiff(img, dec.clamp(-1, 1)) < TOL
-
-
-def test_pipeline_cfg_options(folder, gen):
-    """``pipeline_cfg`` is the pipeline's CFG with its non-default options (norm cap,
-    truncation): an Euler loop with it reproduces ``pipe(cfg_normalization=...,
-    cfg_truncation=...)``; with the defaults it is ddrl's cfg_mix at g + 1."""
-    pipe = plain(folder)
-    g, norm, trunc = 4.0, 1.05, 0.3
-    lat = theirs(pipe, gen, g, cfg_normalization=norm, cfg_truncation=trunc)
-    ts = gen.timestep_grid(N)
-    cond = gen.conditioner.encode(PROMPTS)
-    null = gen.conditioner.null(len(PROMPTS))
-    x = noise(gen, len(PROMPTS))
-    tr = gen.denoiser
-    with torch.no_grad():
-        for i in range(N):
-            t = ts[i].expand(2)
-            pos, neg = -tr.velocity(x, t, cond), -tr.velocity(x, t, null)  # transformer outputs
-            out = pipeline_cfg(pos, neg, g, float((1000 - ts[i] * 1000) / 1000), norm, trunc)
-            x = x + (ts[i + 1] - ts[i]) * -out
-    assert maxdiff(lat, x) < TOL
-    assert maxdiff(lat, theirs(pipe, gen, g)) > 1e-3  # the options matter here
-    pos, neg = torch.randn(2, 3), torch.randn(2, 3)
-    from ddrl.models.base import cfg_mix
-
-    assert torch.allclose(-pipeline_cfg(pos, neg, g, 0.5), cfg_mix(-pos, -neg, g + 1), atol=1e-6)
 
 
 def test_grid_is_the_pipelines_own(folder, gen, tmp_path):

@@ -19,8 +19,7 @@
   on v = −out, v_c + g·(v_c − v_u) = v_u + (g + 1)·(v_c − v_u): ddrl's ``sampler.cfg_scale`` =
   g + 1 (Z-Image guidance 4 ↔ 5; Turbo's 0 ↔ 1, no CFG). Its defaults ``cfg_normalization=False``
   and ``cfg_truncation=1.0`` change nothing (1 − σ never exceeds 1). The non-default options
-  (a per-sample norm cap and a time-dependent scale) are ``pipeline_cfg`` here; the loop's CFG
-  (``ddrl.models.base.guided_velocity`` / ``cfg_mix``) does not call them.
+  (a per-sample norm cap, a time-dependent scale) are not offered (docs/MODELS.md).
 - Grid: ``timestep_grid(N)`` = the pipeline's sigmas: ``linspace(1, 1/N, N)`` (torch float32,
   ``get_default_z_image_sigmas``) through the scheduler with mu = ``calculate_shift`` of the
   image token count (used only when the scheduler has dynamic shifting; the published Z-Image
@@ -42,32 +41,6 @@ from ddrl.models.sd3 import latent_shape
 
 Z_IMAGE_MAX_SEQUENCE_LENGTH = 512  # ZImagePipeline's default max_sequence_length
 Z_IMAGE_NATIVE = 1024  # ZImagePipeline's default height and width
-
-
-def pipeline_cfg(
-    pos: Tensor,
-    neg: Tensor,
-    guidance: float,
-    t_norm: float,
-    normalization: float = 0.0,
-    truncation: float = 1.0,
-) -> Tensor:
-    """ZImagePipeline's CFG on transformer outputs [B, ...] (not velocities): pos + g·(pos − neg),
-    g = 0 where ``t_norm`` = 1 − σ exceeds ``truncation``, and with ``normalization`` > 0 each
-    sample's result rescaled to at most ``normalization``·‖pos‖. Defaults: plain CFG."""
-    g = 0.0 if t_norm > truncation else guidance
-    if g <= 0:
-        return pos.float()
-    out = []
-    for p, n in zip(pos.float(), neg.float(), strict=True):
-        pred = p + g * (p - n)
-        if normalization > 0:
-            cap = torch.linalg.vector_norm(p) * normalization
-            norm = torch.linalg.vector_norm(pred)
-            if norm > cap:
-                pred = pred * (cap / norm)
-        out.append(pred)
-    return torch.stack(out)
 
 
 class ZImageDenoiser(HFDenoiser):
