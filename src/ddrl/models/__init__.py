@@ -19,7 +19,7 @@ DIFFUSERS_FAMILIES = {  # diffusers pipelines: a hub id, a folder, or "tiny"
     "cosmos": "ddrl.models.cosmos:CosmosGenerator",
     "wan": "ddrl.models.wan:WanGenerator",
     "qwen_image": "ddrl.models.qwen_image:QwenImageGenerator",
-    "qwen_image_edit": "ddrl.models.qwen_image:QwenImageEditGenerator",
+    "qwen_image_edit": "ddrl.models.qwen_image_edit:QwenImageEditGenerator",
     "flux2": "ddrl.models.flux2:Flux2Generator",
     "flux2_klein": "ddrl.models.flux2:Flux2KleinGenerator",
     "z_image": "ddrl.models.z_image:ZImageGenerator",
