@@ -20,7 +20,7 @@ LAYERS = [
     {"dist"},
     {"evaluation"},
     {"training"},
-    {"experiments"},
+    {"experiments", "plan"},
     {"cli", "__main__"},
 ]
 CORE = ("config", "models", "data", "rewards", "losses", "dist", "evaluation", "training")

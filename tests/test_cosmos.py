@@ -103,7 +103,7 @@ def pipeline(pipe, gen, guidance=1.0, scheduler=None, output_type="latent", **kw
 
 def test_shape_grid_and_prompts(tiny):
     gen = load(tiny, tiny)
-    assert gen.sample_shape == (4, 2, 2, 2) and (gen.height, gen.width, gen.frames) == (16, 16, 5)
+    assert gen.sample_shape == (16, 2, 2, 2) and (gen.height, gen.width, gen.frames) == (16, 16, 5)
     grid = gen.timestep_grid(STEPS)
     ref = UniPCMultistepScheduler.from_config(gen.pipe.scheduler.config)
     ref.set_timesteps(STEPS)
@@ -114,7 +114,7 @@ def test_shape_grid_and_prompts(tiny):
     assert c.shape == (2, MAXLEN, 32) and (c[0] - c[1]).abs().max() > 0.1
     assert gen.conditioner.null_prompt.startswith("The video captures")
     big = load(tiny, tiny, resolution=32, frames=9)
-    assert big.sample_shape == (4, 3, 4, 4) and (big.height, big.width, big.frames) == (32, 32, 9)
+    assert big.sample_shape == (16, 3, 4, 4) and (big.height, big.width, big.frames) == (32, 32, 9)
 
 
 @pytest.mark.parametrize("guidance", [1.0, 3.0])

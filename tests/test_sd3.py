@@ -58,7 +58,7 @@ def noise(gen, b: int, seed: int = 0) -> torch.Tensor:
 
 
 def ours(gen, cfg_scale: float = 1.0, seed: int = 0) -> torch.Tensor:
-    """Our ODE samples [B, 16, 8, 8] (model space)."""
+    """Our ODE samples [B, 16, 4, 4] (model space)."""
     cfg = SamplerConfig(eval_steps=N, cfg_scale=cfg_scale)
     return sample_ode(gen, PROMPTS, cfg, torch.Generator().manual_seed(seed))
 
@@ -98,7 +98,7 @@ def test_pipeline_equivalence(folder, gen, w):
     lat = theirs(pipe, gen, w)
     assert torch.allclose(pipe.scheduler.sigmas, gen.timestep_grid(N))
     mine = ours(gen, w)
-    assert mine.shape == (2, *gen.sample_shape) == (2, 16, 8, 8)
+    assert mine.shape == (2, *gen.sample_shape) == (2, 16, 4, 4)
     assert maxdiff(lat, mine) < TOL
     if w != 1.0:
         assert maxdiff(mine, ours(gen)) > 1e-2  # CFG is really on
@@ -124,7 +124,7 @@ def test_dynamic_shift_grid(folder, tmp_path):
 def test_rollout_log_probs_recompute(gen):
     cfg = SamplerConfig(num_steps=3)
     r = rollout(gen, PROMPTS, 2, cfg, torch.Generator().manual_seed(0))
-    assert r.states.shape == (4, 4, 16, 8, 8) and r.log_probs.shape == (3, 4)
+    assert r.states.shape == (4, 4, 16, 4, 4) and r.log_probs.shape == (3, 4)
     assert torch.isfinite(r.log_probs).all() and torch.isfinite(r.states).all()
     with torch.no_grad():
         for i in range(3):
@@ -160,6 +160,30 @@ def test_lora_save_load_export(folder, tmp_path):
     assert maxdiff(theirs(plain(out), g), mine) < TOL
 
 
+def test_sd35_structure_and_lora_targets(folder):
+    """The tiny keeps SD3.5 Medium's dual attention (early blocks, not the last) and RMS
+    qk-norm; the default LoRA targets (flow_grpo's train_sd3.py) adapt the joint attention of
+    every block and, as there, not the second (image-only) attention ``attn2``."""
+    from ddrl.models.sd3 import TINY_SD3_CHECKPOINT, tiny_sd3_transformer_config
+    from ddrl.models.shapes import real_config, structural_differences
+
+    g = load(folder, finetune="lora", lora=LoraConfig(rank=4))
+    tr = g.denoiser.transformer
+    real = real_config(TINY_SD3_CHECKPOINT)["transformer"]
+    assert structural_differences(real, dict(tr.config)) == []
+    assert (
+        tr.config.dual_attention_layers
+        == tiny_sd3_transformer_config(real_config(TINY_SD3_CHECKPOINT))["dual_attention_layers"]
+        == [0, 1]
+    )
+    blocks = tr.transformer_blocks
+    assert [b.attn2 is not None for b in blocks] == [True, True, False]
+    assert all(type(b.attn.norm_q).__name__ == "RMSNorm" for b in blocks)
+    trainable = {n for n, p in g.named_parameters() if p.requires_grad}
+    assert not any(".attn2." in n for n in trainable)
+    assert all(any(f"transformer_blocks.{i}.attn.to_q" in n for n in trainable) for i in range(3))
+
+
 def test_full_finetune_save_load(folder, tmp_path):
     g = load(folder)
     assert all(p.requires_grad for p in g.denoiser.parameters())
@@ -175,14 +199,14 @@ def test_full_finetune_save_load(folder, tmp_path):
 
 
 def test_resolution(folder):
-    assert load(folder, resolution=64).sample_shape == (16, 16, 16)
+    assert load(folder, resolution=128).sample_shape == (16, 16, 16)
 
 
 def test_bad_inputs(folder, tmp_path):
     from ddrl.models.flux import FluxGenerator
 
-    one_line_error(lambda: load(folder, resolution=30), match=("30", "multiples of 8"))
-    one_line_error(lambda: load(folder, resolution=256), match=("256", "128"))
+    one_line_error(lambda: load(folder, resolution=30), match=("30", "multiples of 16"))
+    one_line_error(lambda: load(folder, resolution=512), match=("512", "256"))
     bad = LoraConfig(rank=4, target_modules="to_q,nope")
     one_line_error(lambda: load(folder, finetune="lora", lora=bad), match="nope")
     one_line_error(lambda: FluxGenerator.from_pretrained(folder), match="StableDiffusion3Pipeline")

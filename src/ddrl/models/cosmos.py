@@ -55,8 +55,8 @@ from ddrl.models.base import Cond
 from ddrl.models.config import ModelConfig
 from ddrl.models.hf import DEFAULTS_FILE, DiffusersGenerator
 from ddrl.models.hf_parts import HFDenoiser
+from ddrl.models.shapes import real_config, shrink
 from ddrl.models.wan import (
-    TINY_DEFAULTS,
     WanConditioner,
     tiny_wan_vae,
     video_sample_shape,
@@ -211,9 +211,15 @@ class CosmosGenerator(DiffusersGenerator):
 
     @classmethod
     def build_tiny(cls, path: Path) -> None:
-        """A tiny Cosmos-Predict2.5 pipeline: 1-layer transformer (4 latent channels + mask),
-        2-layer Qwen2.5-VL (hidden 16, so 32-wide prompt states), byte-level Qwen tokenizer,
-        the tiny Wan VAE and Cosmos' UniPC scheduler; native size 16×16 px × 5 frames."""
+        """A tiny Cosmos-Predict2.5 pipeline: Cosmos-Predict2.5-2B's published configs
+        (``shapes/cosmos-predict2.5-2b.json``) with only sizes shrunk (``TINY_COSMOS``): a
+        1-layer transformer of width 16 on 16 latent channels + the condition mask, with the
+        real flags (padding-mask concat, no extra positional embedding, the cross-attention
+        projection of the layer-concatenated text states, RoPE scale, AdaLN-LoRA, patch 1×2×2);
+        a 2-layer Qwen2.5-VL (hidden 16, so 32-wide prompt states = crossattn_proj_in_channels),
+        byte-level Qwen tokenizer, the tiny Wan2.1 VAE (``tiny_wan_vae``) and Cosmos' UniPC
+        scheduler as published; native size ``TINY_SIZE`` (16×16 px × 5 frames: 2 latent
+        frames of 2×2, one token each)."""
         import json
 
         from diffusers import (
@@ -225,6 +231,7 @@ class CosmosGenerator(DiffusersGenerator):
 
         from ddrl.models.tiny_qwen import qwen_tokenizer
 
+        real = real_config(TINY_COSMOS_CHECKPOINT)
         tok = qwen_tokenizer()
         hidden, layers = 16, 2
         text = Qwen2_5_VLForConditionalGeneration(
@@ -252,38 +259,41 @@ class CosmosGenerator(DiffusersGenerator):
                 ),
             )
         )
-        transformer = CosmosTransformer3DModel(
-            in_channels=4 + 1,
-            out_channels=4,
-            num_attention_heads=1,
-            attention_head_dim=16,  # the smallest the 3-axis RoPE splits
-            num_layers=1,
-            mlp_ratio=2.0,
-            text_embed_dim=16,
-            adaln_lora_dim=4,
-            max_size=(16, 32, 32),
-            patch_size=(1, 2, 2),
-            rope_scale=(1.0, 3.0, 3.0),
-            concat_padding_mask=True,
-            extra_pos_embed_type=None,
-            use_crossattn_projection=True,
-            crossattn_proj_in_channels=hidden * layers,
-            encoder_hidden_states_channels=16,
-        )
-        scheduler = UniPCMultistepScheduler(  # as convert_cosmos_to_diffusers.py ships it
-            use_karras_sigmas=True,
-            use_flow_sigmas=True,
-            prediction_type="flow_prediction",
-            sigma_max=200.0,
-            sigma_min=0.01,
-        )
+        vae = tiny_wan_vae(TINY_COSMOS_VAE)  # Cosmos-Predict2.5's VAE is Wan2.1's
+        transformer = CosmosTransformer3DModel(**shrink(real["transformer"], **TINY_COSMOS))
+        if transformer.config.in_channels != vae.config.z_dim + 1:
+            raise DDRLError(
+                f"tiny cosmos: the tiny Wan VAE has {vae.config.z_dim} latent channels, the "
+                f"transformer takes {transformer.config.in_channels} (latents + condition mask)"
+            )
+        scheduler = UniPCMultistepScheduler(**real["scheduler"])
         pipe = Cosmos2_5_PredictBasePipeline(
             text_encoder=text,
             tokenizer=tok,
             transformer=transformer,
-            vae=tiny_wan_vae(),
+            vae=vae,
             scheduler=scheduler,
             safety_checker=NoGuardrail(),
         )
         pipe.save_pretrained(path, safe_serialization=True)
-        (Path(path) / DEFAULTS_FILE).write_text(json.dumps(TINY_DEFAULTS))
+        (Path(path) / DEFAULTS_FILE).write_text(json.dumps(TINY_SIZE))
+
+
+TINY_COSMOS_CHECKPOINT = "cosmos-predict2.5-2b"
+TINY_COSMOS_VAE = "wan2.1-t2v-1.3b"  # its VAE: convert_cosmos_to_diffusers.py L948-949
+TINY_SIZE = {"height": 16, "width": 16, "frames": 5}  # the smallest the VAE and patch allow
+# The tiny Cosmos transformer's sizes (everything else is Cosmos-Predict2.5-2B's): width
+# 1 head × 16 (the smallest head dim the 3-axis RoPE splits), text_embed_dim =
+# encoder_hidden_states_channels = that width, crossattn_proj_in_channels = the tiny Qwen's
+# 2 layers × hidden 16, RoPE positions up to 16 latent frames and 32 latent rows/columns.
+TINY_COSMOS = {
+    "num_attention_heads": 1,
+    "attention_head_dim": 16,
+    "num_layers": 1,
+    "mlp_ratio": 2.0,
+    "text_embed_dim": 16,
+    "adaln_lora_dim": 4,
+    "max_size": [16, 32, 32],
+    "crossattn_proj_in_channels": 32,
+    "encoder_hidden_states_channels": 16,
+}

@@ -23,6 +23,7 @@ from ddrl.models.config import ModelConfig
 from ddrl.models.hf import DiffusersGenerator, dynamic_mu
 from ddrl.models.hf_parts import HFDenoiser, TextConditioner, VAECodec
 from ddrl.models.sd3 import SD3Generator, latent_shape, tiny_vae
+from ddrl.models.shapes import real_config, shrink
 
 FLUX_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale
 FLUX_MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default T5 length
@@ -139,9 +140,13 @@ class FluxGenerator(DiffusersGenerator):
 
     @classmethod
     def build_tiny(cls, path: Path) -> None:
-        """A tiny FLUX.1-dev-like pipeline (32 px, VAE factor 4, 16 latent channels, one double
-        and one single block of width 16, guidance embedding; CLIP width 16, T5 width 32;
-        FLUX.1-dev's dynamic-shifting scheduler)."""
+        """A tiny FLUX.1-dev pipeline: FLUX.1-dev's published configs (``shapes/flux.1-dev.json``)
+        with only sizes shrunk (``TINY_FLUX``): one double- and one single-stream block of
+        width 2 heads × 10, the guidance embedding, in_channels 64 (16 latent channels × 2×2
+        packing), 3 RoPE axes [2, 4, 4] (FLUX's [16, 56, 56] scaled to head dim 10); the
+        4-stage (factor 8) VAE with FLUX's scaling and shift; FLUX.1-dev's dynamic-shifting
+        scheduler as published; native 32 px (4×4 latents, 2×2 tokens). Text encoders: CLIP of
+        width 16 (= ``pooled_projection_dim``), T5 of width 32 (= ``joint_attention_dim``)."""
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
         from transformers import CLIPTextModel, T5EncoderModel
 
@@ -152,34 +157,31 @@ class FluxGenerator(DiffusersGenerator):
             tiny_t5_config,
         )
 
+        real = real_config(TINY_FLUX_CHECKPOINT)
         tok, tok2 = clip_tokenizer(), t5_tokenizer()
-        transformer = FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=64,  # 16 latent channels × 2×2 packing
-            num_layers=1,
-            num_single_layers=1,
-            attention_head_dim=8,
-            num_attention_heads=2,
-            joint_attention_dim=32,  # T5 width
-            pooled_projection_dim=16,  # CLIP width (FLUX uses CLIP's pooled output)
-            guidance_embeds=True,
-            axes_dims_rope=(2, 2, 4),  # sums to attention_head_dim
-        )
-        scheduler = FlowMatchEulerDiscreteScheduler(
-            shift=3.0,
-            use_dynamic_shifting=True,
-            base_image_seq_len=256,
-            max_image_seq_len=4096,
-            base_shift=0.5,
-            max_shift=1.15,
-        )
         pipe = FluxPipeline(
-            transformer=transformer,
-            scheduler=scheduler,
-            vae=tiny_vae(shift_factor=0.1159, scaling_factor=0.3611),
+            transformer=FluxTransformer2DModel(**shrink(real["transformer"], **TINY_FLUX)),
+            scheduler=FlowMatchEulerDiscreteScheduler(**real["scheduler"]),
+            vae=tiny_vae(TINY_FLUX_CHECKPOINT),
             text_encoder=CLIPTextModel(tiny_clip_config(len(tok))),
             text_encoder_2=T5EncoderModel(tiny_t5_config(len(tok2))),
             tokenizer=tok,
             tokenizer_2=tok2,
         )
         pipe.save_pretrained(path, safe_serialization=True)
+
+
+TINY_FLUX_CHECKPOINT = "flux.1-dev"
+# The tiny FLUX transformer's sizes (everything else is FLUX.1-dev's): head dim 10 split over
+# the 3 RoPE axes as [2, 4, 4] (even per axis, rows = columns, the smallest for time, as in
+# [16, 56, 56] of 128; the exactly proportional [4, 14, 14] of 32 doubles the forward time);
+# joint_attention_dim = the tiny T5 width, pooled_projection_dim = the tiny CLIP width.
+TINY_FLUX = {
+    "num_layers": 1,
+    "num_single_layers": 1,
+    "attention_head_dim": 10,
+    "num_attention_heads": 2,
+    "axes_dims_rope": [2, 4, 4],
+    "joint_attention_dim": 32,
+    "pooled_projection_dim": 16,
+}

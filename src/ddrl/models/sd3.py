@@ -19,6 +19,7 @@ from ddrl.models.base import Cond
 from ddrl.models.config import ModelConfig
 from ddrl.models.hf import DiffusersGenerator, dynamic_mu
 from ddrl.models.hf_parts import HFDenoiser, TextConditioner, VAECodec
+from ddrl.models.shapes import real_config, scaled_indices, shrink
 
 SD3_MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's default T5 length
 
@@ -119,8 +120,13 @@ class SD3Generator(DiffusersGenerator):
 
     @classmethod
     def build_tiny(cls, path: Path) -> None:
-        """A tiny SD3 pipeline (32 px, VAE factor 4, 16 latent channels, 2 MMDiT blocks of
-        width 16; two CLIP encoders of width 16 and a one-layer T5 of width 32)."""
+        """A tiny SD3.5 pipeline: SD3.5 Medium's published configs (``shapes/sd3.5-medium.json``)
+        with only sizes shrunk (``TINY_SD3``): 3 MMDiT blocks of width 16, the first two with
+        SD3.5's dual attention (its layers 0..12 of 24 scaled down) and every one with its RMS
+        qk-norm; patch 2, 16 latent channels; the 4-stage (factor 8) VAE with SD3's scaling and
+        shift; SD3.5's scheduler; native 32 px (4×4 latents, 2×2 tokens). Text encoders: two
+        CLIPs of width 16 (pooled 16 + 16 = ``pooled_projection_dim``) and a one-layer T5 of
+        width 32 (= ``joint_attention_dim``)."""
         from diffusers import (
             FlowMatchEulerDiscreteScheduler,
             SD3Transformer2DModel,
@@ -135,24 +141,12 @@ class SD3Generator(DiffusersGenerator):
             tiny_t5_config,
         )
 
+        real = real_config(TINY_SD3_CHECKPOINT)
         tok, tok3 = clip_tokenizer(), t5_tokenizer()
-        transformer = SD3Transformer2DModel(
-            sample_size=8,
-            patch_size=2,
-            in_channels=16,
-            out_channels=16,
-            num_layers=2,
-            attention_head_dim=8,
-            num_attention_heads=2,
-            joint_attention_dim=32,  # T5 width (CLIP-L + CLIP-G widths are padded to it)
-            caption_projection_dim=16,
-            pooled_projection_dim=32,  # the two CLIP projections concatenated
-            pos_embed_max_size=16,
-        )
         pipe = StableDiffusion3Pipeline(
-            transformer=transformer,
-            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-            vae=tiny_vae(shift_factor=0.0609, scaling_factor=1.5305),
+            transformer=SD3Transformer2DModel(**tiny_sd3_transformer_config(real)),
+            scheduler=FlowMatchEulerDiscreteScheduler(**real["scheduler"]),
+            vae=tiny_vae(TINY_SD3_CHECKPOINT),
             text_encoder=CLIPTextModelWithProjection(tiny_clip_config(len(tok))),
             text_encoder_2=CLIPTextModelWithProjection(tiny_clip_config(len(tok))),
             text_encoder_3=T5EncoderModel(tiny_t5_config(len(tok3))),
@@ -163,22 +157,43 @@ class SD3Generator(DiffusersGenerator):
         pipe.save_pretrained(path, safe_serialization=True)
 
 
-def tiny_vae(shift_factor: float, scaling_factor: float):
-    """A tiny AutoencoderKL: 32 px images ↔ 16 × 8 × 8 latents (factor 4, no quant convs)."""
+TINY_SD3_CHECKPOINT = "sd3.5-medium"
+# The tiny SD3 transformer's sizes (everything else is SD3.5 Medium's): 3 blocks so that, as in
+# the real 24, the early blocks have dual attention and the last (context_pre_only) one has not;
+# width 2 heads × 8 = caption_projection_dim 16; joint_attention_dim = the tiny T5 width 32,
+# pooled_projection_dim = the two tiny CLIP projections (16 + 16); positions up to 16 patches
+# (256 px), native 4 latents (32 px: the smallest with a 2×2 token grid).
+TINY_SD3 = {
+    "num_layers": 3,
+    "attention_head_dim": 8,
+    "num_attention_heads": 2,
+    "caption_projection_dim": 16,
+    "joint_attention_dim": 32,
+    "pooled_projection_dim": 32,
+    "pos_embed_max_size": 16,
+    "sample_size": 4,
+}
+# The tiny VAE's sizes: the real stage count (4: factor 8) and latent channels, width 8.
+TINY_VAE = {
+    "block_out_channels": [8, 8, 8, 8],
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "sample_size": 32,
+}
+
+
+def tiny_sd3_transformer_config(real: dict) -> dict:
+    """The real SD3 transformer config with only sizes shrunk (``TINY_SD3``); its
+    dual-attention layer indices scaled to the shallower depth."""
+    tc = real["transformer"]
+    dual = scaled_indices(tc["dual_attention_layers"], tc["num_layers"], TINY_SD3["num_layers"])
+    return shrink(tc, **TINY_SD3, dual_attention_layers=dual)
+
+
+def tiny_vae(checkpoint: str):
+    """The published AutoencoderKL config of ``checkpoint`` (``shapes/<checkpoint>.json``) with
+    only sizes shrunk (``TINY_VAE``): its 4 stages (factor 8), 16 latent channels, scaling and
+    shift factors and quant-conv flags kept; 32 px images ↔ 16 × 4 × 4 latents."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(
-        sample_size=32,
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(8, 8, 8),
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=4,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=shift_factor,
-        scaling_factor=scaling_factor,
-    )
+    return AutoencoderKL(**shrink(real_config(checkpoint)["vae"], **TINY_VAE))
