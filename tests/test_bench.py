@@ -1,11 +1,16 @@
 """``ddrl bench --quick --json F``: every field is there and the recorded backbone calls are the
-ones each algorithm makes (counted by hand below). No timing is asserted."""
+ones each algorithm makes (counted by hand below). No timing is asserted. Per-phase memory: a
+phase that allocates a known tensor shows it as its own increase."""
 
 import json
 import math
+import sys
+
+import pytest
+import torch
 
 from ddrl.cli import main
-from ddrl.phases import PHASES
+from ddrl.phases import PHASES, PhaseTimer, phase, track_memory
 
 FIELDS = {
     "algorithm",
@@ -17,6 +22,8 @@ FIELDS = {
     "overhead_ratio",
     "rollout_samples_per_s",
     "peak_memory_mb",
+    "phases_memory",
+    "memory_method",
     "model_tflop_per_iteration",
     "achieved_tflops",
     "mfu",
@@ -35,11 +42,25 @@ def test_bench_quick_json_has_every_field(tmp_path, capsys):
     for r in (ddrl, flow):
         assert set(r) == FIELDS
         assert set(r["phases_s"]) == set(PHASES)
-        for k in FIELDS - {"algorithm", "phases_s", "passes", "mfu"}:
+        for k in FIELDS - {
+            "algorithm",
+            "phases_s",
+            "passes",
+            "mfu",
+            "phases_memory",
+            "memory_method",
+        }:
             assert isinstance(r[k], float) and math.isfinite(r[k]) and r[k] > 0, k
         assert r["mfu"] is None  # CPU: no known peak
         assert r["floor_s"] == r["floor_forward_s"] + r["floor_forward_backward_s"]
         assert r["phases_s"]["rollout"] > 0 and r["phases_s"]["backward"] > 0
+        assert set(r["phases_memory"]) == set(PHASES)
+        assert r["memory_method"] in ("vmhwm", "ru_maxrss")
+        for p in ("rollout", "backward"):
+            mem = r["phases_memory"][p]
+            assert mem["peak_mb"] > 0 and mem["increase_mb"] >= 0
+            assert mem["peak_mb"] <= r["peak_memory_mb"] + 1e-6
+    assert "memory by phase, MiB" in printed
     # --quick: 2 prompts × 4 samples, 4 sampling steps, no CFG on digits. DDRL trains all 4
     # steps (fraction 1): 4 rollout forwards, 4 policy + 4 data-term forward+backwards.
     calls = lambda r, g: sum(p["calls"] for p in r["passes"] if p["grad"] is g)  # noqa: E731
@@ -55,6 +76,29 @@ def test_bench_quick_json_has_every_field(tmp_path, capsys):
     }
     assert (by_size(flow, False), by_size(flow, True)) == ({4: 6, 8: 4}, {4: 6, 8: 0})
     assert flow["phases_s"]["reference"] > 0 and flow["phases_s"]["data"] == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="exact RSS peaks: Linux /proc")
+def test_phase_memory_sees_a_known_allocation():
+    """A phase that fills a 200 MB tensor (and frees it) shows a peak increase of 200 MB
+    (±10%), while a phase that allocates nothing stays near 0; the recorder resets the
+    high-water mark per phase (the second phase does not inherit the first's peak)."""
+    size = 200 * 10**6
+    timer = PhaseTimer("cpu")
+    with track_memory("cpu") as mem, timer.active():
+        assert mem.method == "vmhwm"
+        with phase("rollout"):
+            x = torch.ones(size // 4)  # float32: touched pages, resident
+            del x
+        with phase("reward"):
+            y = torch.ones(10)
+            del y
+        timer.reset()
+    row = mem.rows[0]
+    assert abs(row["rollout"]["increase"] - size) <= 0.1 * size, row
+    assert row["reward"]["increase"] < 0.05 * size, row
+    assert row["reward"]["peak"] < row["rollout"]["peak"] - 0.5 * size
+    assert mem.total_peak() >= row["rollout"]["peak"]
 
 
 def test_default_threads(monkeypatch):

@@ -1,5 +1,5 @@
 """The `ddrl` command: pretrain, synth, train, eval, export, sample, score, reward-server, report,
-demo, compare, long, bench, config, presets, data.
+demo, compare, long, bench, plan, config, presets, data.
 
 Every subcommand takes config files (``--config``) and ``key=value`` overrides; user errors
 print one line (``ddrl: error: ...``) and exit with status 2. On SIGTERM, ``train`` finishes and
@@ -142,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quick", action="store_true", help="toy sizes, 1 + 1 iterations (seconds)")
     s.add_argument("--json", default="", help="also write the figures to this JSON file")
     s.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU")
+    s = add("plan", "plan", "per-GPU memory by part and FLOPs by phase, from the config alone")
+    s.add_argument("--gpus", default="1", help="GPUs the run uses (FSDP divides the weights)")
+    s.add_argument("--gpu-memory", default="80", help="GiB per GPU (an 80 GB H100: 79.6)")
+    s.add_argument("--json", action="store_true", help="JSON instead of the table")
     s = add("eval", "evaluate", "evaluate a run (latest checkpoint, or --step) into eval.json")
     s.add_argument("run", help="run folder, or a saved model folder")
     s.add_argument("--step", type=int, default=None, help="checkpoint iteration")

@@ -8,7 +8,10 @@ replayed on the bare backbone at the same shapes, timed: forward for the calls w
 gradient (rollout, reference), forward + backward for the others (policy, data term). Their sum
 is the model-compute floor of one iteration; iteration time / floor is the overhead ratio.
 FLOPs per call come from ``torch.utils.flop_counter``; MFU is reported where the device's peak
-is known (``--peak-tflops`` sets it).
+is known (``--peak-tflops`` sets it). Each phase's peak memory is recorded too
+(``ddrl.phases.track_memory``): the peak during the phase and that peak minus the memory held
+when the phase began (its own working set), the largest over the timed iterations; on CUDA the
+allocator's, on a CPU the resident set's (``memory_method``).
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import platform
-import resource
 import statistics
 import tempfile
 import time
@@ -26,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ddrl.config import build_config
-from ddrl.phases import PHASES
+from ddrl.phases import PHASES, track_memory
 from ddrl.training.runlog import prepare_run_dir, read_jsonl
 
 QUICK = [  # a few seconds on a CPU: the digits default at a toy size
@@ -118,10 +120,17 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({platform.machine()})"
 
 
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def phase_memory(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Phase → {"peak_mb", "increase_mb"}: the largest over ``rows`` (``PhaseMemory.rows``);
+    0 for a phase that did not run."""
+    out = {}
+    for p in PHASES:
+        seen = [r[p] for r in rows if p in r]
+        out[p] = {
+            "peak_mb": max((x["peak"] for x in seen), default=0) / 2**20,
+            "increase_mb": max((x["increase"] for x in seen), default=0) / 2**20,
+        }
+    return out
 
 
 def bench_one(
@@ -150,10 +159,12 @@ def bench_one(
     with tempfile.TemporaryDirectory() as tmp:
         run = prepare_run_dir(Path(tmp) / "run", resume=False, overwrite=False)
         with log.patch(type(comps.gen.denoiser)):
-            train(cfg, run, log=lambda *a, **k: None, components=comps)
+            with track_memory(dev) as mem:
+                train(cfg, run, log=lambda *a, **k: None, components=comps)
             log.on = False
             rows = read_jsonl(run / "metrics.jsonl")[warmup:]
-            peak_mb = _peak_memory_mb(dev)
+            peak_mb = mem.total_peak() / 2**20
+            memory = phase_memory(mem.rows[warmup:])
             floor = replay(comps.gen.denoiser, log, warmup + iterations, dev, reps)
     phases = {p: statistics.mean(r.get(f"time_{p}", 0.0) for r in rows) for p in PHASES}
     # Each row's checkpoint is the previous iteration's; the first timed row has one too.
@@ -171,6 +182,8 @@ def bench_one(
         "overhead_ratio": iteration / floor["floor_s"],
         "rollout_samples_per_s": b / phases["rollout"] if phases["rollout"] else None,
         "peak_memory_mb": peak_mb,
+        "phases_memory": memory,
+        "memory_method": mem.method,
         "model_tflop_per_iteration": floor["flops"] / 1e12,
         "achieved_tflops": achieved,
         "mfu": achieved / peak if (peak and dev.type == "cuda") else None,
@@ -242,6 +255,14 @@ def format_table(report: dict) -> str:
         f"{'vs ' + res[0]['algorithm']:16}"
         + "".join(f"{r['iteration_s'] / base:>12.2f}" for r in res)
     )
+    lines.append(
+        f"memory by phase, MiB: peak / + over the phase's start ({res[0]['memory_method']})"
+    )
+    for p in shown:
+        cells = (r["phases_memory"][p] for r in res)
+        lines.append(
+            f"{p:16}" + "".join(f"{c['peak_mb']:>7.0f}/{c['increase_mb']:<+4.0f}" for c in cells)
+        )
     return "\n".join(lines)
 
 

@@ -56,7 +56,6 @@ from ddrl.models.config import ModelConfig
 from ddrl.models.hf import DEFAULTS_FILE, DiffusersGenerator
 from ddrl.models.hf_parts import TORCH_DTYPES, HFDenoiser, TextConditioner, VAECodec
 
-TINY_DEFAULTS = {"height": 16, "width": 16, "frames": 5}  # the legacy tiny VAE's size (Cosmos)
 NATIVE = (480, 832, 81)  # WanPipeline's default height, width, num_frames
 
 # The tiny checkpoints: model.base "tiny" / "tiny:<variant>" → published config, native size.
@@ -379,22 +378,8 @@ def _vae(config: dict):
     return AutoencoderKLWan(**config)
 
 
-def tiny_wan_vae(checkpoint: str = ""):
-    """A tiny AutoencoderKLWan. ``checkpoint`` = a published config (e.g. "wan2.1-t2v-1.3b":
-    the Wan2.1 VAE shrunk, 16 latent channels, its real stages, temporal downsampling and
-    latents mean/std; Cosmos-Predict2.5 uses this VAE). "" = the legacy 4-channel tiny VAE
-    (spatial factor 8, temporal 4, non-trivial latent mean/std) that Cosmos' tiny pipeline is
-    built around."""
-    if checkpoint:
-        return _vae(tiny_configs(checkpoint)["vae"])
-    from diffusers import AutoencoderKLWan
-
-    return AutoencoderKLWan(
-        base_dim=4,
-        z_dim=4,
-        dim_mult=[1, 1, 1, 1],
-        num_res_blocks=1,
-        temperal_downsample=[False, True, True],
-        latents_mean=[0.1, -0.2, 0.3, 0.0],
-        latents_std=[1.5, 0.8, 1.2, 2.0],
-    )
+def tiny_wan_vae(checkpoint: str):
+    """A tiny AutoencoderKLWan from a published config (e.g. "wan2.1-t2v-1.3b": the Wan2.1 VAE
+    shrunk, 16 latent channels, its real stages, temporal downsampling and latents mean/std;
+    Cosmos-Predict2.5 uses this VAE)."""
+    return _vae(tiny_configs(checkpoint)["vae"])
