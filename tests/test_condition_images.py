@@ -79,3 +79,14 @@ def test_a_family_without_condition_images_says_so_before_training(folder, tmp_p
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and len(err) == 1 and "takes no condition image" in err[0]
     assert not (tmp_path / "run").exists()  # nothing written before the error
+
+
+def test_without_a_prompt_file_the_condition_captions_are_the_prompts(folder):
+    from ddrl.data.config import DataConfig
+    from ddrl.data.files import files_data
+
+    cfg = DataConfig(name="files", condition_images=str(folder))
+    cfg.check()
+    data = files_data(cfg)
+    assert sorted(data.prompts) == ["add a hat", "make it blue"]
+    assert data.eval_prompts == data.prompts

@@ -145,8 +145,11 @@ class DataConfig:
                     f"data.{key}={getattr(self, key)!r}: data:<set>/<file> names a published "
                     "prompt file; allowed for data.prompts and data.eval_prompts"
                 )
-        if not self.prompts and not self.images:
-            raise DDRLError("data.name='files' needs data.prompts (a prompt file) or data.images")
+        if not (self.prompts or self.images or self.condition_images):
+            raise DDRLError(
+                "data.name='files' needs data.prompts (a prompt file), data.images or "
+                "data.condition_images (whose captions are then the prompts)"
+            )
 
     def missing(self) -> list[str]:
         """One line per file this config names that is not there, each naming the file (and

@@ -292,14 +292,19 @@ def list_items(images: str | Path) -> list[Item]:
 
 def files_data(cfg: DataConfig) -> TaskData:
     """The prompt sets of ``data.name = "files"``: ``data.prompts`` (or, when empty, the
-    captions of ``data.images``) for training, ``data.eval_prompts`` (or the training prompts)
-    for evaluation. No image-space pools: real data is encoded by ``latent_pool``."""
+    captions of ``data.images``, else of ``data.condition_images``: an edit set's instructions)
+    for training, ``data.eval_prompts`` (or the training prompts) for evaluation. No
+    image-space pools: real data is encoded by ``latent_pool``."""
     if cfg.prompts:
         records = load_prompts(cfg.file("prompts"))  # data:<set>/<file> resolved
-    elif cfg.images:
-        records = [{"prompt": it.caption, "file_name": it.name} for it in list_items(cfg.images)]
+    elif cfg.images or cfg.condition_images:
+        items = list_items(cfg.images or cfg.condition_images)
+        records = [{"prompt": it.caption, "file_name": it.name} for it in items]
     else:
-        raise DDRLError("data.name='files' needs data.prompts (a prompt file) or data.images")
+        raise DDRLError(
+            "data.name='files' needs data.prompts (a prompt file), data.images or "
+            "data.condition_images"
+        )
     evals = load_prompts(cfg.file("eval_prompts")) if cfg.eval_prompts else records
     return TaskData(
         [r["prompt"] for r in records],
