@@ -2,6 +2,7 @@
 handed to the conditioner once; every misuse is a one-line error before any work."""
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -90,3 +91,95 @@ def test_without_a_prompt_file_the_condition_captions_are_the_prompts(folder):
     data = files_data(cfg)
     assert sorted(data.prompts) == ["add a hat", "make it blue"]
     assert data.eval_prompts == data.prompts
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_cosmos_image_to_world_from_a_condition_image_is_the_pipelines(
+    tmp_path, monkeypatch, guidance
+):
+    """Cosmos with ``set_images``: the image's VAE latent frame is given (in the condition and,
+    with CFG, in the null condition); the generated frames equal Cosmos2_5_PredictBasePipeline's
+    ``image=`` output from the same noise (pipeline guidance g ↔ cfg_scale g + 1), and the
+    causal VAE's latent of the image alone is the first latent frame of the pipeline's
+    [image, zeros, ...] video."""
+    import diffusers.pipelines.cosmos.pipeline_cosmos2_5_predict as module
+    import torch
+    from test_cosmos import GridEuler, load
+
+    from ddrl.config.core import SamplerConfig
+    from ddrl.models.cosmos import CosmosGenerator
+    from ddrl.models.hf import ensure_tiny
+    from ddrl.sampling import sample_ode
+
+    def to_tensor(pil):  # torchvision's: HWC uint8 → CHW float in [0, 1] (not installed here)
+        return torch.from_numpy(np.array(pil)).permute(2, 0, 1).float() / 255
+
+    functional = SimpleNamespace(to_tensor=to_tensor)
+    tv = SimpleNamespace(transforms=SimpleNamespace(functional=functional))
+    monkeypatch.setattr(module, "torchvision", tv, raising=False)
+    folder = ensure_tiny(CosmosGenerator, tmp_path / "cache", log=lambda m: None)
+    gen = load(folder, folder)
+    h, w = gen.height, gen.width
+    rgb = (np.random.default_rng(0).random((h, w, 3)) * 255).astype(np.uint8)
+    image = torch.from_numpy(rgb).permute(2, 0, 1).float() / 127.5 - 1
+    black = -torch.ones(1, 3, gen.frames - 1, h, w)  # the pipeline pads with black frames
+    video = torch.cat([image[None, :, None], black], dim=2)
+    first = gen.codec.encode(video)[:, :, :1]
+    assert (gen.codec.encode(image[None, :, None]) - first).abs().max() < 1e-5
+    prompt = "a red ball"
+    gen.conditioner.set_images({prompt: image})
+    cfg = SamplerConfig(eval_steps=4, cfg_scale=guidance + 1 if guidance > 1 else 1.0)
+    x = sample_ode(gen, [prompt], cfg, torch.Generator().manual_seed(0))
+    eps = torch.randn((1, *gen.sample_shape), generator=torch.Generator().manual_seed(0))
+    pipe = gen.pipe
+    pipe.set_progress_bar_config(disable=True)
+    old, pipe.scheduler = pipe.scheduler, GridEuler().use(gen.timestep_grid(4))
+    try:
+        ref = pipe(
+            prompt=prompt,
+            image=Image.fromarray(rgb),
+            height=h,
+            width=w,
+            num_frames=gen.frames,
+            num_inference_steps=4,
+            guidance_scale=guidance,
+            latents=eps,
+            output_type="latent",
+            max_sequence_length=160,
+        ).frames
+    finally:
+        pipe.scheduler = old
+    assert (ref[:, :, 1:] - x[:, :, 1:]).abs().max() < 1e-5  # the generated frames
+    assert (x[:, :, :1] - first).abs().max() < 1e-5  # the given frame reached exactly
+
+
+def test_condition_images_and_cond_frames_together_are_refused(folder, tmp_path, capsys):
+    args = ["train", "--out", str(tmp_path / "run"), "--preset", "tiny-cosmos"]
+    code = main([*args, f"data.condition_images={folder}", "model.cond_frames=[0,1]"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and "model.cond_frames both condition" in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_image_to_world_and_edit_runs_train_and_sample_with_the_shipped_pictures(tmp_path, capsys):
+    """tiny-cosmos on the six shipped pictures (their captions the prompts) and the tiny edit
+    preset out of the box: 2 iterations each; ``ddrl sample --image`` renders from each run, and
+    an edit run refuses to sample without its image."""
+    from ddrl.data.files import list_items
+    from ddrl.training.runlog import read_jsonl
+
+    shipped = list_items(Path(__file__).parents[1] / "src/ddrl/presets/prompts/tiny-edit")
+    ov = ["train.progress=false", "data.prompts=", "data.condition_images=tiny-edit"]
+    for name, preset, extra in (("i2v", "tiny-cosmos", ov), ("edit", "tiny-qwen-image-edit", [])):
+        run = tmp_path / name
+        assert main(["train", "--out", str(run), "--preset", preset, *extra]) == 0
+        rows = read_jsonl(run / "metrics.jsonl")
+        assert [r["iteration"] for r in rows] == [1, 2]
+        assert all(v is not None for r in rows for v in r.values())
+        out = tmp_path / f"{name}-samples"
+        item = shipped[0]
+        args = ["sample", str(run), "--prompt", item.caption, "--image", str(item.path)]
+        assert main([*args, "--out", str(out)]) == 0 and len(list(out.iterdir())) == 1
+    capsys.readouterr()
+    assert main(["sample", str(run), "--prompt", "x", "--out", str(tmp_path / "no")]) != 0
+    assert "give --image" in capsys.readouterr().err

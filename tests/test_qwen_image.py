@@ -456,6 +456,8 @@ def test_edit_run_without_condition_images_is_one_line(tmp_path):
     from ddrl.training.loop import train
     from ddrl.training.runlog import prepare_run_dir
 
-    cfg = build_config(overrides=["preset=tiny-qwen-image-edit", *SMALL])
+    ov = ["preset=tiny-qwen-image-edit", *SMALL, "data.condition_images=", "data.prompts=tiny.txt"]
     out = prepare_run_dir(tmp_path / "run", resume=False, overwrite=False)
-    one_line_error(lambda: train(cfg, out, **QUIET), match="data.condition_images")
+    one_line_error(
+        lambda: train(build_config(overrides=ov), out, **QUIET), match="data.condition_images"
+    )

@@ -130,13 +130,15 @@ class DataConfig:
             return
         if self.synthetic_per_prompt < 1:
             raise DDRLError(f"data.synthetic_per_prompt={self.synthetic_per_prompt}: at least 1")
-        for key in ("prompts", "eval_prompts"):
+        for key in ("prompts", "eval_prompts", "condition_images"):
             value = getattr(self, key)
             shipped = Path(__file__).parents[1] / "presets" / "prompts" / value
             published = data_ref(value)  # data:<set>/<file>: its form checked here
-            if not published and value and not data_path(value).exists() and shipped.is_file():
-                setattr(self, key, str(shipped))  # a prompt file shipped with the presets
+            if not published and value and not data_path(value).exists() and shipped.exists():
+                setattr(self, key, str(shipped))  # a file or folder shipped with the presets
                 value = str(shipped)
+            if key == "condition_images":
+                continue
             if value and Path(value).suffix.lower() not in PROMPT_EXT:
                 raise DDRLError(f"data.{key}={value!r}: allowed formats: {', '.join(PROMPT_EXT)}")
         for key in given:  # whether the files exist: missing(), asked by train, synth and eval

@@ -48,6 +48,7 @@ import types
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ddrl.errors import DDRLError
@@ -132,6 +133,9 @@ class CosmosDenoiser(HFDenoiser):
         else:
             mask = cond.batched["given_mask"].to(x_t.device, torch.float32)
             given = given.to(x_t.device, torch.float32)
+            if given.shape[2] < f:  # a condition image's latent frames: the rest generated
+                pad = (0, 0, 0, 0, 0, f - given.shape[2])
+                given, mask = F.pad(given, pad), F.pad(mask, pad)
             inp = (mask * given + (1 - mask) * x_t.float()).to(self.dtype)
             timestep = mask * COND_FRAME_T + (1 - mask) * sigma
         out = self.transformer(
@@ -150,13 +154,43 @@ class CosmosDenoiser(HFDenoiser):
 
 class CosmosConditioner(WanConditioner):
     """Prompts → normalised, layer-concatenated Qwen2.5-VL states [B, L, layers·hidden]
-    (``encode_prompt`` has Wan's signature); the null prompt is the pipeline's negative one."""
+    (``encode_prompt`` has Wan's signature); the null prompt is the pipeline's negative one.
 
-    def __init__(self, pipe, cfg: ModelConfig, encoder_names: tuple[str, ...]):
+    Image-to-world (``data.condition_images``, ``set_images``): each prompt's image, encoded by
+    the VAE as a one-frame video (the causal Wan VAE's first latent frame, what the pipeline's
+    ``image=`` path conditions on), is its "given" first latent frame, in its condition and in
+    its null condition (``null_for``) alike."""
+
+    def __init__(self, pipe, cfg: ModelConfig, encoder_names: tuple[str, ...], encode_video):
         super().__init__(pipe, cfg, encoder_names)
         from diffusers.pipelines.cosmos.pipeline_cosmos2_5_predict import DEFAULT_NEGATIVE_PROMPT
 
         self.null_prompt = DEFAULT_NEGATIVE_PROMPT
+        # the codec's encode (videos → latents), kept as a function: the VAE is the codec's part
+        self.encode_video, self.images, self.frames = encode_video, None, {}
+
+    def set_images(self, images) -> None:
+        """prompt → condition image [3, H, W] in [-1, 1] at the sample size."""
+        self.images, self.frames = images, {}
+
+    def encode(self, prompts: list[str]) -> Cond:
+        cond = super().encode(prompts)
+        return cond if self.images is None else self._given(cond, prompts)
+
+    def null(self, n: int) -> Cond:
+        return super().encode([self.null_prompt] * n)
+
+    def null_for(self, prompts: list[str]) -> Cond:
+        cond = self.null(len(prompts))
+        return cond if self.images is None else self._given(cond, prompts)
+
+    def _given(self, cond: Cond, prompts: list[str]) -> Cond:
+        for p in prompts:
+            if p not in self.frames:  # [1, C, 1, h, w], encoded once per prompt
+                image = self.images[p][None, :, None]
+                self.frames[p] = self.encode_video(image).cpu()
+        given = torch.cat([self.frames[p] for p in prompts])
+        return with_given(cond, given, torch.ones(len(prompts), 1, 1, 1, 1))
 
 
 class CosmosGenerator(DiffusersGenerator):
@@ -173,8 +207,8 @@ class CosmosGenerator(DiffusersGenerator):
         _resize_without_torchvision()
         tr = pipe.transformer
         self.denoiser = CosmosDenoiser(tr, cfg.autocast)
-        self.conditioner = CosmosConditioner(pipe, cfg, ("text_encoder",))
         self.codec = wan_vae_codec(pipe.vae, cfg.vae_batch)
+        self.conditioner = CosmosConditioner(pipe, cfg, ("text_encoder",), self.codec.encode)
         pt, ph, pw = tr.config.patch_size
         shape = video_sample_shape(self, cfg, tr.config.in_channels - 1, ph, NATIVE)
         # RoPE positions run to max(max_size / patch) on every axis (a learnable positional

@@ -108,6 +108,14 @@ def condition_images(cfg: RunConfig, gen: Generator) -> None:
                 "data.condition_images (a caption folder or table whose captions are the prompts)"
             )
         return
+    frames = [
+        k for k, n in (("model", cfg.model.cond_frames[1]), ("eval", cfg.eval.cond_frames)) if n
+    ]
+    if frames:
+        raise DDRLError(
+            f"data.condition_images and {frames[0]}.cond_frames both condition the first frames; "
+            f"allowed: one of them (set {frames[0]}.cond_frames=0 or data.condition_images='')"
+        )
     data = load_data(cfg.data)
     attach_condition_images(gen, path, [*data.prompts, *data.eval_prompts], cfg.model.name)
 
