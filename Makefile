@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-slow lint format compare long bench screenshot clean
+.PHONY: install demo test test-slow lint format compare long bench gpu-check-dry screenshot clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -44,6 +44,9 @@ bench: $(STAMP)  ## phase times vs the model's own compute, every algorithm (see
 	mkdir -p runs
 	$(VENV)/bin/ddrl bench --json runs/bench-digits.json
 	$(VENV)/bin/ddrl bench --preset tiny-sd3 --algorithms ddrl,flow_grpo,nft --json runs/bench-tiny-sd3.json
+
+gpu-check-dry: $(STAMP)  ## benchmarks/gpu_check.sh at toy size on the CPU (the GPU check's code path)
+	PYTHON=$(VENV)/bin/python benchmarks/gpu_check.sh runs/gpu-check-dry --dry --skip compile
 
 screenshot: $(STAMP)  ## the quick comparison's report as a headless-Chromium PNG (runs/compare-quick.png) to look at
 	test -f runs/compare-quick/report.html || $(VENV)/bin/ddrl compare --quick --out runs/compare-quick

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ddrl.errors import DDRLError
@@ -19,9 +20,19 @@ def cmd_bench(args) -> None:
     preset = [f"preset={args.preset}"] if args.preset else []
     overrides = [*preset, *(QUICK if args.quick else []), *args.overrides]
     iterations, warmup = (1, 1) if args.quick else (args.iterations, args.warmup)
-    report = run_bench(
-        algorithms, args.config, overrides, iterations, warmup, args.reps, args.peak_tflops
-    )
+    from ddrl.config import build_config
+    from ddrl.dist.group import process_group
+    from ddrl.training.components import device_of
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise DDRLError(
+            "ddrl bench times one process; under torchrun use --nproc-per-node 1 (FSDP2 on one "
+            "GPU: parallel.strategy=fsdp)"
+        )
+    with process_group(device_of(build_config(args.config, overrides))):  # FSDP2 on one rank
+        report = run_bench(
+            algorithms, args.config, overrides, iterations, warmup, args.reps, args.peak_tflops
+        )
     print(format_table(report))
     if args.json:
         write_json(report, args.json)

@@ -180,6 +180,7 @@ def bench_one(
         "floor_forward_s": floor["forward_s"],
         "floor_forward_backward_s": floor["forward_backward_s"],
         "overhead_ratio": iteration / floor["floor_s"],
+        "samples_per_iteration": b,
         "rollout_samples_per_s": b / phases["rollout"] if phases["rollout"] else None,
         "peak_memory_mb": peak_mb,
         "phases_memory": memory,
@@ -188,6 +189,11 @@ def bench_one(
         "achieved_tflops": achieved,
         "mfu": achieved / peak if (peak and dev.type == "cuda") else None,
         "passes": floor["passes"],
+        # the on-policy check at this precision and these kernels (docs/BENCHMARKS.md)
+        "onpolicy_ratio_dev_max": max(
+            (r["onpolicy_ratio_dev_max"] for r in rows if "onpolicy_ratio_dev_max" in r),
+            default=None,
+        ),
     }
 
 
