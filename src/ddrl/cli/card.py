@@ -266,6 +266,8 @@ def model_card(
         ),
     ]
     lines += [f"- **{k}:** {v}" for k, v in facts]
+    if diffusers and (Path(os.path.expanduser(gen.source)) / "RANDOM_WEIGHTS.txt").is_file():
+        lines += ["- **RANDOM WEIGHTS:** real shapes, random weights (model.base=random): noise"]
     lines += ["", "## Metrics", ""]
     lines += metrics or ["Absent: exported from a model folder (no run logs)."]
     lines += ["", "## Usage", ""]

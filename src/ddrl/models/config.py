@@ -53,7 +53,9 @@ class ModelConfig:
         metadata={
             "help": 'weights: a hub id or pipeline folder (diffusers families; "tiny" = a tiny '
             'pipeline built from config into the cache; "tiny:VARIANT" another of the family, '
-            'e.g. wan\'s tiny:a14b), a saved generator folder; "" = cached base'
+            'e.g. wan\'s tiny:a14b; "random" / "random:CHECKPOINT" = the real shapes with '
+            'RANDOM weights, for memory and speed only), a saved generator folder; "" = '
+            "cached base"
         },
     )
     resolution: int = field(

@@ -364,6 +364,9 @@ class DiffusersGenerator(nn.Module):
             defaults = Path(os.path.expanduser(self.source)) / DEFAULTS_FILE
             if defaults.is_file():  # a base folder's own native size travels with it
                 shutil.copy(defaults, tmp / DEFAULTS_FILE)
+            from ddrl.models.random_base import copy_marker
+
+            copy_marker(Path(os.path.expanduser(self.source)), tmp)  # random weights: say so
         return out
 
 

@@ -120,6 +120,12 @@ def locate(m) -> ModelFacts:
         facts = _folder(path, f"{base} ({m.name}, built from config)")
         facts.text_encoder = (_folder_text_params(path), "tiny text encoders", "computed")
         return facts
+    if base == "random" or base.startswith("random:"):  # real shapes, random weights
+        from ddrl.models import resolve
+        from ddrl.models.random_base import random_checkpoint
+
+        name = random_checkpoint(resolve(m.name), base)
+        return _published(name, f"model.base {base}: {name}'s shapes, RANDOM weights")
     if base in HUB_IDS:
         return _published(HUB_IDS[base], f"model.base {base}")
     local = Path(os.path.expanduser(base))

@@ -27,6 +27,7 @@ from ddrl.losses import needs
 from ddrl.models import DIFFUSERS_FAMILIES, load_generator, resolve
 from ddrl.models.base import Generator
 from ddrl.models.hf import ensure_tiny
+from ddrl.models.random_base import ensure_random, is_random
 from ddrl.rewards.base import GoldEvaluator, RewardContext
 from ddrl.rewards.build import build_gold, build_reward, build_rewards
 from ddrl.rewards.multi import MultiReward
@@ -84,6 +85,8 @@ def _load_base(cfg: RunConfig, log) -> tuple[Generator, Path]:
                 have = ", ".join(["tiny", *(f"tiny:{v}" for v in family.tiny_variants if v)])
                 raise DDRLError(f"model.base={m.base!r} for {m.name}; allowed: {have}")
             source = str(ensure_tiny(family, cache_root(m.cache_dir), log, variant))
+        elif is_random(m.base):  # the real shapes, random weights (said loudly)
+            source = str(ensure_random(family, m.base, cache_root(m.cache_dir), log))
         gen = family.from_pretrained(source, config=m)
         local = Path(os.path.expanduser(source))
         return gen, local if local.exists() else cache_root(m.cache_dir) / "hub" / slug(source)

@@ -40,6 +40,7 @@ from ddrl.losses import build_loss, needs
 from ddrl.losses.base import LossContext
 from ddrl.losses.reference import make_reference
 from ddrl.models.base import CondCache
+from ddrl.models.random_base import copy_marker
 from ddrl.phases import PhaseTimer, phase
 from ddrl.rewards.base import finite_mean
 from ddrl.sde import stepper
@@ -93,6 +94,7 @@ def train(
         return {}
     if main:  # also on resume: a changed train.iterations is the run's length from now on
         save_config(cfg, run_dir / "config.json")
+        copy_marker(c.base_path, run_dir)  # model.base=random: RANDOM_WEIGHTS.txt
     logger = RunLogger(run_dir, start, tc.tensorboard) if main else NullLogger()
     watch = LossRiseWatch(run_dir, cfg.eval.loss_warn, log)
     evaluate = functools.partial(_evaluate, cfg, c, dev, par, shipped, logger, watch, run_dir)
