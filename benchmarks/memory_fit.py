@@ -5,15 +5,13 @@ on or off), in a fresh process: the base with random weights and the real shapes
 (``model.base=random``, ``ddrl.models.random_base``), then one training pass of the denoiser as
 the loss runs it (n samples: velocity with gradient, a squared loss, backward). The pass's own
 memory is the peak resident set during it (Linux VmHWM, reset first) minus the resident set
-before it, less the gradients it leaves (trainable parameters' .grad): the activations the
-forward kept for the backward, plus the backward's transients. Per configuration this gives
-
-    c = activations / (n · s · h · L)         bytes per token · width · block
-
-(s tokens per sequence, h width, L blocks: ``ddrl.plan.model.model_numbers``), at the
-activation dtype of the run (bf16 here, as on a GPU under autocast). Without checkpointing c is
-``ActivationFit.per_block``; with checkpointing the measured bytes are (kept·L + per_block)·s·h,
-which gives ``kept``. Writes one JSON line per configuration and prints the fit.
+before it, less the gradients it leaves (trainable parameters' .grad). Over several token counts
+s a line in n·s·h (h the width, L the blocks: ``ddrl.plan.model.model_numbers``) separates what
+grows with the tokens, the activations, from what does not (the intercept). Its slope / L is
+``ActivationFit.per_block`` (bytes per token · width · block, at the run's activation dtype:
+bf16 here, as on a GPU under autocast); with gradient checkpointing the slope is
+kept·L + per_block, which gives ``kept``. Writes one JSON line per configuration and prints
+the fit.
 
     python benchmarks/memory_fit.py --out runs/memory-fit.jsonl [--only sd3]
 """
@@ -30,15 +28,15 @@ from pathlib import Path
 # (family, size overrides) at real width and depth unless said: 24 GiB of RAM and 2 cores
 # decide the sizes (docs/MODELS.md §3 states them)
 CONFIGS = [
-    ("sd3", ["model.resolution=128"], "lora", False),
-    ("sd3", ["model.resolution=256"], "lora", False),
-    ("sd3", ["model.resolution=256"], "lora", True),
-    ("sd3", ["model.resolution=384"], "lora", True),
-    ("wan", ["model.height=128", "model.width=128", "model.frames=9"], "lora", False),
-    ("wan", ["model.height=192", "model.width=192", "model.frames=9"], "lora", False),
-    ("wan", ["model.height=192", "model.width=192", "model.frames=9"], "lora", True),
-    ("wan", ["model.height=128", "model.width=128", "model.frames=9"], "full", False),
-]
+    *(("sd3", [f"model.resolution={r}"], "lora", False) for r in (128, 192, 256, 320)),
+    *(("sd3", [f"model.resolution={r}"], "lora", True) for r in (256, 384, 512)),
+    *(("wan", [f"model.height={r}", f"model.width={r}", "model.frames=9"], "lora", False)
+      for r in (128, 192, 256)),
+    *(("wan", [f"model.height={r}", f"model.width={r}", "model.frames=9"], "lora", True)
+      for r in (192, 256, 320)),
+    *(("wan", [f"model.height={r}", f"model.width={r}", "model.frames=9"], "full", False)
+      for r in (128, 192)),
+]  # fmt: skip
 SAMPLES = 2  # sequences per pass (a micro-batch of 2)
 
 
@@ -50,19 +48,22 @@ def vm(key: str) -> int:
     raise KeyError(key)
 
 
-def one(family: str, size: list[str], finetune: str, ckpt: bool) -> dict:
-    """Measure one configuration in this process (see the module docstring)."""
+def one(family: str, size: list[str], finetune: str, ckpt: bool, shrink: dict | None = None):
+    """Measure one configuration in this process (see the module docstring); ``shrink``: size
+    overrides of the published transformer (``random_base.TEST_SIZES``; give a ``model.cache_dir``
+    of its own in ``size``): the same structure, narrower or shallower."""
     import torch
 
     from ddrl.config import build_config
+    from ddrl.models import random_base
     from ddrl.plan.model import model_numbers
+    from ddrl.plan.sizes import dims
     from ddrl.training.components import load_base
 
     ov = [
-        f"model.name={family}",
+        f"preset=tiny-{family}",  # its LoRA targets, prompts and reward; then the real shapes
         "model.base=random",
-        "data.name=files",
-        "data.prompts=tiny.txt",
+        "model.lora.rank=32",
         "model.dtype=bfloat16",
         "model.autocast=bfloat16",
         f"model.finetune={finetune}",
@@ -71,8 +72,11 @@ def one(family: str, size: list[str], finetune: str, ckpt: bool) -> dict:
         *size,
     ]
     cfg = build_config(overrides=ov)
+    if shrink:
+        random_base.TEST_SIZES[random_base.DEFAULT_CHECKPOINT[family]] = shrink
     gen, _ = load_base(cfg, log=lambda *a: None)
-    mn = model_numbers(cfg.model)
+    mn = model_numbers(cfg.model)  # tokens; blocks and width from the model actually built
+    layers, hidden = dims(dict(gen.denoiser.transformer.config))
     den = gen.denoiser.train()
     cond = gen.conditioner.encode(["a sign that says OPEN", "a red apple"][:SAMPLES])
     x = torch.randn(SAMPLES, *gen.sample_shape)
@@ -83,7 +87,6 @@ def one(family: str, size: list[str], finetune: str, ckpt: bool) -> dict:
     peak = vm("VmHWM")
     grads = sum(p.grad.nbytes for p in den.parameters() if p.grad is not None)
     act = peak - before - grads
-    per = act / (SAMPLES * mn.tokens * mn.hidden)
     return {
         "family": family,
         "checkpoint": mn.checkpoint,
@@ -92,37 +95,54 @@ def one(family: str, size: list[str], finetune: str, ckpt: bool) -> dict:
         "checkpointing": ckpt,
         "samples": SAMPLES,
         "tokens": mn.tokens,
-        "layers": mn.layers,
-        "hidden": mn.hidden,
+        "layers": layers,
+        "hidden": hidden,
         "peak_bytes": peak,
         "before_bytes": before,
         "grad_bytes": grads,
         "activation_bytes": act,
-        # bytes / (token · width · block) without checkpointing; with it, (kept·L + c)
-        "per_token_width": per,
-        "per_token_width_block": per / mn.layers,
     }
 
 
+def line(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares (slope, intercept) of y on x."""
+    mx = statistics.mean(x for x, _ in points)
+    my = statistics.mean(y for _, y in points)
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    slope = sum((x - mx) * (y - my) for x, y in points) / sxx
+    return slope, my - slope * mx
+
+
 def fit(rows: list[dict]) -> dict[str, dict]:
-    """Per family: per_block = mean c without checkpointing; kept = (c_ckpt − per_block) / L."""
+    """Per family, a line of the pass's memory in n·s·h (sequences × tokens × width): without
+    checkpointing its slope / L is ``per_block``; with checkpointing its slope is kept·L +
+    per_block. The intercepts are what does not grow with the tokens (on this CPU: oneDNN's
+    reordered bf16 weight copies and workspaces); ``residual``: the largest relative miss."""
     out = {}
     for fam in sorted({r["family"] for r in rows}):
-        plain = [
-            r["per_token_width_block"]
-            for r in rows
-            if r["family"] == fam and not r["checkpointing"]
-        ]
-        ckpt = [r for r in rows if r["family"] == fam and r["checkpointing"]]
-        if not plain:
+        res = {}
+        for ckpt in (False, True):
+            pts = [
+                (r["samples"] * r["tokens"] * r["hidden"], r["activation_bytes"])
+                for r in rows
+                if r["family"] == fam and r["checkpointing"] == ckpt and r["finetune"] == "lora"
+            ]
+            if len(pts) >= 2:
+                slope, icpt = line(pts)
+                miss = max(abs(slope * x + icpt - y) / y for x, y in pts)
+                res[ckpt] = (slope, icpt, miss)
+        if False not in res:
             continue
-        per_block = statistics.mean(plain)
-        kept = [(r["per_token_width"] - per_block) / r["layers"] for r in ckpt]
+        layers = next(r["layers"] for r in rows if r["family"] == fam)
+        per_block = res[False][0] / layers
         out[fam] = {
             "per_block": per_block,
-            "per_block_spread": (max(plain) - min(plain)) / per_block,
-            "kept": statistics.mean(kept) if kept else None,
-            "measurements": len(plain) + len(ckpt),
+            "intercept_gib": res[False][1] / 2**30,
+            "residual": res[False][2],
+            "kept": (res[True][0] - per_block) / layers if True in res else None,
+            "kept_intercept_gib": res[True][1] / 2**30 if True in res else None,
+            "kept_residual": res[True][2] if True in res else None,
+            "layers": layers,
         }
     return out
 
@@ -154,7 +174,7 @@ def main(argv=None) -> int:
         r = rows[-1]
         print(
             f"{c[0]} {' '.join(c[1])} {c[2]} ckpt={c[3]}: s={r['tokens']} "
-            f"act {r['activation_bytes'] / 2**30:.3f} GiB, c={r['per_token_width_block']:.2f}",
+            f"pass {r['activation_bytes'] / 2**30:.3f} GiB",
             flush=True,
         )
         with open(out, "a") as f:

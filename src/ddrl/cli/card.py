@@ -120,16 +120,10 @@ def diffusers_usage(gen, folder: Path, merged: bool, sampler: SamplerConfig) -> 
     if video:
         call.append(f"num_frames={gen.frames}")
     call.append(f"num_inference_steps={sampler.eval_steps}")
-    if family == "flux":
-        guidance = getattr(gen.denoiser, "guidance", None)
-        if guidance is not None:  # FLUX.1-dev's distilled guidance embedding
-            call.append(f"guidance_scale={guidance!r}")
-        if w != 1.0:  # true CFG against the empty prompt, as ddrl's
-            call += [f"true_cfg_scale={w!r}", 'negative_prompt=""']
-    elif family == "cosmos":  # the pipeline's v_c + g·(v_c − v_u) is ddrl's w = g + 1
-        call.append(f"guidance_scale={w - 1.0!r}")
-    else:
-        call.append(f"guidance_scale={w!r}")
+    call += gen.guidance_args(w)  # each family's pipeline argument for ddrl's cfg_scale
+    imports_pil = getattr(gen, "needs_condition_images", False)
+    if imports_pil:  # an edit model: the picture to edit
+        call.append('image=Image.open("input.png").convert("RGB")')
     if gen.cfg.max_sequence_length:
         call.append(f"max_sequence_length={gen.cfg.max_sequence_length}")
     call.append("generator=torch.Generator().manual_seed(0)")
@@ -140,6 +134,7 @@ def diffusers_usage(gen, folder: Path, merged: bool, sampler: SamplerConfig) -> 
     )
     code = [
         "import torch",
+        *(["from PIL import Image"] if imports_pil else []),
         f"from diffusers import {', '.join(imports)}",
         *(["from diffusers.utils import export_to_video"] if video else []),
         "",

@@ -234,6 +234,10 @@ class CosmosGenerator(DiffusersGenerator):
         mask = (frames[None] < k[:, None]).float()[:, None, :, None, None]
         return with_given(cond, x0, mask.to(x0.device))
 
+    def guidance_args(self, w: float) -> list[str]:
+        """The pipeline's v_c + g·(v_c − v_u) is ddrl's w = g + 1."""
+        return [f"guidance_scale={w - 1.0!r}"]
+
     def timestep_grid(self, num_steps: int, shift: float = 0.0) -> Tensor:
         """The scheduler's sigmas [N + 1]: ≈0.995 → 0.0099, then 0 (Karras, no shift)."""
         if shift > 0 and self.scheduler.config.get("use_karras_sigmas"):

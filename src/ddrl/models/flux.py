@@ -131,6 +131,12 @@ class FluxGenerator(DiffusersGenerator):
         vc = pipe.vae.config
         self.codec = VAECodec(pipe.vae, vc.shift_factor or 0.0, vc.scaling_factor, cfg.vae_batch)
 
+    def guidance_args(self, w: float) -> list[str]:
+        """FLUX.1-dev's distilled guidance embedding; true CFG against "" when w ≠ 1."""
+        g = self.denoiser.guidance
+        out = [] if g is None else [f"guidance_scale={g!r}"]
+        return out + ([f"true_cfg_scale={w!r}", 'negative_prompt=""'] if w != 1.0 else [])
+
     def timestep_grid(self, num_steps: int, shift: float = 0.0) -> Tensor:
         """FluxPipeline's sigmas [N + 1]: shift(linspace(1, 1/N, N)) then 0, with mu from the
         image token count (dynamic shifting, FLUX.1-dev); ``shift`` > 0: a static shift."""

@@ -224,6 +224,14 @@ class Flux2Generator(DiffusersGenerator):
         side = 2 * pipe.vae_scale_factor  # VAE factor × the 2×2 patchify
         return (self.sample_shape[1] * side, self.sample_shape[2] * side), 0
 
+    def guidance_args(self, w: float) -> list[str]:
+        """FLUX.2-dev: its guidance embedding (the pipeline has no true CFG; w ≠ 1 has no
+        pipeline equivalent). Klein: the pipeline's true CFG is ddrl's, g = w (a
+        step-distilled Klein ignores it)."""
+        if self.denoiser.guidance is not None:
+            return [f"guidance_scale={self.denoiser.guidance!r}"]
+        return [f"guidance_scale={w!r}"]
+
     def timestep_grid(self, num_steps: int, shift: float = 0.0) -> Tensor:
         """The pipelines' sigmas [N + 1]: linspace(1, 1/N, N) shifted with
         mu = compute_empirical_mu(h·w tokens, N), then 0; ``shift`` > 0: a static shift."""

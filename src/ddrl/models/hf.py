@@ -236,6 +236,12 @@ class DiffusersGenerator(nn.Module):
         """Denoising modules the denoiser uses but never trains (Wan2.2's other expert)."""
         return []
 
+    def guidance_args(self, w: float) -> list[str]:
+        """The pipeline ``__call__`` arguments (as source text) that guide as ddrl's
+        ``sampler.cfg_scale`` = w does (the exported model card's snippet): the pipelines whose
+        CFG is v_u + g·(v_c − v_u) take g = w."""
+        return [f"guidance_scale={w!r}"]
+
     @classmethod
     def load_kwargs(cls) -> dict:
         """Extra ``from_pretrained`` arguments the family needs (e.g. a disabled safety checker)."""

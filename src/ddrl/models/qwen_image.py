@@ -303,6 +303,10 @@ class QwenImageGenerator(DiffusersGenerator):
         f = pipe.vae_scale_factor
         return (self.sample_shape[1] * f, self.sample_shape[2] * f), 0
 
+    def guidance_args(self, w: float) -> list[str]:
+        """True CFG with the pipeline's norm rescale against " " (none when w = 1)."""
+        return [f"true_cfg_scale={w!r}", 'negative_prompt=" "'] if w != 1.0 else []
+
     def timestep_grid(self, num_steps: int, shift: float = 0.0) -> Tensor:
         """The pipeline's sigmas [N + 1]: linspace(1, 1/N, N) shifted with μ from the image
         token count (exponential, then stretched to ``shift_terminal``), then 0; ``shift`` > 0:

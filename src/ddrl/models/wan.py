@@ -250,6 +250,11 @@ class WanGenerator(DiffusersGenerator):
 
     tiny_variants = ("", "a14b", "ti2v")  # model.base "tiny", "tiny:a14b", "tiny:ti2v"
 
+    def guidance_args(self, w: float) -> list[str]:
+        """guidance_scale = w; the A14B's low-noise expert's guidance_scale_2 when it differs."""
+        s2 = self.denoiser.cfg_scale_2
+        return [f"guidance_scale={w!r}"] + ([f"guidance_scale_2={s2!r}"] if s2 else [])
+
     @classmethod
     def trained_names(cls, cfg: ModelConfig) -> tuple[str, ...]:
         experts = cfg.experts

@@ -134,6 +134,10 @@ class ZImageGenerator(DiffusersGenerator):
         vc = pipe.vae.config
         self.codec = VAECodec(pipe.vae, vc.shift_factor or 0.0, vc.scaling_factor, cfg.vae_batch)
 
+    def guidance_args(self, w: float) -> list[str]:
+        """ZImagePipeline's pos + g·(pos − neg) is ddrl's w = g + 1 (g = 0: no CFG)."""
+        return [f"guidance_scale={w - 1.0!r}"]
+
     def timestep_grid(self, num_steps: int, shift: float = 0.0) -> Tensor:
         """ZImagePipeline's sigmas [N + 1] (see the module docstring); ``shift`` > 0: a static
         shift instead of the scheduler's."""

@@ -7,7 +7,16 @@ forward with gradient keeps for the backward, at 2-byte (bfloat16) activations:
 - ``kept`` (with checkpointing): what each block keeps (its input), plus one block's
   ``per_block`` recomputed during the backward;
 - ``inference``: the live tensors of one block in a forward without gradient (rollout);
-- ``source``: "formula ..." (today) or "measured ..." (a fit to measured peaks).
+- ``source``: "formula ..." or "measured ..." (a fit to measured peaks).
+
+Measured (``benchmarks/memory_fit.py``, docs/MODELS.md §3, 2026-12-07): SD3.5-Medium and
+Wan2.1-1.3B at their real width and depth with random weights, bf16 activations (autocast) on
+the 2-core CPU, one training pass at 3–4 token counts; the slope of the pass's memory in
+tokens is the activations (line residuals ≤ 4%; the intercept, 1.7–3.9 GiB of oneDNN weight
+copies and workspaces, is a CPU artifact left out). LoRA keeps more per token than full
+fine-tuning (each adapted layer's input is cast and saved again for its adapter). Keys are the
+family, or "family:lora" / "family:full"; ``inference`` stays the formula's (not measured).
+The other families use the formula.
 
 The formula values are Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
 Transformer Models", eq. 1: s·b·h·(34 + 5·a·s/h) bytes per layer) without the attention-score
@@ -33,7 +42,13 @@ class ActivationFit:
 FORMULA = ActivationFit(
     34.0, 2.0, 16.0, "formula: Korthikanti et al. 2022, 34·s·h bytes per block (no s² term)"
 )
+MEASURED = "measured: benchmarks/memory_fit.py, real shapes, bf16 CPU, 2026-12-07"
 ACTIVATION_FITS: dict[str, ActivationFit] = {
+    "sd3:lora": ActivationFit(81.2, 18.6, 16.0, MEASURED + " (LoRA)"),
+    "wan:lora": ActivationFit(133.7, 10.1, 16.0, MEASURED + " (LoRA)"),
+    "wan:full": ActivationFit(55.8, 10.1, 16.0, MEASURED + " (full; kept: LoRA's)"),
+}
+ACTIVATION_FITS |= {
     family: FORMULA
     for family in (
         "sd3",
@@ -64,6 +79,13 @@ def _resolve(family_or_checkpoint: str) -> tuple[str, tuple[int, int] | None]:
     return PIPELINES[real["pipeline"]], dims(real["transformer"])
 
 
+def fit_of(family: str, finetune: str = "", fits: dict | None = None) -> ActivationFit:
+    """The coefficients of ``family`` trained with ``finetune`` ("lora" / "full"): a measured
+    "family:finetune" fit where there is one, else the family's entry (the formula)."""
+    table = fits or ACTIVATION_FITS
+    return table.get(f"{family}:{finetune}") or table[family]
+
+
 def activation_bytes(
     family_or_checkpoint: str,
     tokens: float,
@@ -74,18 +96,20 @@ def activation_bytes(
     hidden: int | None = None,
     grad: bool = True,
     fits: dict[str, ActivationFit] | None = None,
+    finetune: str = "",
 ) -> float:
     """Bytes of activations of ONE sequence of ``tokens`` tokens through the transformer:
     with gradient, per_block·L·s·h (no checkpointing) or (kept·L + per_block)·s·h; without
     gradient, inference·s·h. ``family_or_checkpoint``: a family (its published default
     checkpoint gives L and h) or a shapes checkpoint; ``layers`` / ``hidden`` override them.
-    ``act_bytes``: bytes per activation element (2 under bf16 autocast, 4 in float32)."""
+    ``act_bytes``: bytes per activation element (2 under bf16 autocast, 4 in float32);
+    ``finetune``: "lora" / "full" picks a measured fit (``fit_of``)."""
     family, dl = _resolve(family_or_checkpoint)
     if layers is None or hidden is None:
         if dl is None:
             raise ValueError(f"{family_or_checkpoint}: give layers= and hidden=")
         layers, hidden = layers or dl[0], hidden or dl[1]
-    fit = (fits or ACTIVATION_FITS)[family]
+    fit = fit_of(family, finetune, fits)
     scale = act_bytes / 2
     sh = tokens * hidden * scale
     if not grad:

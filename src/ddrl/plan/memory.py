@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 
 from ddrl.losses import TRANSITIONS
-from ddrl.plan.activations import ACTIVATION_FITS, activation_bytes, forward_flops
+from ddrl.plan.activations import activation_bytes, fit_of, forward_flops
 from ddrl.plan.model import ModelNumbers, model_numbers
 
 GIB = 2**30
@@ -106,7 +106,13 @@ def parts(cfg, gpus: int, mn: ModelNumbers) -> list[Part]:
     act = 2 if m.autocast != "none" else wbytes
     chunk = min(cfg.sampler.batch or b_rank, b_rank) * cfg_seqs
     one = activation_bytes(
-        mn.family, mn.tokens, act_bytes=act, layers=mn.layers, hidden=mn.hidden, grad=False
+        mn.family,
+        mn.tokens,
+        act_bytes=act,
+        layers=mn.layers,
+        hidden=mn.hidden,
+        grad=False,
+        finetune=m.finetune,
     )
     out.append(Part("rollout activations", chunk * one, ("rollout",), f"{chunk} sequences"))
     out.append(Part("decoded samples", b_rank * 3 * mn.pixels * 4, ("decode",), "float32"))
@@ -122,6 +128,7 @@ def parts(cfg, gpus: int, mn: ModelNumbers) -> list[Part]:
         layers=mn.layers,
         hidden=mn.hidden,
         checkpointing=m.gradient_checkpointing,
+        finetune=m.finetune,
     )
     ck = "checkpointing" if m.gradient_checkpointing else "no checkpointing"
     out.append(
@@ -190,7 +197,7 @@ def estimate(cfg, gpus: int = 1, mn: ModelNumbers | None = None) -> dict:
         "flops": fl,
         "seconds_at_mfu": {k: v / gpus / (PEAK_TFLOPS * 1e12 * MFU) for k, v in fl.items()},
         "model": mn,
-        "activation_source": ACTIVATION_FITS[mn.family].source,
+        "activation_source": fit_of(mn.family, cfg.model.finetune).source,
     }
 
 
