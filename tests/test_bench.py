@@ -20,7 +20,9 @@ FIELDS = {
     "floor_forward_s",
     "floor_forward_backward_s",
     "overhead_ratio",
+    "samples_per_iteration",
     "rollout_samples_per_s",
+    "onpolicy_ratio_dev_max",
     "peak_memory_mb",
     "phases_memory",
     "memory_method",
@@ -49,8 +51,12 @@ def test_bench_quick_json_has_every_field(tmp_path, capsys):
             "mfu",
             "phases_memory",
             "memory_method",
+            "samples_per_iteration",
+            "onpolicy_ratio_dev_max",
         }:
             assert isinstance(r[k], float) and math.isfinite(r[k]) and r[k] > 0, k
+        assert r["samples_per_iteration"] == 2 * 4  # QUICK: 2 prompts × a group of 4
+        assert 0 <= r["onpolicy_ratio_dev_max"] < 1e-4  # on-policy in float32 on the CPU
         assert r["mfu"] is None  # CPU: no known peak
         assert r["floor_s"] == r["floor_forward_s"] + r["floor_forward_backward_s"]
         assert r["phases_s"]["rollout"] > 0 and r["phases_s"]["backward"] > 0

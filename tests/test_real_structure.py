@@ -25,17 +25,7 @@ NOT_PARTS = ("source", "pipeline", "unverified", "pipeline_config")
 
 # family → the checkpoint its tiny pipeline is shrunk from (a family class's own ``checkpoint``
 # string, when it has one, wins). A missing facts file or family module skips with the reason.
-TINY_CHECKPOINTS = {
-    "sd3": "sd3.5-medium",
-    "flux": "flux.1-dev",
-    "cosmos": "cosmos-predict2.5-2b",
-    "wan": "wan2.1-t2v-1.3b",
-    "qwen_image": "qwen-image",
-    "qwen_image_edit": "qwen-image-edit-2509",
-    "flux2": "flux.2-dev",
-    "flux2_klein": "flux.2-klein-base-4b",
-    "z_image": "z-image-turbo",
-}
+TINY_CHECKPOINTS = shapes.DEFAULT_CHECKPOINT
 
 # Published transformer sizes in billions of parameters (model cards: "2.5B", "8.1B", "12B",
 # "2B"); the count from the configs must be within 15 % (names round).

@@ -265,38 +265,13 @@ class CosmosGenerator(DiffusersGenerator):
             CosmosTransformer3DModel,
             UniPCMultistepScheduler,
         )
-        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-        from ddrl.models.tiny_qwen import qwen_tokenizer
+        from ddrl.models.tiny_qwen import qwen_tokenizer, tiny_qwen25_vl
 
         real = real_config(TINY_COSMOS_CHECKPOINT)
         tok = qwen_tokenizer()
         hidden, layers = 16, 2
-        text = Qwen2_5_VLForConditionalGeneration(
-            Qwen2_5_VLConfig(
-                text_config=dict(
-                    vocab_size=len(tok),
-                    hidden_size=hidden,
-                    intermediate_size=32,
-                    num_hidden_layers=layers,
-                    num_attention_heads=2,
-                    num_key_value_heads=1,
-                    max_position_embeddings=2048,
-                    rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1]},
-                    bos_token_id=None,
-                    eos_token_id=tok.eos_token_id,
-                    pad_token_id=tok.pad_token_id,
-                ),
-                vision_config=dict(
-                    depth=1,
-                    hidden_size=16,
-                    intermediate_size=16,
-                    num_heads=2,
-                    out_hidden_size=hidden,
-                    fullatt_block_indexes=[0],
-                ),
-            )
-        )
+        text = tiny_qwen25_vl(tok, hidden, layers)
         vae = tiny_wan_vae(TINY_COSMOS_VAE)  # Cosmos-Predict2.5's VAE is Wan2.1's
         transformer = CosmosTransformer3DModel(**shrink(real["transformer"], **TINY_COSMOS))
         if transformer.config.in_channels != vae.config.z_dim + 1:

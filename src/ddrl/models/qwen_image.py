@@ -380,37 +380,8 @@ def tiny_parts(checkpoint: str, tokenizer=None) -> dict:
 
 
 def tiny_text_encoder(tok, vision: dict | None = None):
-    """A 2-layer Qwen2.5-VL of width ``TINY_TEXT_HIDDEN`` for ``tok`` (as ``cosmos.build_tiny``);
-    ``vision``: token ids of the vision specials (edit pipelines) and vision-tower sizes."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    """The tiny Qwen2.5-VL of width ``TINY_TEXT_HIDDEN`` for ``tok``; ``vision``: token ids of
+    the vision specials (edit pipelines) and vision-tower sizes (``tiny_qwen25_vl``)."""
+    from ddrl.models.tiny_qwen import tiny_qwen25_vl
 
-    vision = vision or {}
-    ids = {k: v for k, v in vision.items() if k.endswith("_token_id")}
-    return Qwen2_5_VLForConditionalGeneration(
-        Qwen2_5_VLConfig(
-            text_config=dict(
-                vocab_size=len(tok),
-                hidden_size=TINY_TEXT_HIDDEN,
-                intermediate_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                num_key_value_heads=1,
-                max_position_embeddings=4096,
-                rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1]},
-                bos_token_id=None,
-                eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id,
-            ),
-            vision_config=dict(
-                depth=1,
-                hidden_size=16,
-                intermediate_size=16,
-                num_heads=2,
-                out_hidden_size=TINY_TEXT_HIDDEN,
-                fullatt_block_indexes=[0],
-                patch_size=vision.get("patch_size", 14),
-                window_size=vision.get("window_size", 112),
-            ),
-            **ids,
-        )
-    )
+    return tiny_qwen25_vl(tok, TINY_TEXT_HIDDEN, 2, vision=vision)

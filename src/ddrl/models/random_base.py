@@ -25,21 +25,17 @@ from torch import nn
 
 from ddrl.errors import DDRLError
 from ddrl.io import atomic_dir
-from ddrl.models.shapes import INDEX_KEYS, checkpoints, real_config, scaled_indices, shrink
+from ddrl.models.shapes import (
+    DEFAULT_CHECKPOINT,
+    INDEX_KEYS,
+    checkpoints,
+    real_config,
+    scaled_indices,
+    shrink,
+)
 
 RANDOM_VERSION = 1  # bump when the builder changes: the cache folder name includes it
 MARKER = "RANDOM_WEIGHTS.txt"  # in the pipeline folder, the run folder and an export
-DEFAULT_CHECKPOINT = {  # model.base = "random" → this family's checkpoint
-    "sd3": "sd3.5-medium",
-    "flux": "flux.1-dev",
-    "cosmos": "cosmos-predict2.5-2b",
-    "wan": "wan2.1-t2v-1.3b",
-    "qwen_image": "qwen-image",
-    "qwen_image_edit": "qwen-image-edit-2509",
-    "flux2": "flux.2-dev",
-    "flux2_klein": "flux.2-klein-base-4b",  # the tiny's (a base model: CFG on)
-    "z_image": "z-image-turbo",
-}
 CLIP_L = 768  # CLIP ViT-L/14's text width (SD3's CLIP-G is the rest of pooled_projection_dim)
 COSMOS_TEXT_HIDDEN = 448  # Cosmos reads every Qwen2.5-VL layer: 100352 = 224 layers × 448
 # TEST-ONLY: checkpoint → size overrides (``build_random_pipeline``'s ``sizes``) that

@@ -21,6 +21,19 @@ from pathlib import Path
 from ddrl.errors import DDRLError
 
 SHAPES_DIR = Path(__file__).parent / "shapes"
+# family → its default published checkpoint: what "random" builds, what ``ddrl plan`` falls back
+# to, and what the family's tiny pipeline is shrunk from (Wan's tiny variants name their own)
+DEFAULT_CHECKPOINT = {
+    "sd3": "sd3.5-medium",
+    "flux": "flux.1-dev",
+    "cosmos": "cosmos-predict2.5-2b",
+    "wan": "wan2.1-t2v-1.3b",
+    "qwen_image": "qwen-image",
+    "qwen_image_edit": "qwen-image-edit-2509",
+    "flux2": "flux.2-dev",
+    "flux2_klein": "flux.2-klein-base-4b",  # a base model (CFG on), as the tiny
+    "z_image": "z-image-turbo",
+}
 
 # Keys a tiny model may change: sizes only. A list-valued key must keep its length (the number
 # of VAE stages, of RoPE axes), except the index lists of the layers that have an extra part

@@ -50,3 +50,42 @@ def qwen_tokenizer(model_max_length: int = 32768):
         chat_template=CHAT_TEMPLATE,
         model_max_length=model_max_length,
     )
+
+
+def tiny_qwen25_vl(tok, hidden: int, layers: int, vision: dict | None = None):
+    """A tiny Qwen2_5_VLForConditionalGeneration for ``tok`` (``qwen_tokenizer``): ``layers``
+    text layers of width ``hidden`` (2 heads, 1 KV head, FFN 32, Qwen2.5-VL's 3-section mrope)
+    and a 1-block vision tower projecting to ``hidden``. ``vision``: the vision specials' token
+    ids (``*_token_id``) and the tower's ``patch_size`` / ``window_size`` (the edit pipelines)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    vision = vision or {}
+    ids = {k: v for k, v in vision.items() if k.endswith("_token_id")}
+    return Qwen2_5_VLForConditionalGeneration(
+        Qwen2_5_VLConfig(
+            text_config=dict(
+                vocab_size=len(tok),
+                hidden_size=hidden,
+                intermediate_size=32,
+                num_hidden_layers=layers,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                max_position_embeddings=4096,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1]},
+                bos_token_id=None,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+            ),
+            vision_config=dict(
+                depth=1,
+                hidden_size=16,
+                intermediate_size=16,
+                num_heads=2,
+                out_hidden_size=hidden,
+                fullatt_block_indexes=[0],
+                patch_size=vision.get("patch_size", 14),
+                window_size=vision.get("window_size", 112),
+            ),
+            **ids,
+        )
+    )

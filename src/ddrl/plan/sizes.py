@@ -37,17 +37,7 @@ HUB_IDS = {  # model.base (hub id) → shapes/<checkpoint>.json
     "Tongyi-MAI/Z-Image": "z-image",
     "Tongyi-MAI/Z-Image-Turbo": "z-image-turbo",
 }
-FAMILY_DEFAULT = {  # the published checkpoint a family's base falls back to
-    "sd3": "sd3.5-medium",
-    "flux": "flux.1-dev",
-    "cosmos": "cosmos-predict2.5-2b",
-    "wan": "wan2.1-t2v-1.3b",
-    "qwen_image": "qwen-image",
-    "qwen_image_edit": "qwen-image-edit-2509",
-    "flux2": "flux.2-dev",
-    "flux2_klein": "flux.2-klein-base-4b",
-    "z_image": "z-image",
-}
+FAMILY_DEFAULT = shapes.DEFAULT_CHECKPOINT  # the published checkpoint a family falls back to
 CLASSES = {  # pipeline → (transformer class, VAE class) in diffusers
     "StableDiffusion3Pipeline": ("SD3Transformer2DModel", "AutoencoderKL"),
     "FluxPipeline": ("FluxTransformer2DModel", "AutoencoderKL"),
