@@ -219,29 +219,19 @@ class QwenVAECodec(VAECodec):
     """Images [B, 3, H, W] in [-1, 1] ↔ z = (E(x) − mean) / std [B, C, H/8, W/8] through the
     3D VAE on one-frame videos (the pipelines' ``unsqueeze(2)`` / ``[:, :, 0]``)."""
 
-    @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
-        out = []
-        for x in images.split(self.batch):
-            x = x.to(self.m.device, self.dtype)[:, :, None]
-            lat = self.vae.encode(x).latent_dist.mode()[:, :, 0]
-            out.append((lat.float() - self.m) * self.s)
-        return torch.cat(out)
+        return super().encode(images[:, :, None])[:, :, 0]
 
-    @torch.no_grad()
     def decode(self, z: Tensor) -> Tensor:
-        out = []
-        for x in z.split(self.batch):
-            lat = (x.to(self.m.device).float() / self.s + self.m).to(self.dtype)[:, :, None]
-            out.append(self.vae.decode(lat, return_dict=False)[0][:, :, 0].float())
-        return torch.cat(out)
+        return super().decode(z[:, :, None])[:, :, 0]
 
 
 def qwen_vae_codec(vae, batch: int) -> QwenVAECodec:
-    c = vae.config.z_dim
-    mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32).view(1, c, 1, 1)
-    std = torch.tensor(vae.config.latents_std, dtype=torch.float32).view(1, c, 1, 1)
-    return QwenVAECodec(vae, mean, 1.0 / std, batch)
+    """The Wan-style per-channel normalisation (``wan_vae_codec``) on one-frame videos."""
+    from ddrl.models.wan import wan_vae_codec
+
+    video = wan_vae_codec(vae, batch)
+    return QwenVAECodec(vae, video.m, video.s, batch)
 
 
 def native_size(gen: DiffusersGenerator, pipe) -> tuple[int, int]:
