@@ -25,6 +25,7 @@ from ddrl.models.flux import pack, unpack
 from ddrl.models.hf import ensure_tiny
 from ddrl.models.qwen_image import QwenImageGenerator
 from ddrl.models.qwen_image_edit import QwenImageEditGenerator
+from ddrl.models.qwen_image_tiny import tiny_configs
 from ddrl.sampling import ode_solve, rollout
 from ddrl.sde import stepper
 
@@ -127,7 +128,7 @@ def test_tiny_keeps_every_structural_flag_of_the_published_config(name, folder, 
     from ddrl.models.shapes import real_config, structural_differences
 
     real = real_config(name)
-    tiny = qi.tiny_configs(name)
+    tiny = tiny_configs(name)
     pipe = plain(edit_folder if "edit" in name else folder, edit="edit" in name)
     assert type(pipe).__name__ == real["pipeline"]
     for part in ("transformer", "vae", "scheduler"):

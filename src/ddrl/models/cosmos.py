@@ -57,12 +57,7 @@ from ddrl.models.config import ModelConfig
 from ddrl.models.hf import DEFAULTS_FILE, DiffusersGenerator
 from ddrl.models.hf_parts import HFDenoiser
 from ddrl.models.shapes import real_config, shrink
-from ddrl.models.wan import (
-    WanConditioner,
-    tiny_wan_vae,
-    video_sample_shape,
-    wan_vae_codec,
-)
+from ddrl.models.wan import WanConditioner, video_sample_shape, wan_vae_codec
 
 COND_FRAME_T = 1e-4  # the pipeline's conditional_frame_timestep
 NATIVE = (704, 1280, 93)  # the pipeline's default height, width, num_frames
@@ -272,6 +267,8 @@ class CosmosGenerator(DiffusersGenerator):
         tok = qwen_tokenizer()
         hidden, layers = 16, 2
         text = tiny_qwen25_vl(tok, hidden, layers)
+        from ddrl.models.wan_tiny import tiny_wan_vae
+
         vae = tiny_wan_vae(TINY_COSMOS_VAE)  # Cosmos-Predict2.5's VAE is Wan2.1's
         transformer = CosmosTransformer3DModel(**shrink(real["transformer"], **TINY_COSMOS))
         if transformer.config.in_channels != vae.config.z_dim + 1:

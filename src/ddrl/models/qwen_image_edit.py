@@ -33,13 +33,8 @@ from ddrl.errors import DDRLError
 from ddrl.models.base import Cond
 from ddrl.models.config import ModelConfig
 from ddrl.models.hf import DEFAULTS_FILE
-from ddrl.models.qwen_image import (
-    QwenImageConditioner,
-    QwenImageGenerator,
-    pad_tokens,
-    tiny_parts,
-    tiny_text_encoder,
-)
+from ddrl.models.qwen_image import QwenImageConditioner, QwenImageGenerator, pad_tokens
+from ddrl.models.qwen_image_tiny import tiny_parts, tiny_text_encoder
 
 NEGATIVE = "\x00negative\x00"  # cache key prefix of a prompt's negative row
 VISION_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>")
