@@ -82,6 +82,7 @@ def test_demo_quick(tmp_path, capsys):
     assert (out / "report.html").is_file() and (out / "samples_base.png").is_file()
 
 
+@pytest.mark.slow  # 30 s: `make test` stays under its 10 minutes (`make test-slow` runs it)
 def test_compare_quick_schema(tmp_path, capsys):
     out = tmp_path / "cmp"
     code, _, err = run(capsys, "compare", "--quick", "--rewards", "ink,classifier", "--out", out)

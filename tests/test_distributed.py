@@ -296,14 +296,18 @@ TINY_SD3 = [
         ["model.finetune=lora"],  # DDRL, LoRA on every block; the data term on synthetic data
         # frozen reference, 2 steps per iteration and flow_grpo's EMA schedule; each rank holds
         # whole groups (2 × 4 over 2), so "within_groups" parts are the same rows on 1 or 2 ranks
-        [
-            "model.finetune=full",
-            "algorithm=flow_grpo",
-            "train.update_split=within_groups",
-            "optim.ema_decay=0.9",
-            "optim.ema_every=2",
-            "optim.ema_warmup=true",
-        ],
+        # (30 s: marked slow with the next one to keep `make test` under its 10 minutes)
+        pytest.param(
+            [
+                "model.finetune=full",
+                "algorithm=flow_grpo",
+                "train.update_split=within_groups",
+                "optim.ema_decay=0.9",
+                "optim.ema_every=2",
+                "optim.ema_warmup=true",
+            ],
+            marks=pytest.mark.slow,
+        ),
         # NFT + data term: old-policy rollouts with CFG, the old LoRA weights swapped into the
         # sharded model, and checkpointed (part "loss") and resharded on resume. Marked slow
         # (27 s) to keep `make test` under its 10 minutes; `make test-slow` runs it.
