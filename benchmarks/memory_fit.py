@@ -81,6 +81,9 @@ def one(family: str, size: list[str], finetune: str, ckpt: bool, shrink: dict | 
     cond = gen.conditioner.encode(["a sign that says OPEN", "a red apple"][:SAMPLES])
     x = torch.randn(SAMPLES, *gen.sample_shape)
     t = torch.full((SAMPLES,), 0.5)
+    with torch.no_grad():  # every weight page in memory first: the safetensors files are
+        for p in [*den.parameters(), *den.buffers()]:  # mapped lazily, and pages touched
+            p.sum()  # during the pass would count as its own memory
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     before = vm("VmRSS")
     den.velocity(x, t, cond).float().square().mean().backward()

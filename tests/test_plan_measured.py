@@ -1,13 +1,12 @@
 """``ddrl plan``'s activation term against memory measured on this CPU (docs/MODELS.md §3).
 
 The coefficients in ``ddrl.plan.activations.ACTIVATION_FITS`` were fitted on SD3.5-Medium and
-Wan2.1-1.3B at their real width and depth (``benchmarks/memory_fit.py``: line residuals ≤ 4%).
+Wan2.1-1.3B at their real width and depth (``benchmarks/memory_fit.py``: line residuals 0.6–12%).
 Here, in CI time, the same measurement runs on SD3.5-Medium's real width with 3 of its 24
 blocks (the published structure: dual attention in the first two, qk-norm) at 173 and 685
 tokens, each in a fresh process; the plan must predict the growth of a training pass's memory
-between the two sizes within 25%. (The pass's memory also holds a size-independent part on the
-CPU, oneDNN's weight copies, which the plan leaves out: hence the growth. A shallow model's
-transient buffers weigh more than the full model's, where the fit's residual is 1%: hence 25%.)
+between the two sizes within 25% (the growth: a size-independent part, e.g. oneDNN workspaces,
+is left out; a shallow model's transient buffers weigh more than a full model's: hence 25%).
 """
 
 import json

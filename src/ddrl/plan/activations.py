@@ -12,8 +12,8 @@ forward with gradient keeps for the backward, at 2-byte (bfloat16) activations:
 Measured (``benchmarks/memory_fit.py``, docs/MODELS.md §3, 2026-12-07): SD3.5-Medium and
 Wan2.1-1.3B at their real width and depth with random weights, bf16 activations (autocast) on
 the 2-core CPU, one training pass at 3–4 token counts; the slope of the pass's memory in
-tokens is the activations (line residuals ≤ 4%; the intercept, 1.7–3.9 GiB of oneDNN weight
-copies and workspaces, is a CPU artifact left out). LoRA keeps more per token than full
+tokens is the activations (every weight page touched before the pass; line residuals 0.6–12%,
+intercepts within ±0.33 GiB of zero). LoRA keeps more per token than full
 fine-tuning (each adapted layer's input is cast and saved again for its adapter). Keys are the
 family, or "family:lora" / "family:full"; ``inference`` stays the formula's (not measured).
 The other families use the formula.
@@ -44,9 +44,9 @@ FORMULA = ActivationFit(
 )
 MEASURED = "measured: benchmarks/memory_fit.py, real shapes, bf16 CPU, 2026-12-07"
 ACTIVATION_FITS: dict[str, ActivationFit] = {
-    "sd3:lora": ActivationFit(81.2, 18.6, 16.0, MEASURED + " (LoRA)"),
-    "wan:lora": ActivationFit(133.7, 10.1, 16.0, MEASURED + " (LoRA)"),
-    "wan:full": ActivationFit(55.8, 10.1, 16.0, MEASURED + " (full; kept: LoRA's)"),
+    "sd3:lora": ActivationFit(85.0, 12.8, 16.0, MEASURED + " (LoRA)"),
+    "wan:lora": ActivationFit(119.5, 16.3, 16.0, MEASURED + " (LoRA)"),
+    "wan:full": ActivationFit(54.3, 16.3, 16.0, MEASURED + " (full; kept: LoRA's)"),
 }
 ACTIVATION_FITS |= {
     family: FORMULA
