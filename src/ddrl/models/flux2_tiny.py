@@ -60,20 +60,19 @@ def mistral_tokenizer():
     """A byte-level tokenizer with Mistral-3's special tokens and chat format (the real
     pipeline's tokenizer is a PixtralProcessor, which needs torchvision; the pipeline only calls
     its ``apply_chat_template``, which a tokenizer has with the same arguments)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {s: i for i, s in enumerate(MISTRAL_SPECIALS)}
-    for c in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[c] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(list(MISTRAL_SPECIALS))
+    from ddrl.models.tiny_qwen import byte_level_bpe
+
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        pad_token="<pad>", chat_template=MISTRAL_TEMPLATE, model_max_length=131072,
-    )  # fmt: skip
+        tokenizer_object=byte_level_bpe(MISTRAL_SPECIALS),
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        chat_template=MISTRAL_TEMPLATE,
+        model_max_length=131072,
+    )
 
 
 def qwen3_tokenizer():

@@ -28,21 +28,28 @@ CHAT_TEMPLATE = (
 )
 
 
-def qwen_tokenizer(model_max_length: int = 32768):
-    """A Qwen2TokenizerFast: specials "<|endoftext|>" (0, also padding), "<|im_start|>" (1),
-    "<|im_end|>" (2, eos), then the 256 byte characters of byte-level BPE (259 tokens)."""
+def byte_level_bpe(specials: tuple[str, ...]):
+    """A ``tokenizers`` byte-level BPE with no merges: ``specials`` (ids 0..k−1), then the 256
+    byte characters, each one token, so any text tokenises."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import Qwen2TokenizerFast
 
-    vocab = {s: i for i, s in enumerate(SPECIALS)}
+    vocab = {s: i for i, s in enumerate(specials)}
     for c in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab[c] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(list(SPECIALS))
+    tok.add_special_tokens(list(specials))
+    return tok
+
+
+def qwen_tokenizer(model_max_length: int = 32768):
+    """A Qwen2TokenizerFast: specials "<|endoftext|>" (0, also padding), "<|im_start|>" (1),
+    "<|im_end|>" (2, eos), then the 256 byte characters of byte-level BPE (259 tokens)."""
+    from transformers import Qwen2TokenizerFast
+
     return Qwen2TokenizerFast(
-        tokenizer_object=tok,
+        tokenizer_object=byte_level_bpe(SPECIALS),
         bos_token=None,
         eos_token=IM_END,
         pad_token=ENDOFTEXT,
