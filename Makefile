@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-slow lint format compare long bench gpu-check-dry screenshot clean
+.PHONY: install chromium demo test test-slow lint format compare long bench gpu-check-dry screenshot clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -20,7 +20,12 @@ install: $(STAMP)
 demo: $(STAMP)  ## pretrain (or reuse) the base, train DDRL + baselines, evaluate (< 10 min on 2 cores)
 	$(VENV)/bin/ddrl demo --out runs/demo --overwrite
 
-test: $(STAMP)  ## fast suite (slow runs are marked and excluded)
+# Debian's headless Chromium for tests/test_vote_browser.py, installed when missing and
+# possible (root with apt-get); without it that test is skipped, saying why.
+chromium:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } || echo "make: no chromium: tests/test_vote_browser.py will be skipped"
+
+test: $(STAMP) chromium  ## fast suite (slow runs are marked and excluded)
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)  ## the slow suite: full demo end to end

@@ -13,14 +13,14 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "ddrl"
 # Lower layers first; a module may import its own layer and the ones before it only.
 LAYERS = [
     {"errors"},
-    {"config", "io", "phases", "flow"},
+    {"config", "io", "phases", "flow", "watch", "serving"},
     {"models", "sde"},
     {"advantages", "sampling"},
     {"data", "rewards", "losses"},
     {"dist"},
     {"evaluation"},
     {"training"},
-    {"experiments", "plan"},
+    {"experiments", "plan", "vote"},
     {"cli", "__main__"},
 ]
 CORE = ("config", "models", "data", "rewards", "losses", "dist", "evaluation", "training")

@@ -80,6 +80,8 @@ def test_demo_quick(tmp_path, capsys):
     for name in ("base", "ddrl", "grpo"):
         assert {"proxy_reward", "gold_accuracy", "diversity", "seconds"} <= set(summary[name])
     assert (out / "report.html").is_file() and (out / "samples_base.png").is_file()
+    assert "The watch" in (out / "report.html").read_text()  # each arm's watch.jsonl read
+    assert (out / "votes" / "manifest.json").is_file()  # ready for `ddrl vote serve`
 
 
 @pytest.mark.slow  # 30 s: `make test` stays under its 10 minutes (`make test-slow` runs it)
@@ -136,7 +138,9 @@ def test_bad_input_one_line_errors(tmp_path, capsys, argv, needle):
 
 
 @pytest.mark.parametrize(
-    "plugin, needle", [("wrong_shape", "shape (8, 2)"), ("not_a_tensor", "returned list")]
+    # (2, 2): the preflight's probe of 2 samples meets it before iteration 1
+    "plugin, needle",
+    [("wrong_shape", "shape (2, 2)"), ("not_a_tensor", "returned list")],
 )
 def test_bad_reward_output(tmp_path, capsys, plugin, needle):
     line = error_line(
@@ -322,3 +326,14 @@ def test_compare_without_gold_fails_cleanly(tmp_path, capsys):
     argv = ["compare", "--quick", "--rewards", "ink", "--out", tmp_path / "cmp", "gold.name="]
     code, _, err = run(capsys, *argv)
     assert _clean_exit(code, err), err
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    import ddrl.cli.config as config_cmd
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(config_cmd, "cmd_presets", interrupted)
+    assert main(["presets"]) == 130
+    assert "interrupted; the last checkpoint is intact" in capsys.readouterr().err

@@ -258,7 +258,8 @@ def test_two_ddp_processes_train_nft_with_the_data_term_like_one(tmp_path):
     assert _max_diff(a["loss"], b["loss"]) < PARAM_TOL
 
 
-@pytest.mark.parametrize("where", ["iteration", "checkpoint"])
+# A kill mid-iteration runs in `make test-slow` (21 s each: `make test` stays under 10 minutes)
+@pytest.mark.parametrize("where", [pytest.param("iteration", marks=pytest.mark.slow), "checkpoint"])
 def test_sigkill_then_resume_equals_the_uninterrupted_run(one_and_two, where):
     """SIGKILL rank 1 in iteration 2 (after its rollout), or while checkpoint 2 is written
     (its shard on disk, the folder not yet renamed); `--resume` on 2 ranks then ends exactly

@@ -264,8 +264,13 @@ def test_evaluation_on_real_models_reports_hacking_diagnostics(tmp_path, preset)
         assert 0 <= r["ood_brightness"] <= 1 and r["heldout_diffusion_loss"] > 0
         assert r["proxy_reward"] == pytest.approx(r["ood_brightness"])  # the same reward here
     assert rows[0]["heldout_loss_rise"] == 0.0
-    rises = [r["heldout_loss_rise"] for r in rows[1:]]
-    assert sum("held-out diffusion loss" in m for m in logs) == sum(x > 0 for x in rises)
+    # eval.loss_warn=0 (the key before the watch) is the held-out rule's threshold; a rule
+    # fires once per run of evaluations where it holds
+    holds = [r["heldout_loss_rise"] > 0 for r in rows]
+    starts = sum(h and not (i and holds[i - 1]) for i, h in enumerate(holds))
+    assert sum("heldout_loss_rise" in m and "[warn]" in m for m in logs) == starts
+    fired = [w for w in read_jsonl(out / "watch.jsonl") if w["signal"] == "heldout_loss_rise"]
+    assert len(fired) == starts and all(w["threshold"] == 0 for w in fired)
     assert (out / "samples_final.png").is_file()
 
 

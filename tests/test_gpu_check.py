@@ -10,9 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # 18 s: `make gpu-check-dry` and `make test-slow` run it
 def test_the_dry_gpu_check_writes_every_figure(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     cmd = [str(ROOT / "benchmarks/gpu_check.sh"), str(tmp_path / "out"), "--dry"]

@@ -140,6 +140,11 @@ def test_failures_while_building_leave_an_old_run_in_place(tmp_path, capsys):
 
 def test_every_group_skipped_stops_after_max_skipped_iterations(tmp_path, capsys):
     argv = ["train", "--out", tmp_path / "nan", "reward.name=plugins_for_tests:all_nan"]
+    # the preflight refuses such a reward before iteration 1, on one line
+    code, _, err = run(capsys, *argv, *quick("train.iterations=6"))
+    assert code == 2 and "preflight reward determinism" in err and "not finite" in err, err
+    # without it, the loop's own guard stops the run
+    argv.append("train.preflight=false")
     code, out, err = run(capsys, *argv, *quick("train.iterations=6"))
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err

@@ -100,7 +100,14 @@ def test_loop_pairs_data_with_prompts_and_uses_the_rollout_t_and_noise(tmp_path)
     from ddrl.data.pools import load_data
 
     Recorder.seen.clear()
-    run_quick(tmp_path, "rec", "algorithm=test_loop:Recorder", "train.iterations=1")
+    # (no preflight: its probe's batches would be recorded too)
+    run_quick(
+        tmp_path,
+        "rec",
+        "algorithm=test_loop:Recorder",
+        "train.iterations=1",
+        "train.preflight=false",
+    )
     data = load_data("digits").train
     from ddrl.flow import scheduler_grid
 

@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from ddrl.plan.activations import activation_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +32,7 @@ def _measure(resolution: int, cache: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # 24 s: `make test` stays under its 10 minutes (`make test-slow` runs it)
 def test_plans_activation_growth_agrees_with_the_measured_cpu_peak(tmp_path):
     small, large = _measure(128, tmp_path), _measure(384, tmp_path)
     assert (small["tokens"], large["tokens"]) == (173, 685)  # 8², 24² patches + 77 + 32 text

@@ -2,6 +2,7 @@
 what it scores in-process; dead, slow and garbled services are one-line DDRLErrors."""
 
 import contextlib
+import http.client
 import json
 import math
 import os
@@ -18,29 +19,26 @@ import pytest
 import torch
 
 from ddrl.errors import DDRLError
+from ddrl.rewards import transport
 from ddrl.rewards.base import RewardContext
 from ddrl.rewards.config import RewardConfig
 from ddrl.rewards.pixels import BrightnessReward
-from ddrl.rewards.remote import client as remote
 from ddrl.rewards.remote.client import RemoteReward, remote_factory
-from ddrl.rewards.remote.server import make_server, server_url
+from ddrl.rewards.remote.server import make_server
 from ddrl.rewards.remote.wire import decode_request, dequantize, encode_request, quantize
 
 FAST = {"retries": 2, "backoff": 0.01, "timeout": 5.0}
 
 
 @contextlib.contextmanager
-def serving(reward, name="test"):
-    """``reward`` served on a free port in a thread; yields the URL and the server."""
-    server = make_server(reward, "127.0.0.1", 0, name=name)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
+def serving(reward, name="test", host="127.0.0.1", **options):
+    """``reward`` (or a list: one per replica) served on a free port in a thread; yields the
+    URL and the server."""
+    server = make_server(reward, host, 0, name=name, **options).start()
     try:
-        yield server_url(server), server
+        yield server.url, server
     finally:
         server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 @contextlib.contextmanager
@@ -80,20 +78,20 @@ def raw_server(status=200, body=b"", content_type="application/json"):
 def dead_url() -> str:
     """A URL where nothing listens (a server bound, then closed)."""
     server = make_server(BrightnessReward())
-    url = server_url(server)
-    server.server_close()
+    url = server.url
+    server.shutdown()
     return url
 
 
 def count_attempts(monkeypatch) -> list:
     calls = []
-    real = remote._open
+    real = transport.open_url
 
     def counting(request, timeout):
         calls.append(request.full_url)
         return real(request, timeout)
 
-    monkeypatch.setattr(remote, "_open", counting)
+    monkeypatch.setattr(transport, "open_url", counting)
     return calls
 
 
@@ -137,7 +135,13 @@ def test_remote_scores_equal_in_process_scores(shape):
     with serving(reward, "brightness") as (url, _):
         remote = RemoteReward(url, **FAST)
         got = remote(x, prompts)
-        assert remote.health() == {"ok": True, "reward": "brightness", "version": 1}
+        health = remote.health()  # the v1 answer, plus what the batching server adds
+        assert {k: health[k] for k in ("ok", "reward", "version")} == {
+            "ok": True,
+            "reward": "brightness",
+            "version": 1,
+        }
+        assert health["replicas"] == 1 and health["devices"] == ["cpu"] and health["queued"] == 0
     assert got.dtype == torch.float32 and got.shape == (shape[0],)
     assert torch.equal(got, reward(dequantize(quantize(x)), prompts))  # exact on the grid
     assert (got - reward(x, prompts)).abs().max() <= 1 / 255  # the quantisation tolerance
@@ -268,17 +272,49 @@ def test_garbled_answers_are_one_line_errors(monkeypatch, status, body, match):
 
 
 def test_the_server_rejects_bad_requests_with_json_errors():
-    with serving(BrightnessReward()) as (url, _):
-        for path, data, code, match in [
-            ("/score", b"garbage", 400, "bad /score request"),
-            ("/nope", b"", 404, "unknown path"),
+    with serving(BrightnessReward(), max_bytes=1000) as (url, _):
+        for method, path, data, code, match in [
+            ("POST", "/score", b"garbage", 400, "bad /score request"),
+            ("POST", "/nope", b"", 404, "unknown path '/nope'"),
+            ("GET", "/score", None, 404, "unknown path '/score'"),  # as the http.server one
+            ("POST", "/health", b"", 404, "unknown path '/health'"),
         ]:
-            req = urllib.request.Request(url + path, data=data, method="POST")
+            req = urllib.request.Request(url + path, data=data, method=method)
             with pytest.raises(urllib.error.HTTPError) as e:
-                remote._open(req, 5)
+                transport.open_url(req, 5)
             assert e.value.code == code
-            answer = json.loads(e.value.read())
+            raw = e.value.read()
+            answer = json.loads(raw)
             assert match in answer["error"] and answer["version"] == 1
+            assert raw == json.dumps(answer).encode()  # the wire's bytes: json.dumps' spacing
+        # Over max_bytes: refused from the Content-Length, before any body is read.
+        port = int(url.rsplit(":", 1)[1])
+        for headers, code, match in [
+            ({"Content-Length": str(10**12)}, 413, "allowed: up to 1000"),
+            ({}, 411, "needs a Content-Length"),
+        ]:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.putrequest("POST", "/score")
+            for k, v in headers.items():
+                conn.putheader(k, v)
+            conn.endheaders()
+            resp = conn.getresponse()
+            assert resp.status == code and match in json.loads(resp.read())["error"]
+            conn.close()
+
+
+def test_ipv6_host():
+    try:
+        server = make_server(BrightnessReward(), "::1", 0, name="b").start()
+    except DDRLError as e:
+        pytest.skip(f"no IPv6 loopback here: {e}")
+    try:
+        assert server.url.startswith("http://[::1]:")
+        x = images(2, 3, 4, 4)
+        got = RemoteReward(server.url, **FAST)(x, ["p", "q"])
+        assert torch.equal(got, BrightnessReward()(dequantize(quantize(x)), ["p", "q"]))
+    finally:
+        server.shutdown()
 
 
 def test_remote_config_checks_and_factory():
@@ -307,6 +343,7 @@ def test_remote_config_checks_and_factory():
 
 def test_a_server_in_its_own_process(tmp_path, monkeypatch):
     cmd = [sys.executable, "-m", "ddrl", "reward-server", "--reward", "brightness"]
+    cmd += ["--devices", "cpu,cpu", "--max-batch", "4", "--max-wait-ms", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DDRL_CACHE": str(tmp_path)}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:
@@ -317,7 +354,9 @@ def test_a_server_in_its_own_process(tmp_path, monkeypatch):
             pytest.fail(f"server did not start: {line!r} {proc.communicate()[1][-2000:]!r}")
         url = line.split(" at ")[1].split()[0]
         remote = RemoteReward(url, **FAST)
-        assert remote.health()["reward"] == "brightness"
+        health = remote.health()
+        assert health["reward"] == "brightness" and health["devices"] == ["cpu", "cpu"]
+        assert health["max_batch"] == 4 and health["max_wait_ms"] == 1
         x = images(6, 3, 8, 8)
         got = remote(x, ["p"] * 6)
         want = BrightnessReward()(dequantize(quantize(x)), ["p"] * 6)
@@ -332,3 +371,171 @@ def test_a_server_in_its_own_process(tmp_path, monkeypatch):
     with pytest.raises(DDRLError, match=r"did not answer after 3 attempts"):
         remote(x, ["p"] * 6)
     assert len(calls) == 3
+
+
+# Dynamic batching, replicas, /metrics ------------------------------------------------------
+
+
+class Recording:
+    """A per-sample reward (each image's mean plus its prompt's number) that records its calls
+    as (images, image shape) and takes ``delay`` seconds per call."""
+
+    def __init__(self, delay=0.0, fail_on=None):
+        self.calls, self.delay, self.fail_on = [], delay, fail_on
+
+    def __call__(self, imgs, prompts):
+        self.calls.append((imgs.shape[0], tuple(imgs.shape[1:])))
+        time.sleep(self.delay)
+        if self.fail_on in prompts:
+            raise RuntimeError(f"cannot score {self.fail_on!r}")
+        return imgs.flatten(1).mean(1) + torch.tensor([float(p.split()[-1]) for p in prompts])
+
+
+def concurrently(url, requests, **kw):
+    """Each (images, prompts) sent by its own client thread, all released at once; returns
+    each one's scores or DDRLError, in order."""
+    out = [None] * len(requests)
+    start = threading.Barrier(len(requests))
+
+    def client(i):
+        x, prompts = requests[i]
+        start.wait()
+        try:
+            out[i] = RemoteReward(url, **{**FAST, **kw})(x, prompts)
+        except DDRLError as e:
+            out[i] = e
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return out
+
+
+def alone(x, prompts):
+    """What a request's scores must be: the reward on its own (8-bit) images only."""
+    return Recording()(dequantize(quantize(x)), prompts)
+
+
+def metrics(url) -> dict:
+    """/metrics parsed: {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = transport.open_url(urllib.request.Request(url + "/metrics"), 5).read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_concurrent_clients_are_batched_and_get_their_own_scores():
+    reward = Recording(delay=0.05)
+    # 8 clients (trainer ranks): six send 8x8 images, two 6x6 (never in the same call).
+    requests = [
+        (
+            images(4, 3, 8 if i < 6 else 6, 8 if i < 6 else 6, seed=i),
+            [f"c{i} {i * 10 + k}" for k in range(4)],
+        )
+        for i in range(8)
+    ]
+    with serving(reward, max_batch=64, max_wait=0.3) as (url, _):
+        got = concurrently(url, requests)
+    for (x, prompts), scores in zip(requests, got, strict=True):
+        assert torch.equal(scores, alone(x, prompts))
+    by_shape = {}
+    for n, shape in reward.calls:
+        by_shape.setdefault(shape, []).append(n)
+    assert {s: sum(ns) for s, ns in by_shape.items()} == {(3, 8, 8): 24, (3, 6, 6): 8}
+    assert len(reward.calls) < 8 and max(n for n, _ in reward.calls) > 4, reward.calls  # merged
+
+
+def test_max_wait_and_max_batch_bound_the_wait():
+    reward = Recording()
+    with serving(reward, max_batch=4, max_wait=0.6) as (url, _):
+        client = RemoteReward(url, **FAST)
+        timed = []
+        for n in (4, 6, 2):  # a full batch, one larger than max_batch, a lone small one
+            t = time.monotonic()
+            client(images(n, 3, 2, 2), [f"p {k}" for k in range(n)])
+            timed.append(time.monotonic() - t)
+    assert [n for n, _ in reward.calls] == [4, 6, 2]  # the 6 is scored alone, whole
+    assert timed[0] < 0.5 and timed[1] < 0.5, timed  # nothing more could join: no wait
+    assert 0.6 <= timed[2] < 3, timed  # waited max_wait for company, then went alone
+
+
+def test_two_replicas_share_the_queue():
+    replicas = [Recording(delay=0.1), Recording(delay=0.1)]
+    requests = [(images(4, 3, 4, 4, seed=i), [f"p {i}"] * 4) for i in range(4)]
+    with serving(replicas, devices=["cpu", "cpu"], max_batch=4, max_wait=0.0) as (url, _):
+        got = concurrently(url, requests)
+        health = RemoteReward(url).health()
+        m = metrics(url)
+    for (x, prompts), scores in zip(requests, got, strict=True):
+        assert torch.equal(scores, alone(x, prompts))
+    assert all(r.calls for r in replicas), [r.calls for r in replicas]  # both were used
+    assert health["replicas"] == 2 and health["devices"] == ["cpu", "cpu"]
+    counts = [m[("ddrl_reward_batch_images_count", (("replica", r),))] for r in ("0", "1")]
+    assert counts == [len(r.calls) for r in replicas]
+
+
+def test_metrics_count_what_was_sent():
+    with serving(Recording(), max_wait=0.0) as (url, _):
+        client = RemoteReward(url, **FAST)
+        for n in (2, 3, 5):
+            client(images(n, 3, 4, 4), ["p 0"] * n)
+        for path, data in (("/score", b"garbage"), ("/nope", None)):
+            with pytest.raises(urllib.error.HTTPError):
+                transport.open_url(urllib.request.Request(url + path, data=data), 5)
+        client.health()
+        m = metrics(url)
+
+    def requests(path, status):
+        return m[("ddrl_reward_requests_total", (("path", path), ("status", status)))]
+
+    assert requests("/score", "200") == 3 and requests("/score", "400") == 1
+    assert requests("other", "404") == 1 and requests("/health", "200") == 1
+    assert m[("ddrl_reward_images_total", ())] == 10
+    assert m[("ddrl_reward_errors_total", ())] == 0
+    assert m[("ddrl_reward_batch_images_count", (("replica", "0"),))] == 3
+    assert m[("ddrl_reward_batch_images_sum", (("replica", "0"),))] == 10
+    assert m[("ddrl_reward_request_seconds_count", ())] == 4
+    assert m[("ddrl_reward_queue_depth", ())] == 0
+
+
+def test_a_failing_request_does_not_fail_its_batch_mates(monkeypatch):
+    reward = Recording(fail_on="bad 1")
+    requests = [(images(2, 3, 4, 4, seed=0), ["ok 1", "ok 2"])]
+    requests.append((images(2, 3, 4, 4, seed=1), ["ok 3", "bad 1"]))
+    calls = count_attempts(monkeypatch)
+    with serving(reward, max_wait=0.5) as (url, _):
+        good, bad = concurrently(url, requests)
+        m = metrics(url)
+    assert torch.equal(good, alone(*requests[0]))
+    msg = str(bad)
+    assert isinstance(bad, DDRLError) and "\n" not in msg
+    assert "failed on 2 images: reward 'test' failed: RuntimeError: cannot score 'bad 1'" in msg
+    assert len([c for c in calls if c.endswith("/score")]) == 2  # a 500 is not retried
+    # merged, failed; then each request alone: only the bad one fails again
+    assert [n for n, _ in reward.calls] == [4, 2, 2]
+    assert m[("ddrl_reward_errors_total", ())] == 2
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--max-batch", "0"], "--max-batch=0 is out of range; allowed: [1, inf]"),
+        (["--max-wait-ms", "-1"], "--max-wait-ms=-1.0 is out of range"),
+        (["--devices", "cpu,tpu"], "'tpu': unknown device; allowed: cpu"),
+        (["--devices", "cuda:99"], "'cuda:99': no such CUDA device here; allowed: cpu"),
+        (["--devices", "cpu", "reward.device=cpu"], "both say where the reward runs"),
+        (["--port", "70000"], "--port 70000 is out of range"),
+    ],
+)
+def test_reward_server_flags_are_checked_before_the_reward_is_built(capsys, args, says):
+    from ddrl.cli import main
+
+    assert main(["reward-server", "--reward", "nope", *args]) == 2  # "nope" is never built
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0], err

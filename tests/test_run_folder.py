@@ -146,7 +146,7 @@ def test_a_start_failing_after_the_folder_exists_removes_it(tmp_path, capsys, mo
 
     out = tmp_path / "run"
     assert run(capsys, "train", "--out", out, *quick())[0] == 0
-    monkeypatch.setattr(loop, "_setup", refuse)
+    monkeypatch.setattr(loop, "prepare_learner", refuse)
     code, _, err = run(capsys, "train", "--out", out, "--overwrite", *quick())
     assert code == 2 and "refused in setup" in error_of(err)
     assert not out.exists()

@@ -258,7 +258,9 @@ def test_toy_reward_rises(tmp_path):
 
 def test_nan_reward_group_is_skipped_and_logged(tmp_path):
     logs = []
-    cfg = build_config(overrides=quick("reward.name=plugins_for_tests:nan_first_group"))
+    cfg = build_config(  # (the preflight would refuse a NaN reward before iteration 1)
+        overrides=quick("reward.name=plugins_for_tests:nan_first_group", "train.preflight=false")
+    )
     out = prepare_run_dir(tmp_path / "nan", resume=False, overwrite=False)
     row = train(cfg, out, log=logs.append)
     assert row["skipped_groups"] == 1
@@ -316,9 +318,15 @@ def test_tensorboard_scalars(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    _, out, _ = run_quick(tmp_path, "tb", "train.tensorboard=true", "eval.every=1")
-    acc = EventAccumulator(str(out / "tb"))
+    _, out, _ = run_quick(
+        tmp_path, "tb", "train.tensorboard=true", "eval.every=1", "watch.rules=diversity>0:warn"
+    )
+    acc = EventAccumulator(str(out / "tb"), size_guidance={"images": 0})
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {"reward_mean", "grad_norm", "loss_policy", "eval/gold_accuracy"} <= tags
     assert [e.step for e in acc.Scalars("reward_mean")] == [1, 2]
+    # every evaluation's sample grid, and the watch's firing (at iteration 1: rules count
+    # from the first evaluation after the base)
+    assert [e.step for e in acc.Images("eval/samples")] == [0, 1, 2]
+    assert [e.step for e in acc.Scalars("watch/diversity")] == [1]

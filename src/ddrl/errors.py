@@ -75,6 +75,15 @@ def check_range(what: str, value: float, lo: float | None = None, hi: float | No
         raise DDRLError(f"{what}={value!r} is out of range; allowed: [{lo_s}, {hi_s}]")
 
 
+class WatchStopped(Exception):
+    """A ``stop`` rule of the watch fired: the iteration was finished and checkpointed. The CLI
+    exits 3 with ``reason`` on one line."""
+
+    def __init__(self, reason: str, checkpoint):
+        super().__init__(reason)
+        self.reason, self.checkpoint = reason, checkpoint
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM arrived and the loop stopped after checkpointing the iteration in progress.
 

@@ -1,5 +1,5 @@
-"""The `ddrl` command: pretrain, synth, train, eval, export, sample, score, reward-server, report,
-demo, compare, long, bench, plan, config, presets, data.
+"""The `ddrl` command: pretrain, synth, train, doctor, eval, export, sample, score, reward-server,
+report, vote, demo, compare, long, bench, plan, config, presets, data.
 
 Every subcommand takes config files (``--config``) and ``key=value`` overrides; user errors
 print one line (``ddrl: error: ...``) and exit with status 2. On SIGTERM, ``train`` finishes and
@@ -19,7 +19,7 @@ from importlib import import_module
 
 from ddrl.cli.args import say
 from ddrl.config import PRESET_NAMES
-from ddrl.errors import DDRLError, Terminated
+from ddrl.errors import DDRLError, Terminated, WatchStopped
 from ddrl.losses import ALGORITHMS, OBJECTIVES, REGULARISERS
 from ddrl.models import MODELS
 from ddrl.rewards import REWARDS
@@ -91,11 +91,40 @@ def build_parser() -> argparse.ArgumentParser:
     s = add("report", "evaluate", "the comparison report (report.html) of run folders", False)
     s.add_argument("runs", nargs="+", help="run folders trained with eval.every > 0")
     s.add_argument("--out", required=True, help="report folder")
+    s.add_argument("--votes", default="", help="a votes folder (ddrl vote): its summary too")
+    s = add("vote", "vote", "blind human preference: serve RUN_A RUN_B... | summary VOTES", False)
+    s.add_argument("action", choices=("serve", "summary"), help="serve: rate; summary: results")
+    s.add_argument("paths", nargs="*", help="serve: runs or model folders; summary: VOTES")
+    s.add_argument("--out", default="", help="serve: votes folder (new, or one to continue)")
+    s.add_argument("--host", default="127.0.0.1", help="serve: interface to listen on")
+    s.add_argument("--port", type=int, default=8765, help="serve: port (0 = a free one)")
+    s.add_argument("--prompts", default=None, help="serve: prompt file (default: eval prompts)")
+    s.add_argument("--n-per-prompt", type=int, default=None, help="serve: samples (default 2)")
+    s.add_argument("--seed", type=int, default=None, help="serve: noise and plan seed (0)")
+    s.add_argument("--criteria", default=None, help='serve: comma-separated ("overall")')
+    s.add_argument("--pairs", type=int, default=None, help="serve: questions (default: all)")
+    s.add_argument("--raters-per-question", type=int, default=None, help="serve: (default 2)")
+    s.add_argument("--json", action="store_true", help="summary: JSON instead of tables")
+    s.add_argument("--min-ms", type=float, default=1500, help="summary: flag faster raters")
     s = add("reward-server", "rewards", "serve a reward over HTTP (reward.name=remote)", False)
     s.add_argument("--reward", required=True, help="reward name (or module:factory)")
     s.add_argument("--data", default="files", help="the data set the reward belongs to")
     s.add_argument("--host", default="127.0.0.1", help="interface to listen on")
     s.add_argument("--port", type=int, default=0, help="port (0 = a free one, printed)")
+    s.add_argument(
+        "--max-batch", type=int, default=64, help="most images merged into one reward call"
+    )
+    s.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=5.0,
+        help="how long a batch waits for more requests after its first (milliseconds)",
+    )
+    s.add_argument(
+        "--devices",
+        default="",
+        help="one reward replica per device: cpu,cpu or cuda:0,cuda:1 (default: reward.device)",
+    )
     s = add("export", "export", "write a run's trained weights for the plain pipeline", False)
     s.add_argument("run", help="run folder (RUN/final, or --step) or a saved model folder")
     s.add_argument("--out", required=True, help="new output folder")
@@ -132,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         "starts the run if --out has none yet) or from the one named (step-000040, or a folder)",
     )
     s.add_argument("--overwrite", action="store_true", help="move an existing --out aside")
+    add("doctor", "doctor", "run a config's preflight checks (ratio, SDE, CFG, reward, data)")
     s = add("bench", "experiments", "time each phase of an iteration against the model's compute")
     s.add_argument(
         "--algorithms", default="ddrl,flow_grpo,dance_grpo,grpo,sft,nft,awm", help="comma-separated"
@@ -218,14 +248,17 @@ def main(argv: list[str] | None = None) -> int:
     except DDRLError as e:
         say(f"ddrl: error: {e}")
         return 2
+    except WatchStopped as e:
+        say(
+            f"ddrl: stopped by the watch: {e.reason}; checkpoint {e.checkpoint} (continue with "
+            "--resume, e.g. with other watch.rules)"
+        )
+        return 3
     except Terminated as e:
         say(f"ddrl: terminated (SIGTERM) after checkpoint {e.checkpoint}; continue with --resume")
         return 143  # 128 + SIGTERM, what a killed process reports
     except KeyboardInterrupt:
-        say(
-            "ddrl: interrupted; the last checkpoint is intact (resume with --resume)",
-            file=sys.stderr,
-        )
+        say("ddrl: interrupted; the last checkpoint is intact (resume with --resume)")
         return 130
     say(f"ddrl {args.command}: done in {time.time() - t0:.0f}s")
     return 0

@@ -111,4 +111,5 @@ def cmd_eval(args) -> None:
 def cmd_report(args) -> None:
     from ddrl.experiments.runs_report import report_runs  # plotting: only for this command
 
-    print(report_runs([Path(r) for r in args.runs], Path(args.out)))
+    votes = Path(args.votes) if args.votes else None
+    print(report_runs([Path(r) for r in args.runs], Path(args.out), votes=votes))

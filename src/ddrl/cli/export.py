@@ -20,55 +20,7 @@ from pathlib import Path
 from ddrl.cli.card import CARD, model_card
 from ddrl.config import load_config
 from ddrl.errors import DDRLError
-
-
-def saved_model_config(folder: Path):
-    """The ModelConfig a saved model folder loads with: None (its family's defaults), or for a
-    LoRA adapter one with its rank, alpha and target modules, read from the adapter's own
-    metadata (as diffusers' ``save_lora_weights`` wrote it)."""
-    from safetensors import safe_open
-
-    from ddrl.models.config import LoraConfig, ModelConfig
-
-    try:
-        meta = json.loads((folder / "generator.json").read_text())
-    except json.JSONDecodeError as e:
-        raise DDRLError(f"corrupt {folder / 'generator.json'}: {e}") from e
-    if meta.get("finetune") != "lora":
-        return None
-    path = folder / "pytorch_lora_weights.safetensors"
-    try:
-        with safe_open(path, "pt") as f:
-            lora = json.loads((f.metadata() or {})["lora_adapter_metadata"])
-        lora = LoraConfig(
-            rank=int(lora["transformer.r"]),
-            alpha=float(lora["transformer.lora_alpha"]),
-            target_modules=",".join(sorted(lora["transformer.target_modules"])),
-        )
-    except (OSError, KeyError, ValueError, TypeError) as e:
-        raise DDRLError(f"cannot read the LoRA adapter's settings in {path}: {e}") from e
-    return ModelConfig(name=meta["type"], base=meta["base"], finetune="lora", lora=lora)
-
-
-def load_run_generator(run: Path, step: int | None = None):
-    """RUN/final, or the ``step`` checkpoint (its EMA weights when kept) on the run's base; or
-    a saved model folder (generator.json)."""
-    from ddrl.dist.checkpoint import find_checkpoint, load_trained
-    from ddrl.models import load_generator
-    from ddrl.training.components import load_base
-
-    run = Path(run)
-    if not (run / "config.json").is_file():
-        if (run / "generator.json").is_file() and step is None:
-            return load_generator(run, config=saved_model_config(run))
-        raise DDRLError(f"{run} is not a run folder (no config.json) or a saved model folder")
-    cfg = load_config(run / "config.json")
-    if step is None and (run / "final" / "generator.json").is_file():
-        return load_generator(run / "final", config=cfg.model)
-    ckpt = find_checkpoint(run, step)
-    gen, _ = load_base(cfg)
-    load_trained(gen.denoiser, ckpt)
-    return gen
+from ddrl.training.saved import load_run_generator
 
 
 def export(run: Path, out: Path, merge: bool, step: int | None = None) -> Path:

@@ -7,19 +7,21 @@ imageio-ffmpeg), one scatter picture per prompt for 2-D points.
 RUN is a run folder (``final/``, or ``--step N``'s checkpoint) sampled with its own config, or a
 model folder (``generator.json``, or a diffusers pipeline folder with ``model_index.json``)
 sampled with the default sampler settings (its family's preset for digits and toy2d). Only
-``sampler.eval_steps``, ``sampler.cfg_scale`` and ``eval.cfg_scale`` may be overridden.
+``sampler.eval_steps``, ``sampler.cfg_scale`` and ``eval.cfg_scale`` may be overridden. Loading
+and drawing are ``ddrl.training.saved``'s (``ddrl vote`` renders its samples with them too).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ddrl.config import PRESET_NAMES, RunConfig, build_config, load_config
 from ddrl.config.resolve import parse_overrides
+from ddrl.dist.checkpoint import find_checkpoint
 from ddrl.errors import DDRLError, check_range, first_line
-from ddrl.models import family_of
-
-ALLOWED = ("sampler.eval_steps", "sampler.cfg_scale", "eval.cfg_scale")
+from ddrl.evaluation.pictures import save_scatter
+from ddrl.io import atomic_dir
+from ddrl.training.components import device_of
+from ddrl.training.saved import ALLOWED, draw, load_for_sampling, sample_config, save_sample
 
 
 def check_sample_args(
@@ -63,26 +65,6 @@ def check_sample_args(
         raise DDRLError(f"{run} is a model folder, not a run; --step does not apply")
 
 
-def sample_config(run: Path, overrides) -> RunConfig:
-    """A run's own config.json, or for a model folder the defaults (a built-in family's preset),
-    with ``sampler.eval_steps`` / ``sampler.cfg_scale`` overridden."""
-    if (run / "config.json").is_file():
-        return load_config(run / "config.json", list(overrides), ALLOWED, "ddrl sample")
-    family = family_of(run)  # a one-line error for a corrupt generator.json / model_index.json
-    own = [f"preset={family}"] if family in PRESET_NAMES else []
-    return build_config(overrides=[*own, *overrides])
-
-
-def load_for_sampling(run: Path, step: int | None):
-    """The generator of RUN: a run's final/ (or ``step``) weights, or a model folder."""
-    from ddrl.cli.export import load_run_generator
-    from ddrl.models import load_generator
-
-    if (run / "config.json").is_file() or (run / "generator.json").is_file():
-        return load_run_generator(run, step)
-    return load_generator(run)  # a diffusers pipeline folder (model_index.json)
-
-
 def sample(
     run: Path,
     prompts: list[str],
@@ -99,27 +81,12 @@ def sample(
     run, out = Path(run), Path(out)
     check_sample_args(run, prompts, n, seed, out, step, overrides, images)
     cfg = sample_config(run, overrides)
-    # Imported once the arguments are checked: torch and the families.
-    import torch
-
-    from ddrl.dist.checkpoint import find_checkpoint
-    from ddrl.evaluation.pictures import save_image, save_scatter, save_video
-    from ddrl.io import atomic_dir
-    from ddrl.models.base import decode_images
-    from ddrl.sampling import sample_ode
-    from ddrl.training.components import device_of
-
     if step is not None:  # a missing checkpoint is named before the model loads
         find_checkpoint(run, step)
     dev = device_of(cfg)
     gen = load_for_sampling(run, step).to(dev)
-    gen.denoiser.eval()
     given_images(gen, prompts, images)
-    every = [p for p in prompts for _ in range(n)]
-    sampler = cfg.eval.sampler(cfg.sampler)  # as evaluation samples
-    with torch.no_grad():
-        z = sample_ode(gen, every, sampler, torch.Generator().manual_seed(seed), dev)
-        x = decode_images(gen.codec, z.to(dev)).cpu()
+    x = draw(gen, cfg, prompts, n, seed, dev)
     wp, ws = len(str(len(prompts) - 1)), len(str(n - 1))
     names = []
     with atomic_dir(out, race_ok=False) as tmp:
@@ -130,9 +97,7 @@ def sample(
                 names.append(save_scatter(rows, tmp / f"p{i:0{wp}d}.png").name)
                 continue
             for j, s in enumerate(rows):
-                stem = tmp / f"p{i:0{wp}d}_s{j:0{ws}d}"
-                saved = save_video(s, stem) if s.dim() == 4 else save_image(s, f"{stem}.png")
-                names.append(saved.name)
+                names.append(save_sample(s, tmp / f"p{i:0{wp}d}_s{j:0{ws}d}").name)
     return [out / name for name in names]
 
 

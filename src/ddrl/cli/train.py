@@ -64,6 +64,7 @@ def cmd_train(args) -> None:
     writes the run folder."""
     out = Path(args.out)
     cfg = _train_config(args, out)
+    cfg.train.require_trackers()  # before the models load: a missing wandb is said at once
     require_data(cfg.data)  # every data file there, before torch and the model load
     _train(cfg, args, out)
 
@@ -94,12 +95,20 @@ def _train_config(args, out: Path):
 
 
 # The run's length, its layout over ranks, and what only changes what is shown.
-MAY_CHANGE = ("train.iterations", "parallel.", "train.progress", "train.tensorboard")
+MAY_CHANGE = (
+    "train.iterations",
+    "parallel.",
+    "train.progress",
+    "train.tensorboard",
+    "train.wandb",
+    "watch.",
+)
 
 
 def _resume_config(args, out: Path):
-    """The run's own config.json is the base; only train.iterations, parallel.* and the display
-    keys (train.progress, train.tensorboard) may change. Every other key the user typed (an
+    """The run's own config.json is the base; only train.iterations, parallel.*, the display
+    keys (train.progress, train.tensorboard, train.wandb*) and the watch's rules (watch.*: they
+    act on the run, never change its numbers) may change. Every other key the user typed (an
     override, a key of a --config file, --preset) must agree with the run (a restart script
     repeats the first command), else a one-line error naming that key."""
     typed: dict = {}

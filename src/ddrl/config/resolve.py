@@ -26,6 +26,7 @@ from ddrl.config.core import SDES
 from ddrl.config.schema import PRESET_NAMES, PRESETS, RunConfig
 from ddrl.errors import DDRLError, check_choice, choices, lookup
 from ddrl.losses import cell, loss_config
+from ddrl.watch.config import with_loss_warn
 
 try:
     import tomllib
@@ -50,6 +51,22 @@ def _parse(key: str, raw: Any, typ: Any) -> Any:
         if raw in (None, "none", "None"):
             return None
         return _parse(key, raw, args[0])
+    if origin is list:  # a TOML/JSON list, '["a", "b"]' or "a,b" from the command line
+        if isinstance(raw, str):
+            text = raw.strip()
+            if text.startswith("["):
+                try:
+                    raw = json.loads(text)
+                except json.JSONDecodeError:
+                    raise DDRLError(
+                        f'{key}={raw!r} is not a JSON list; allowed: e.g. \'["a", "b"]\' or a,b'
+                    ) from None
+            else:
+                raw = [v.strip() for v in text.split(",") if v.strip()]
+        if not isinstance(raw, (list, tuple)):
+            raise DDRLError(f"{key}={raw!r} is not a list; allowed: e.g. a,b")
+        (item,) = typing.get_args(typ)
+        return [_parse(key, v, item) for v in raw]
     if origin is tuple:
         # "0.9,0.99" or the TOML form "[0.9, 0.99]"
         items = raw.strip().strip("[]()").split(",") if isinstance(raw, str) else list(raw)
@@ -206,7 +223,9 @@ def resolve(layers: list[dict[str, Any]], presets: bool = True) -> RunConfig:
                 continue
             if preset and k.startswith("loss.") and k not in own_keys:
                 continue
-            if k == "loss" or k.startswith("loss."):
+            if k == "eval.loss_warn":  # the key the watch replaced (docs/WATCH.md)
+                cfg.watch.rules = with_loss_warn(cfg.watch.rules, v)
+            elif k == "loss" or k.startswith("loss."):
                 _set_loss(cfg, algorithm, k, v)
             else:
                 set_key(cfg, k, v)

@@ -19,6 +19,7 @@ from ddrl.models.config import ModelConfig
 from ddrl.rewards import check_reward_name
 from ddrl.rewards.config import GoldConfig, RewardConfig, parse_names
 from ddrl.training.config import OptimConfig, PretrainConfig, TrainConfig
+from ddrl.watch.config import WatchConfig
 
 PRESETS = Path(__file__).parents[1] / "presets"
 PRESET_NAMES = tuple(sorted(p.stem for p in PRESETS.glob("*.toml")))
@@ -76,6 +77,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    watch: WatchConfig = field(default_factory=WatchConfig)
 
     def check(self) -> None:
         check_choice("preset", self.preset, PRESET_NAMES)

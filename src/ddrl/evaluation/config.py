@@ -68,20 +68,12 @@ class EvalConfig:
     features_model: str = field(
         default="", metadata={"help": 'that model\'s hub id or folder ("" = its default)'}
     )
-    loss_warn: float = field(
-        default=0.10,
-        metadata={
-            "help": "warn when the held-out diffusion loss rises by more than this fraction over "
-            "iteration 0's (the paper's warning sign of hacking: +10%)"
-        },
-    )
 
     def check(self) -> None:
         check_literals(self, "eval.")
         check_range("eval.every", self.every, 0)
         check_range("eval.samples_per_prompt", self.samples_per_prompt, 2)
         check_range("eval.loss_t_points", self.loss_t_points, 1)
-        check_range("eval.loss_warn", self.loss_warn, 0.0)
         check_range("eval.cfg_scale", self.cfg_scale, 0.0, 100.0)
         check_range("eval.cond_frames", self.cond_frames, 0, 1024)
 

@@ -35,14 +35,14 @@ def _save(img: Image.Image, path) -> Path:
     return path
 
 
-def save_image_grid(images: Tensor, path, nrow: int = 10, title: str | None = None) -> Path:
-    """Save images [N, 1 or 3, H, W] in [-1, 1] as one PNG grid, ``nrow`` images per row,
-    1-pixel white gutters, a title strip above when ``title`` is given."""
+def grid_image(images: Tensor, nrow: int = 10) -> Image.Image:
+    """Images [N, 1 or 3, H, W] in [-1, 1] as one RGB grid, ``nrow`` images per row, 1-pixel
+    white gutters, enlarged (nearest-neighbour) so a cell is at least ``MIN_SIDE`` pixels."""
     x = images.detach().cpu().float()
     if x.dim() == 3:
         x = x.unsqueeze(1)
     if x.dim() != 4 or x.shape[1] not in (1, 3) or x.shape[0] == 0:
-        raise DDRLError(f"save_image_grid expects [N, 1 or 3, H, W] images, got {tuple(x.shape)}")
+        raise DDRLError(f"an image grid needs [N, 1 or 3, H, W] images, got {tuple(x.shape)}")
     n, c, h, w = x.shape
     x = to_uint8(x.transpose(0, 1))  # [N, H, W, C]
     cols = max(1, min(nrow, n))
@@ -54,8 +54,13 @@ def save_image_grid(images: Tensor, path, nrow: int = 10, title: str | None = No
         grid[top : top + h, left : left + w] = x[i]
     img = Image.fromarray(grid[..., 0] if c == 1 else grid).convert("RGB")
     scale = max(1, -(-MIN_SIDE // max(h, w)))
-    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    return _save(_titled(img, title), path)
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+
+
+def save_image_grid(images: Tensor, path, nrow: int = 10, title: str | None = None) -> Path:
+    """Save images [N, 1 or 3, H, W] in [-1, 1] as one PNG grid (``grid_image``), a title strip
+    above when ``title`` is given."""
+    return _save(_titled(grid_image(images, nrow), title), path)
 
 
 def save_scatter(points: Tensor, path, title: str | None = None) -> Path:
@@ -126,9 +131,8 @@ def save_video(video: Tensor, path, fps: int = VIDEO_FPS) -> Path:
         import imageio.v2 as imageio
         import imageio_ffmpeg  # noqa: F401  (imageio's mp4 writer needs its ffmpeg binary)
     except ImportError:
-        gif = [Image.fromarray(f) for f in frames]
         out = path.with_suffix(".gif")
-        gif[0].save(out, save_all=True, append_images=gif[1:], duration=1000 // fps, loop=0)
+        write_gif([Image.fromarray(f) for f in frames], out, fps)
         return out
     out = path.with_suffix(".mp4")
     # macro_block_size=1: the exact size (never rescaled to multiples of 16)
@@ -136,3 +140,12 @@ def save_video(video: Tensor, path, fps: int = VIDEO_FPS) -> Path:
         out, list(frames), format="FFMPEG", fps=fps, macro_block_size=1, ffmpeg_log_level="error"
     )
     return out
+
+
+def write_gif(frames: list[Image.Image], out, fps: float) -> None:
+    """Frames as an endlessly looping animated GIF (pillow) into ``out``, a path or a binary
+    file object."""
+    duration = round(1000 / fps)  # milliseconds per frame
+    frames[0].save(
+        out, format="GIF", save_all=True, append_images=frames[1:], duration=duration, loop=0
+    )

@@ -148,6 +148,7 @@ def bench_one(
             "train.sync_timing=true",
             "train.progress=false",
             "eval.every=0",
+            "train.preflight=false",  # its one-off forwards are not an iteration's (ddrl doctor)
             "train.checkpoint_every=1",  # each row then carries one checkpoint write
         ],
     )

@@ -3,7 +3,9 @@ a report that says which arm hacked and when.
 
 Budget (full run, per reward regime): ``FULL_COMMON`` below, identical for every arm — same
 iterations, prompts per iteration, group size, learning rate and evaluation schedule — and
-the evaluation seed is fixed, so every arm is scored on the same prompts and noise.
+the evaluation seed is fixed, so every arm is scored on the same prompts and noise. The ink
+regime's DDRL, Flow-GRPO and DanceGRPO arms (``VOTE_ARMS``) also get a blind vote's folder,
+``ink/votes`` (``ddrl vote serve --out OUT/ink/votes``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from ddrl.experiments.toy2d import (
 from ddrl.training.components import build_components, device_of
 from ddrl.training.loop import train
 from ddrl.training.runlog import prepare_run_dir, read_jsonl
+from ddrl.vote.prepare import prepare_votes
 
 # Arms of the full comparison: (algorithm, setting). DanceGRPO and plain GRPO have no
 # regulariser; DDRL sweeps data_beta, Flow-GRPO sweeps beta_kl over comparable ranges. The
@@ -51,6 +54,13 @@ FULL_ARMS: list[tuple[str, dict[str, Any]]] = [
 FULL_COMMON = {"train.iterations": 30, "eval.every": 5}
 QUICK_ARMS = [
     ("ddrl", {"loss.data_beta": 0.3}),
+    ("flow_grpo", {"loss.beta_kl": 0.04}),
+    ("dance_grpo", {}),
+]
+# The ink arms a blind human vote compares: DDRL (data_beta 0.1) and the peers at their papers'
+# settings (Flow-GRPO's β 0.04, DanceGRPO's defaults).
+VOTE_ARMS = [
+    ("ddrl", {"loss.data_beta": 0.1}),
     ("flow_grpo", {"loss.beta_kl": 0.04}),
     ("dance_grpo", {}),
 ]
@@ -108,6 +118,7 @@ def run_arm(
         "setting": {k.split(".")[-1]: v for k, v in setting.items()},
         "final": curve[-1],
         "curve": curve,
+        "watch": read_jsonl(out / "watch.jsonl"),
         "seconds": seconds,
         "run": str(out),
         "time_per_iteration": sum(r["time_iteration"] for r in rows) / max(len(rows), 1),
@@ -194,6 +205,10 @@ def run_compare(
             if grid.is_file():
                 grids[f"{reward}: {arm['label']}"] = grid
         regimes[reward] = {"reward": reward, "base": base, "arms": arms}
+        if reward == "ink":  # the blind vote's folder (docs/VOTE.md): ddrl vote serve --out
+            voted = [rdir / arm_slug(a, s) for a, s in (QUICK_ARMS if quick else VOTE_ARMS)]
+            if sum(r.is_dir() for r in voted) >= 2:
+                prepare_votes([r for r in voted if r.is_dir()], rdir / "votes", log=log)
     first = next(iter(regimes.values()), {"base": {}})
     metrics = {
         "base": first["base"],

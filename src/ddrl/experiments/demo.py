@@ -23,6 +23,7 @@ from ddrl.experiments.compare import (
 )
 from ddrl.experiments.report import write_report
 from ddrl.training.runlog import prepare_run_dir
+from ddrl.vote.prepare import prepare_votes
 
 DEMO_ARMS = [("ddrl", {}), ("grpo", {})]  # each at its preset defaults
 DEMO_COMMON = {"train.iterations": 30, "eval.every": 10}
@@ -39,7 +40,9 @@ KEYS = (
 def run_demo(
     out: Path, quick: bool = False, overwrite: bool = False, overrides: list[str] = (), log=print
 ) -> dict:
-    """Writes ``out/summary.json``: {base|ddrl|grpo: {metric: value, seconds}}."""
+    """Writes ``out/summary.json``: {base|ddrl|grpo: {metric: value, seconds}, votes_seconds,
+    total_seconds}, and ``out/votes``: the blind vote's folder of ddrl against grpo
+    (``ddrl vote``), ready to serve."""
     t_start = time.time()
     common = QUICK_COMMON if quick else DEMO_COMMON
     ink = ["reward.name=ink", *overrides]
@@ -66,6 +69,13 @@ def run_demo(
             "time_per_iteration": arm["time_per_iteration"],
         }
         grids[algorithm] = out / algorithm / "samples_final.png"
+    t0 = time.time()  # the blind vote's folder: `ddrl vote serve --out OUT/votes` serves it
+    votes = prepare_votes([out / a for a, _ in DEMO_ARMS], out / "votes", log=log)
+    summary["votes_seconds"] = time.time() - t0
+    log(
+        f"[demo] {len(votes.questions)} blind questions rendered in "
+        f"{summary['votes_seconds']:.1f}s; rate them: ddrl vote serve --out {out / 'votes'}"
+    )
     summary["total_seconds"] = time.time() - t_start
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     write_report(

@@ -9,9 +9,10 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
-from ddrl.experiments.hacking import arm_label, is_num, series
+from ddrl.experiments.hacking import arm_label, first_firings, is_num, series
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">")  # one per setting of an algorithm
+WATCH_MARKERS = ("o", "s", "D", "^", "v", "p", "h", "8")  # one per watch rule (hollow)
 
 
 def save_figure(fig: Figure, path, **kwargs) -> Path:
@@ -65,14 +66,30 @@ def _tidy_ticks(ax, integer_x: bool = False) -> None:
 
 
 def _curve_panel(ax, metrics: dict, key: str, title: str) -> bool:
-    """One line per arm (a fixed colour per arm) and the base dashed; False (and a panel saying
-    what is missing) when no run has ``key``."""
+    """One line per arm (a fixed colour per arm) and the base dashed, with a mark (a shape per
+    watch rule, legend "watch: RULE") where each rule first fired on that arm; False (and a
+    panel saying what is missing) when no run has ``key``."""
     drawn = False
+    rules = list(dict.fromkeys(r for arm in metrics["arms"] for r in first_firings(arm)))
     for i, arm in enumerate(metrics["arms"]):
         iters, vals = series(arm, key)
         if iters:
             ax.plot(iters, vals, marker=".", color=f"C{i % 10}", label=arm_label(arm))
             drawn = True
+        at = dict(zip(iters, vals, strict=True))
+        for rule, it in first_firings(arm).items():
+            if it in at:
+                ax.scatter(
+                    it,
+                    at[it],
+                    marker=WATCH_MARKERS[rules.index(rule) % len(WATCH_MARKERS)],
+                    s=90,
+                    facecolors="none",
+                    edgecolors=f"C{i % 10}",
+                    linewidths=1.6,
+                    zorder=5,
+                    label=f"watch: {rule}",
+                )
     base = (metrics.get("base") or {}).get(key)
     if is_num(base):
         ax.axhline(base, color="k", ls="--", lw=1, label="base")

@@ -19,7 +19,13 @@ import re
 from pathlib import Path
 
 from ddrl.experiments.figures import plot_heldout_loss, plot_pareto, plot_reward_curves
-from ddrl.experiments.hacking import arm_label, hacking_analysis, is_num
+from ddrl.experiments.hacking import (
+    arm_label,
+    hacking_analysis,
+    is_num,
+    watch_analysis,
+    watch_summary,
+)
 
 MAIN_KEYS = ("proxy_reward", "gold_accuracy", "diversity", "heldout_diffusion_loss", "fd")
 
@@ -57,6 +63,30 @@ def _metrics_table(metrics: dict) -> str:
     return f'<div class="wide"><table>\n<tr>{head}</tr>\n{body}</table></div>\n{note}'
 
 
+def _watch_table(metrics: dict, loss_rise: float, gold_drop: float) -> str:
+    """Which rules fired on each arm and when, against when gold fell (the lead time)."""
+    rows = watch_analysis(metrics, loss_rise, gold_drop)
+
+    def cell(v) -> str:
+        return "\u2014" if v is None else html.escape(str(v))
+
+    body = []
+    for r in rows:
+        fired = "; ".join(f"{rule} @ {it}" for rule, it in r["fired"].items()) or None
+        lead = None if r["lead"] is None else f"{r['lead']:+d}"
+        cells = (r["label"], fired, r["first_gold_drop_iteration"], lead, r["outcome"])
+        body.append("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in cells) + "</tr>\n")
+    head = "".join(
+        f"<th>{h}</th>"
+        for h in ("run", "rule @ first firing", "gold fell at", "lead (iterations)", "outcome")
+    )
+    return (
+        "<h3>The watch</h3>\n"
+        f"<p>{html.escape(watch_summary(rows))}</p>\n"
+        f'<div class="wide"><table>\n<tr>{head}</tr>\n{"".join(body)}</table></div>\n'
+    )
+
+
 def _img(out_dir: Path, path, caption: str) -> str:
     rel = Path(os.path.relpath(Path(path).resolve(), out_dir.resolve())).as_posix()
     return (
@@ -80,6 +110,8 @@ def _regime_section(
     analysis = hacking_analysis(metrics, loss_rise=loss_rise, gold_drop=gold_drop)
     items = "".join(f"<li>{html.escape(a['sentence'])}</li>\n" for a in analysis)
     parts = ["<h3>Reward hacking</h3>\n", f"<ul>\n{items}</ul>\n"]
+    if any("watch" in a for a in metrics["arms"]):
+        parts.append(_watch_table(metrics, loss_rise, gold_drop))
     parts += ["<h3>Final metrics</h3>\n", _metrics_table(metrics), "<h3>Figures</h3>\n"]
     parts += [_img(out_dir, p, cap) for p, cap in figs]
     return "".join(parts)

@@ -18,6 +18,7 @@ from ddrl.errors import DDRLError
 from ddrl.experiments.report import write_report
 from ddrl.io import atomic_dir
 from ddrl.training.runlog import read_jsonl
+from ddrl.vote.summary import summarise, summary_html
 
 
 def runs_metrics(runs: list[Path]) -> tuple[dict, dict[str, Path]]:
@@ -35,15 +36,19 @@ def runs_metrics(runs: list[Path]) -> tuple[dict, dict[str, Path]]:
         if base is None and zero is not None:
             base = zero
         arm = {"algorithm": cfg.algorithm, "setting": {}, "label": run.name}
-        arms.append({**arm, "final": curve[-1], "curve": curve, "run": str(run)})
+        watch = read_jsonl(run / "watch.jsonl")
+        arms.append({**arm, "final": curve[-1], "curve": curve, "run": str(run), "watch": watch})
         if (run / "samples_final.png").is_file():
             grids[run.name] = run / "samples_final.png"
     reward = load_config(Path(runs[0]) / "config.json").reward.name
     return {"base": base or {}, "reward": reward, "arms": arms}, grids
 
 
-def report_runs(runs: list[Path], out: Path, loss_rise: float = 0.10) -> Path:
-    """Write ``out/report.html`` (+ figures and ``metrics.json``) comparing ``runs``.
+def report_runs(
+    runs: list[Path], out: Path, loss_rise: float = 0.10, votes: Path | None = None
+) -> Path:
+    """Write ``out/report.html`` (+ figures and ``metrics.json``) comparing ``runs``; with
+    ``votes`` (a ``ddrl vote`` folder) also its summary, as a section and ``votes.json``.
 
     ``out`` must not exist (a report never replaces anything); it is built in a temporary
     sibling folder and renamed into place at the end, so a failure leaves no ``out`` at all.
@@ -55,10 +60,22 @@ def report_runs(runs: list[Path], out: Path, loss_rise: float = 0.10) -> Path:
     if blocker is not None and not blocker.is_dir():
         raise DDRLError(f"--out {out}: {blocker} is a file; allowed: a folder path")
     metrics, grids = runs_metrics(runs)
+    if votes is not None and not (Path(votes) / "manifest.json").is_file():
+        raise DDRLError(f"--votes {votes} is not a votes folder (no manifest.json)")
+    voted = summarise(Path(votes)) if votes is not None else None
     names = ", ".join(a["label"] for a in metrics["arms"])
     # The sibling sits beside ``out``, so the relative links to the runs' grids stay right.
     with atomic_dir(out, race_ok=False) as tmp:
         tmp.mkdir(parents=True)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        write_report(metrics, tmp, grids, title=f"ddrl runs: {names}", loss_rise=loss_rise)
+        if voted is not None:
+            (tmp / "votes.json").write_text(json.dumps(voted, indent=1))
+        write_report(
+            metrics,
+            tmp,
+            grids,
+            title=f"ddrl runs: {names}",
+            loss_rise=loss_rise,
+            extra_html=summary_html(voted) if voted is not None else "",
+        )
     return out / "report.html"

@@ -24,6 +24,8 @@ REWARDS = {
     "hpsv2": ("files", "ddrl.rewards.hpsv2:hpsv2_reward"),
     # any reward served by `ddrl reward-server` (reward.url), for every data set
     "remote": ("*", "ddrl.rewards.remote.client:remote_factory"),
+    # a VLM judge over the OpenAI chat API (vLLM, SGLang) at reward.url; reward.judge.*
+    "vlm_judge": ("*", "ddrl.rewards.vlm_judge:judge_factory"),
 }
 GOLD = {"digits": "ddrl.rewards.digits:DigitsGold", "toy2d": "ddrl.rewards.toy2d:Toy2DGold"}
 

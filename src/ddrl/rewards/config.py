@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Literal
@@ -44,6 +45,113 @@ def check_url(url: str) -> None:
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number
     except ValueError:
         raise DDRLError(f"reward.url={url!r} has a bad port; allowed: 1..65535") from None
+
+
+JUDGE_TEMPLATES = ("score", "ocr")  # built-in prompt templates (texts in ddrl.rewards.vlm_judge)
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@dataclass
+class JudgeConfig:
+    """reward.name = "vlm_judge": a vision-language model served with the OpenAI chat API (vLLM,
+    SGLang) scores each image; reward.url is the API base (http://host:8000/v1) and
+    reward.timeout / retries / backoff apply to each request."""
+
+    model: str = field(
+        default="",
+        metadata={"help": "served model name sent with each request (vLLM's --served-model-name)"},
+    )
+    template: str = field(
+        default="score",
+        metadata={
+            "help": '"score": ask for 0-10 on prompt match and quality; "ocr": ask to transcribe, '
+            "scored by similarity to the prompt's quoted text; or a text with {prompt}"
+        },
+    )
+    pattern: str = field(
+        default="",
+        metadata={
+            "help": 'regex whose group 1 is a score in the answer; "" = any number that is not a '
+            'denominator ("7/10" gives 7)'
+        },
+    )
+    matches: Literal["last", "mean"] = field(
+        default="last",
+        metadata={
+            "help": "which matches of pattern make the score: the last one, or the mean of all "
+            "(several criteria, e.g. UnifiedReward's three)"
+        },
+    )
+    scale_min: float = field(
+        default=0.0, metadata={"help": "judge score that maps to reward 0 (clamped below)"}
+    )
+    scale_max: float = field(
+        default=10.0, metadata={"help": "judge score that maps to reward 1 (clamped above)"}
+    )
+    max_tokens: int = field(default=512, metadata={"help": "answer tokens at most (max_tokens)"})
+    temperature: float = field(
+        default=0.0, metadata={"help": "sampling temperature of the answer (0 = greedy)"}
+    )
+    concurrency: int = field(
+        default=8, metadata={"help": "requests in flight at once (one per image)"}
+    )
+    api_key_env: str = field(
+        default="",
+        metadata={
+            "help": 'environment variable holding the bearer key sent to the server; "" = none'
+        },
+    )
+    image_size: int = field(
+        default=0,
+        metadata={"help": "longest image side in pixels sent to the judge (resized); 0 = as is"},
+    )
+    unparsable: Literal["error", "nan"] = field(
+        default="error",
+        metadata={
+            "help": 'an answer the pattern does not match: "error" stops the run; "nan" skips '
+            "the sample's group"
+        },
+    )
+
+    def check(self) -> None:
+        p = "reward.judge."
+        check_literals(self, p)
+        if self.template not in JUDGE_TEMPLATES and "{prompt}" not in self.template:
+            raise DDRLError(
+                f"{p}template={self.template[:80]!r} has no {{prompt}}; allowed: "
+                f"{', '.join(JUDGE_TEMPLATES)} or a text containing {{prompt}}"
+            )
+        if self.pattern:
+            try:
+                groups = re.compile(self.pattern).groups
+            except re.error as e:
+                raise DDRLError(f"{p}pattern={self.pattern!r} is not a regex: {e}") from None
+            if groups < 1:
+                raise DDRLError(
+                    f"{p}pattern={self.pattern!r} has no group; allowed: a regex whose group 1 "
+                    r"is the score, e.g. 'Score: (\d+)'"
+                )
+            if self.template == "ocr":
+                raise DDRLError(
+                    f"{p}pattern={self.pattern!r} with template ocr, which scores the whole "
+                    'transcription; allowed: pattern="" with ocr'
+                )
+        check_range(p + "scale_min", self.scale_min, -1e12, 1e12)
+        check_range(p + "scale_max", self.scale_max, -1e12, 1e12)
+        if not self.scale_max > self.scale_min:
+            raise DDRLError(
+                f"{p}scale_max={self.scale_max!r} <= scale_min={self.scale_min!r}; "
+                "allowed: scale_min < scale_max"
+            )
+        check_range(p + "max_tokens", self.max_tokens, 1, 1_000_000)
+        check_range(p + "temperature", self.temperature, 0.0, 2.0)
+        check_range(p + "concurrency", self.concurrency, 1, 1024)
+        check_range(p + "image_size", self.image_size, 0, 16384)
+        if self.api_key_env and not _ENV_NAME.fullmatch(self.api_key_env):
+            raise DDRLError(
+                f"{p}api_key_env={self.api_key_env!r}; allowed: the NAME of an environment "
+                'variable (letters, digits, _), or "" for no key'
+            )
 
 
 @dataclass
@@ -122,6 +230,7 @@ class RewardConfig:
             "the next chunk samples: hides CPU-side or remote rewards; the same rewards"
         },
     )
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
 
     def check(self) -> None:
         check_literals(self, "reward.")
@@ -133,6 +242,7 @@ class RewardConfig:
         check_range("reward.retries", self.retries, 0, 100)
         check_range("reward.backoff", self.backoff, 0.0, 3600.0)
         parse_weights(self.weights, len(parse_names(self.name)))
+        self.judge.check()
         if self.url:
             check_url(self.url)
         if self.frames != "mean":

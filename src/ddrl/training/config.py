@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -166,7 +167,26 @@ class TrainConfig:
     )
     tensorboard: bool = field(
         default=False,
-        metadata={"help": "also log scalars to <run>/tb (needs the tensorboard package)"},
+        metadata={
+            "help": "also log scalars, watch firings and evaluation samples to <run>/tb (the "
+            "tensorboard extra)"
+        },
+    )
+    wandb: Literal["off", "online", "offline"] = field(
+        default="off",
+        metadata={
+            "help": "also log to Weights & Biases (the wandb extra); offline writes <run>/wandb "
+            "for `wandb sync`"
+        },
+    )
+    wandb_project: str = field(
+        default="ddrl", metadata={"help": 'the wandb project; "" = wandb\'s "uncategorized"'}
+    )
+    wandb_entity: str = field(
+        default="", metadata={"help": 'the wandb team or user; "" = your default entity'}
+    )
+    wandb_name: str = field(
+        default="", metadata={"help": "the wandb run's display name; \"\" = the run folder's name"}
     )
     progress: bool = field(default=True, metadata={"help": "tqdm progress bar on the terminal"})
     sync_timing: bool = field(
@@ -174,6 +194,13 @@ class TrainConfig:
         metadata={
             "help": "synchronise the GPU around every timed phase (exact time_<phase> per phase, "
             "at the cost of the syncs; `ddrl bench` turns it on); CPU timings are exact"
+        },
+    )
+    preflight: bool = field(
+        default=True,
+        metadata={
+            "help": "before iteration 1: on-policy ratio, SDE at zero noise, CFG, reward and "
+            "data pairing checks (ddrl doctor runs them alone)"
         },
     )
 
@@ -200,6 +227,21 @@ class TrainConfig:
         check_range("train.max_skipped_iterations", self.max_skipped_iterations, 1)
         check_range("train.checkpoint_every", self.checkpoint_every, 1)
         check_range("train.keep_checkpoints", self.keep_checkpoints, 1)
+
+    def require_trackers(self) -> None:
+        """Raise a one-line DDRLError when a tracker this config turns on is not installed.
+        Training calls it before building anything; ``check`` does not, so a run that logged to
+        wandb can still be evaluated or exported where wandb is not installed."""
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise DDRLError(
+                "train.tensorboard=true needs the tensorboard package: pip install "
+                "'ddrl[tensorboard]' (or train.tensorboard=false)"
+            )
+        if self.wandb != "off" and importlib.util.find_spec("wandb") is None:
+            raise DDRLError(
+                f"train.wandb={self.wandb} needs the wandb package: pip install 'ddrl[wandb]' "
+                "(or train.wandb=off)"
+            )
 
 
 @dataclass

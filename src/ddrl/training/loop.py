@@ -16,6 +16,9 @@ their presets); the loop never asks which algorithm it runs. Simplifications, st
    resumed run continues exactly as the uninterrupted one (``training.iteration``).
 5. A loss gets only what it declares: the data pool (``needs_data``) and a reference model
    (``needs_reference``).
+6. The watch (``ddrl.watch``) judges each evaluation on rank 0 only; a ``stop`` rule ends the
+   run after the iteration's checkpoint, on every rank together; ``keep_best`` saves the
+   evaluated weights unsharded (so not under FSDP2).
 """
 
 from __future__ import annotations
@@ -32,24 +35,26 @@ from tqdm import tqdm
 from ddrl.config import RunConfig, save_config
 from ddrl.dist.group import any_rank, barrier, batch_slice, is_main
 from ddrl.dist.parallel import Parallel
-from ddrl.errors import DDRLError, Terminated
+from ddrl.errors import DDRLError, Terminated, WatchStopped
 from ddrl.evaluation.evaluate import evaluate_components
 from ddrl.evaluation.pictures import save_prompt_grid
 from ddrl.io import fingerprint
 from ddrl.losses import build_loss, needs
 from ddrl.losses.base import LossContext
 from ddrl.losses.reference import make_reference
-from ddrl.models.base import CondCache
+from ddrl.models.base import CondCache, clamp_images
 from ddrl.models.random_base import copy_marker
 from ddrl.phases import PhaseTimer, phase
 from ddrl.rewards.base import finite_mean
 from ddrl.sde import stepper
 from ddrl.training.components import Components, build_components, device_of
 from ddrl.training.iteration import Iteration, collect
-from ddrl.training.runlog import NullLogger, RunLogger
+from ddrl.training.preflight import preflight
+from ddrl.training.runlog import NullLogger, RunLogger, read_jsonl
 from ddrl.training.state import NoCheckpoint, TrainState
 from ddrl.training.step import Learner
-from ddrl.training.watch import LossRiseWatch
+from ddrl.watch import Verdict, Watch
+from ddrl.watch.best import save_best
 
 
 def train(
@@ -68,7 +73,7 @@ def train(
     run_dir, dev, main, tc = Path(run_dir), device_of(cfg), is_main(), cfg.train
     log = log if main else (lambda *a, **k: None)  # rank 0 says it once
     c = components or build_components(cfg, log)
-    learner, par, base = _setup(cfg, c, dev, log)
+    learner, par, base = prepare_learner(cfg, c, dev, log)
     opt, ema = learner.opt, learner.ema
     state = TrainState(
         run_dir,
@@ -95,8 +100,11 @@ def train(
     if main:  # also on resume: a changed train.iterations is the run's length from now on
         save_config(cfg, run_dir / "config.json")
         copy_marker(c.base_path, run_dir)  # model.base=random: RANDOM_WEIGHTS.txt
-    logger = RunLogger(run_dir, start, tc.tensorboard) if main else NullLogger()
-    watch = LossRiseWatch(run_dir, cfg.eval.loss_warn, log)
+    logger = RunLogger(run_dir, start, cfg) if main else NullLogger()
+    # Replayed from the evaluations up to the checkpoint (the logger has cut any later ones).
+    watch = Watch(cfg.watch, read_jsonl(run_dir / "eval.jsonl"), log) if main else None
+    if tc.preflight and start == 0:  # every rank: under FSDP2 its forwards are collectives
+        preflight(cfg, c, learner.loss_fn, dev, log)
     evaluate = functools.partial(_evaluate, cfg, c, dev, par, shipped, logger, watch, run_dir)
     total = tc.prompts_per_iter * tc.group_size
     rows, encode = batch_slice(total), CondCache(c.gen.conditioner)
@@ -131,15 +139,19 @@ def train(
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.3f}")
         done = it + 1 == tc.iterations
         with timer.active():
-            if cfg.eval.every and ((it + 1) % cfg.eval.every == 0 or done):
-                evaluate(it + 1, final=done)
-            stopping = any_rank(stop is not None and stop.is_set()) and not done  # all together
-            if (it + 1) % tc.checkpoint_every == 0 or done or stopping:
+            due = cfg.eval.every and ((it + 1) % cfg.eval.every == 0 or done)
+            verdict = evaluate(it + 1, final=done) if due else Verdict()
+            # all ranks together: SIGTERM on any, or a stop rule on rank 0
+            terminated = any_rank(stop is not None and stop.is_set()) and not done
+            halted = any_rank(bool(verdict.stop)) and not done
+            if (it + 1) % tc.checkpoint_every == 0 or done or terminated or halted:
                 with phase("checkpoint"):
                     path = state.save(it + 1, tc.keep_checkpoints, samples=(it + 1) * total)
-        if stopping:
+        if terminated or halted:
             bar.close()
             logger.close()
+            if halted:
+                raise WatchStopped(verdict.stop or "a stop rule fired on rank 0", path)
             raise Terminated(path)
     bar.close()
     logger.close()
@@ -148,7 +160,7 @@ def train(
     return row
 
 
-def _setup(cfg: RunConfig, c: Components, dev: str, log) -> tuple[Learner, Parallel, str]:
+def prepare_learner(cfg: RunConfig, c: Components, dev: str, log) -> tuple[Learner, Parallel, str]:
     """Freeze the conditioner, encode every prompt once, build the loss (its reference before
     any update), compile and lay out the denoiser, and the Learner that trains it."""
     gen = c.gen.to(dev)
@@ -177,6 +189,11 @@ def _setup(cfg: RunConfig, c: Components, dev: str, log) -> tuple[Learner, Paral
     loss_fn = build_loss(
         cfg.algorithm, cfg.loss, ctx, *cell[1:]
     )  # before resume: the reference is the base
+    if par.sharded and any(r.action == "keep_best" for r in cfg.watch.parsed()):
+        raise DDRLError(
+            "a keep_best watch rule saves best/ unsharded; under parallel.strategy=fsdp use "
+            "stop rules and the checkpoints instead; allowed: warn and stop rules here"
+        )
     if cfg.model.compile:  # after the reference copy was taken; compiled in place
         backbones = [getattr(denoiser, n, None) for n in ("transformer", "transformer_2")]
         backbones = [b for b in backbones if b is not None]  # Wan2.2 A14B: both experts
@@ -214,23 +231,32 @@ def _save_final(c: Components, par: Parallel, run_dir: Path, shipped) -> None:
         c.gen.save_pretrained(run_dir / "final")
 
 
-def _evaluate(cfg, c, dev, par, shipped, logger, watch, run_dir, it: int, final=False) -> None:
-    """Evaluate the shipped weights (the EMA when on) after ``it`` iterations, log the metrics
-    and watch the held-out loss; at the end also ``samples_final.png``. Rank 0 evaluates while
-    the others wait; sharded, every rank runs it (each forward gathers the weights from all)
-    and rank 0 alone logs."""
+def _evaluate(cfg, c, dev, par, shipped, logger, watch, run_dir, it: int, final=False) -> Verdict:
+    """Evaluate the shipped weights (the EMA when on) after ``it`` iterations, let the watch
+    judge them (``best/`` saved from the same weights), log the metrics, firings and sample
+    grid; at the end also ``samples_final.png``. Rank 0 evaluates while the others wait;
+    sharded, every rank runs it (each forward gathers the weights from all) and rank 0 alone
+    logs and watches."""
+    verdict = Verdict()
     with phase("eval"):
         if is_main() or par.sharded:
             with shipped():
                 m, raw, _ = evaluate_components(c.gen, c, cfg, dev)
-            watch(it, m)
+                if watch is not None:
+                    verdict = watch.observe(it, m)
+                    if verdict.best:
+                        save_best(c.gen, run_dir, it, cfg.watch, m)
             logger.eval({"iteration": it, **m})
+            for row in verdict.firings:
+                logger.firing(row)
+            n_prompts = len(c.data.eval_prompts or c.data.prompts)
+            logger.samples(it, clamp_images(c.gen.codec, raw), n_prompts)
             if final and is_main():
                 frames = raw[:, :, 0] if raw.dim() == 5 else raw  # videos: their first frames
-                n_prompts = len(c.data.eval_prompts or c.data.prompts)
                 title = f"{cfg.algorithm} after {it} iterations"
                 save_prompt_grid(frames, n_prompts, run_dir / "samples_final.png", title)
         barrier()
+    return verdict
 
 
 def _metrics_row(b: Iteration, m: dict, c: Components, group_size: int, dev) -> dict:

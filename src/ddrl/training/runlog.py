@@ -1,5 +1,5 @@
 """Run folders (created, moved aside, locked to one writer) and per-iteration logging:
-metrics.jsonl, eval.jsonl, optional tensorboard."""
+metrics.jsonl, eval.jsonl, watch.jsonl, and the optional trackers (``training.trackers``)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,13 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ddrl.config import RunConfig
 from ddrl.errors import DDRLError
+
+if TYPE_CHECKING:  # this module stays torch-free: the CLI checks run folders before torch loads
+    from torch import Tensor
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, check_only: bool = False) -> Path:
@@ -46,6 +50,7 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, check_only: bo
     return run_dir
 
 
+LOGS = ("metrics.jsonl", "eval.jsonl", "watch.jsonl")  # cut back to the checkpoint on resume
 LOCK_FILE = ".lock"  # in the run folder; held by the one process that writes the run
 
 
@@ -99,44 +104,47 @@ def has_records(run_dir: Path) -> bool:
 
 
 class RunLogger:
-    """Appends one JSON object per line; truncates rows past ``start`` when a run resumes, so
-    a resumed log equals the uninterrupted one."""
+    """Appends one JSON object per line to metrics.jsonl, eval.jsonl and watch.jsonl, and hands
+    the same to the trackers ``cfg.train`` turns on (TensorBoard, wandb). Rows past ``start``
+    are cut when a run resumes, so a resumed log equals the uninterrupted one."""
 
-    def __init__(self, run_dir: Path, start: int, tensorboard: bool = False):
+    def __init__(self, run_dir: Path, start: int, cfg: RunConfig):
         self.run_dir = Path(run_dir)
-        for name in ("metrics.jsonl", "eval.jsonl"):
+        for name in LOGS:
             path = self.run_dir / name
             # Rows are numbered by completed iterations; the checkpoint at `start` covers them.
             rows = [r for r in read_jsonl(path) if r["iteration"] <= start]
             path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise DDRLError(
-                    "train.tensorboard=true needs the tensorboard package (pip install tensorboard)"
-                ) from e
-            self.tb = SummaryWriter(str(self.run_dir / "tb"))
+        # Imported here, not at the top: the trackers load torch (see TYPE_CHECKING above).
+        from ddrl.training.trackers import open_trackers
 
-    def _write(self, name: str, row: dict) -> None:
+        self.trackers = open_trackers(self.run_dir, cfg)
+
+    def _append(self, name: str, row: dict) -> None:
         with open(self.run_dir / name, "a") as f:
             f.write(json.dumps(finite_or_null(row)) + "\n")
-        if self.tb is not None:
-            prefix = "eval/" if name == "eval.jsonl" else ""
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k != "iteration":
-                    self.tb.add_scalar(prefix + k, v, row["iteration"])
 
     def metrics(self, row: dict) -> None:
-        self._write("metrics.jsonl", row)
+        self._append("metrics.jsonl", row)
+        self.trackers.scalars(row, "")
 
     def eval(self, row: dict) -> None:
-        self._write("eval.jsonl", row)
+        self._append("eval.jsonl", row)
+        self.trackers.scalars(row, "eval/")
+
+    def firing(self, row: dict) -> None:
+        """A watch rule fired: ``row`` has iteration, rule, signal, value, threshold, action
+        and reason (``ddrl.watch``)."""
+        self._append("watch.jsonl", row)
+        self.trackers.firing(row)
+
+    def samples(self, iteration: int, images: Tensor, n_prompts: int) -> None:
+        """An evaluation's samples, images [P·n, C, H, W] or videos [P·n, C, F, H, W] in
+        [-1, 1], prompt-major, pictured for the trackers; without one, nothing at all."""
+        self.trackers.samples(iteration, images, n_prompts)
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        self.trackers.close()
 
 
 class NullLogger:
@@ -146,6 +154,12 @@ class NullLogger:
         pass
 
     def eval(self, row: dict) -> None:
+        pass
+
+    def firing(self, row: dict) -> None:
+        pass
+
+    def samples(self, iteration: int, images: Tensor, n_prompts: int) -> None:
         pass
 
     def close(self) -> None:

@@ -14,9 +14,7 @@ variables are ignored (the service is on the trainer's network).
 
 from __future__ import annotations
 
-import http.client
 import json
-import time
 import urllib.error
 import urllib.request
 
@@ -24,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ddrl.errors import DDRLError, check_range
+from ddrl.rewards import transport
 from ddrl.rewards.base import RewardContext
 from ddrl.rewards.config import RewardConfig, check_url
 from ddrl.rewards.remote.wire import (
@@ -35,17 +34,6 @@ from ddrl.rewards.remote.wire import (
     error_text,
     quantize,
 )
-
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def _open(request: urllib.request.Request, timeout: float):
-    """One HTTP exchange (a module function so tests can count attempts)."""
-    return _OPENER.open(request, timeout=timeout)
-
-
-class _Retry(Exception):
-    """A failure worth another attempt (its message says what happened)."""
 
 
 class RemoteReward:
@@ -103,7 +91,7 @@ class RemoteReward:
         """The server's /health answer (one attempt; DDRLError if it does not answer)."""
         req = urllib.request.Request(self.url + "/health", method="GET")
         try:
-            with _open(req, self.timeout) as resp:
+            with transport.open_url(req, self.timeout) as resp:
                 return json.loads(resp.read(MAX_ANSWER_BYTES))
         except (OSError, ValueError) as e:
             raise DDRLError(f"reward service {self.url} is not healthy: {error_text(e)}") from None
@@ -112,20 +100,8 @@ class RemoteReward:
 
     def _score(self, u8: Tensor, prompts: list[str]) -> Tensor:
         body = encode_request(u8, prompts)
-        attempts = self.retries + 1
-        start = time.monotonic()
-        last = ""
-        for k in range(attempts):
-            if k:
-                time.sleep(self.backoff * 2 ** (k - 1))
-            try:
-                return self._post(body, u8.shape[0])
-            except _Retry as e:
-                last = str(e)
-        raise DDRLError(
-            f"reward service {self.url} did not answer after {attempts} attempts "
-            f"({time.monotonic() - start:.1f} s; reward.retries={self.retries}): {last}"
-        )
+        post = lambda: self._post(body, u8.shape[0])  # noqa: E731
+        return transport.retried(post, f"reward service {self.url}", self.retries, self.backoff)
 
     def _post(self, body: bytes, n: int) -> Tensor:
         req = urllib.request.Request(
@@ -135,12 +111,9 @@ class RemoteReward:
             headers={"Content-Type": CONTENT_TYPE},
         )
         try:
-            with _open(req, self.timeout) as resp:
-                raw = resp.read(MAX_ANSWER_BYTES + 1)
-        except urllib.error.HTTPError as e:  # the server answered, with an error status
-            message = _error_message(e)
-            if e.code in RETRY_STATUS:
-                raise _Retry(f"HTTP {e.code}: {message}") from None
+            raw = transport.exchange(req, self.timeout, RETRY_STATUS, MAX_ANSWER_BYTES)
+        except urllib.error.HTTPError as e:  # an error status not worth another attempt
+            message = transport.error_message(e, MAX_ANSWER_BYTES)
             if e.code == 500:
                 raise DDRLError(
                     f"reward service {self.url} failed on {n} images: {message}"
@@ -149,16 +122,6 @@ class RemoteReward:
                 f"reward service {self.url} refused /score (HTTP {e.code}): {message}; "
                 "is it a `ddrl reward-server` of this version?"
             ) from None
-        except TimeoutError:
-            raise _Retry(f"timed out after {self.timeout:g} s (reward.timeout)") from None
-        except urllib.error.URLError as e:
-            if isinstance(e.reason, TimeoutError):
-                raise _Retry(f"timed out after {self.timeout:g} s (reward.timeout)") from None
-            raise _Retry(f"cannot connect: {error_text(e.reason)}") from None
-        except (OSError, ConnectionError) as e:  # reset, refused mid-way, closed early
-            raise _Retry(error_text(e)) from None
-        except http.client.HTTPException as e:  # a mangled status line or headers
-            raise _Retry(f"broken HTTP answer: {error_text(e)}") from None
         return self._parse(raw, n)
 
     def _parse(self, raw: bytes, n: int) -> Tensor:
@@ -186,22 +149,6 @@ class RemoteReward:
         return torch.tensor(
             [float("nan") if s is None else float(s) for s in scores], dtype=torch.float32
         )
-
-
-def _error_message(e: urllib.error.HTTPError) -> str:
-    """The one-line "error" of a JSON error answer, else the start of the body or the reason."""
-    try:
-        raw = e.read(MAX_ANSWER_BYTES)
-    except Exception:
-        raw = b""
-    try:
-        obj = json.loads(raw)
-        if isinstance(obj, dict) and isinstance(obj.get("error"), str):
-            return error_text(obj["error"])
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        pass
-    text = error_text(raw[:200].decode("utf-8", "replace")) if raw else ""
-    return text or str(e.reason)
 
 
 def remote_factory(ctx: RewardContext) -> RemoteReward:

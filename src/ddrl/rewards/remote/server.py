@@ -1,147 +1,250 @@
-"""A reward in its own process: an HTTP scoring service and the client that calls it.
+"""``ddrl reward-server``: a reward served over HTTP from its own process (Starlette on uvicorn),
+with requests batched across clients, one replica per device, /health and Prometheus /metrics.
 
 Rewards whose dependencies clash with the trainer's (another torch, another transformers, a
 model that needs its own GPU) run as ``ddrl reward-server --reward NAME`` in their own
 environment; the trainer uses ``reward.name = "remote"`` with ``reward.url`` pointing at it.
-Only the standard library (``http.server``, ``urllib``) and safetensors are used on the wire.
 
-The server scores one request at a time (a lock around the reward; /health answers meanwhile);
-the wire is ``ddrl.rewards.remote.wire``, the client ``ddrl.rewards.remote.client``.
+- ``POST /score``: the wire, version 1 (``ddrl.rewards.remote.wire``; the client
+  ``ddrl.rewards.remote.client`` needs only the standard library). Errors are
+  ``{"error": one line, "version": 1}`` with 400 (bad body), 404 (unknown path), 411 (no
+  Content-Length), 413 (over ``max_bytes``, refused from the Content-Length before reading the
+  body) or 500 (the reward raised or returned the wrong type or shape).
+- ``GET /health``: ``{"ok": true, "reward": NAME, "version": 1}`` plus ``replicas``,
+  ``devices``, ``queued`` (requests waiting) and the batching settings.
+- ``GET /metrics``: Prometheus text, from a registry of this server's own.
+
+Requests from every client wait in one queue; each replica (one reward instance per device,
+built once per device) merges them into one reward call in its own worker thread, so the event
+loop goes on reading bodies and answering /health meanwhile (``ddrl.rewards.remote.batching``
+has the policy). ``make_server`` binds (``ddrl.serving``); its ``start`` serves in a background
+thread (tests, benchmarks), ``serve`` in this one until interrupted (the CLI).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-import socket
-import sys
-import threading
-import traceback
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
-
-from ddrl.errors import DDRLError
-from ddrl.rewards.base import Reward, checked_reward
-from ddrl.rewards.remote.wire import (
-    WIRE_VERSION,
-    decode_request,
-    dequantize,
-    encode_scores,
-    error_text,
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
 )
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from ddrl.errors import DDRLError, check_range
+from ddrl.rewards.base import Reward
+from ddrl.rewards.remote.batching import JobQueue, run_replica
+from ddrl.rewards.remote.wire import WIRE_VERSION, decode_request, encode_scores, error_text
+from ddrl.serving import Served, bind
+
+ENDPOINTS = "GET /health, GET /metrics, POST /score"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server_version = "ddrl-reward/1"
-    timeout = 600  # a client that stops sending mid-request frees its thread after this
+class _Metrics:
+    """The server's Prometheus metrics, in a registry of its own (several servers can share a
+    process: tests, benchmarks)."""
 
-    def log_message(self, format, *args) -> None:  # noqa: A002 - the base class's name
-        pass  # no access log; failures are printed in _score
+    def __init__(self):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter(
+            "ddrl_reward_requests", "HTTP requests answered", ["path", "status"], registry=r
+        )
+        self.images = Counter("ddrl_reward_images", "images scored and answered", registry=r)
+        self.errors = Counter("ddrl_reward_errors", "reward calls that raised", registry=r)
+        self.batch = Histogram(
+            "ddrl_reward_batch_images",
+            "images per reward call",
+            ["replica"],
+            buckets=[2**k for k in range(11)],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "ddrl_reward_request_seconds",
+            "POST /score, request received to answer ready",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue = Gauge("ddrl_reward_queue_depth", "requests waiting for a replica", registry=r)
 
-    def _answer(self, status: int, obj: dict) -> None:
-        self._send(status, json.dumps(obj, allow_nan=False).encode())
+    def on_call(self, replica: int) -> Callable[[int, bool], None]:
+        """What replica ``replica``'s worker reports each reward call to (thread-safe)."""
+        batch = self.batch.labels(str(replica))
 
-    def _send(self, status: int, body: bytes) -> None:
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-        except (BrokenPipeError, ConnectionResetError):  # the client gave up (its timeout)
-            print(
-                f"reward server: client {self.client_address[0]} left before the answer",
-                file=sys.stderr,
+        def call(images: int, ok: bool) -> None:
+            batch.observe(images)
+            if not ok:
+                self.errors.inc()
+
+        return call
+
+
+def _error(status: int, message: str) -> tuple[int, bytes]:
+    return status, json.dumps({"error": message, "version": WIRE_VERSION}).encode()
+
+
+class _App:
+    """The Starlette app of one server: its routes, its queue and its replicas' batchers."""
+
+    def __init__(self, replicas, name: str, max_batch: int, max_wait: float, max_bytes: int):
+        self.replicas: list[tuple[str, Reward]] = replicas
+        self.name, self.max_bytes = name, max_bytes
+        self.max_batch, self.max_wait = max_batch, max_wait
+        self.metrics = _Metrics()
+        self.queue = JobQueue(max_batch, max_wait, self.metrics.queue.set)
+
+    def starlette(self) -> Starlette:
+        paths = [("/score", self.score, "POST"), ("/health", self.health, "GET")]
+        paths.append(("/metrics", self.prometheus, "GET"))
+        # "/score/" too: the http.server version accepted a trailing slash.
+        routes = [Route(p, fn, methods=[m]) for path, fn, m in paths for p in (path, path + "/")]
+        handlers = {404: self.not_found, 405: self.not_found}  # 404 for both, as before
+        return Starlette(routes=routes, exception_handlers=handlers, lifespan=self.lifespan)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app):
+        executors = [ThreadPoolExecutor(1, f"reward-{i}") for i in range(len(self.replicas))]
+        tasks = [
+            asyncio.create_task(
+                run_replica(self.queue, reward, self.name, dev, ex, self.metrics.on_call(i))
             )
-
-    def _error(self, status: int, message: str) -> None:
-        self._answer(status, {"error": message, "version": WIRE_VERSION})
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        if self.path.rstrip("/") == "/health":
-            self._answer(
-                200, {"ok": True, "reward": self.server.reward_name, "version": WIRE_VERSION}
-            )
-        else:
-            self._error(404, f"unknown path {self.path!r}; allowed: GET /health, POST /score")
-
-    def do_POST(self) -> None:  # noqa: N802
-        if self.path.rstrip("/") != "/score":
-            self._error(404, f"unknown path {self.path!r}; allowed: GET /health, POST /score")
-            return
+            for i, ((dev, reward), ex) in enumerate(zip(self.replicas, executors, strict=True))
+        ]
         try:
-            length = int(self.headers.get("Content-Length", ""))
+            yield
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for ex in executors:  # a reward call in progress finishes in its thread
+                ex.shutdown(wait=False, cancel_futures=True)
+
+    def _send(self, path: str, status: int, body: bytes, media: str = "application/json"):
+        self.metrics.requests.labels(path, str(status)).inc()
+        return Response(body, status, media_type=media)
+
+    async def score(self, request: Request) -> Response:
+        start = time.perf_counter()
+        status, body = await self._score(request)
+        self.metrics.latency.observe(time.perf_counter() - start)
+        return self._send("/score", status, body)
+
+    async def _score(self, request: Request) -> tuple[int, bytes]:
+        try:
+            length = int(request.headers.get("content-length", ""))
         except ValueError:
-            self._error(411, "POST /score needs a Content-Length")
-            return
-        if length < 0 or length > self.server.max_bytes:
-            self._error(413, f"body of {length} bytes; allowed: up to {self.server.max_bytes}")
-            return
-        body = self.rfile.read(length)
+            return _error(411, "POST /score needs a Content-Length")
+        if length < 0 or length > self.max_bytes:
+            return _error(413, f"body of {length} bytes; allowed: up to {self.max_bytes}")
         try:
-            u8, prompts = decode_request(body)
+            body = b"".join([chunk async for chunk in request.stream()])
+        except ClientDisconnect:  # nobody is left to read the answer
+            return _error(400, "the client left before sending the whole body")
+        try:  # safetensors parsing of a large video body would stall the loop: a thread
+            u8, prompts = await run_in_threadpool(decode_request, body)
         except ValueError as e:
-            self._error(400, f"bad /score request: {e}")
-            return
+            return _error(400, f"bad /score request: {e}")
         try:
-            with self.server.lock, torch.no_grad():
-                scores = checked_reward(
-                    self.server.reward, self.server.reward_name, dequantize(u8), prompts
-                )
-        except Exception as e:  # the reward's failure, reported to the client on one line
-            print(
-                f"reward {self.server.reward_name!r} failed on {u8.shape[0]} images:",
-                file=sys.stderr,
+            scores = await self.queue.score(u8, prompts)
+        except Exception as e:  # the reward's failure (printed by the worker), on one line
+            return _error(500, f"reward {self.name!r} failed: {error_text(e)}")
+        self.metrics.images.inc(len(scores))
+        return 200, encode_scores(scores)
+
+    async def health(self, request: Request) -> Response:
+        answer = {
+            "ok": True,
+            "reward": self.name,
+            "version": WIRE_VERSION,
+            "replicas": len(self.replicas),
+            "devices": [dev for dev, _ in self.replicas],
+            "queued": len(self.queue),
+            "max_batch": self.max_batch,
+            "max_wait_ms": self.max_wait * 1000,
+        }
+        return self._send("/health", 200, json.dumps(answer).encode())
+
+    async def prometheus(self, request: Request) -> Response:
+        body = generate_latest(self.metrics.registry)
+        return self._send("/metrics", 200, body, CONTENT_TYPE_LATEST)
+
+    async def not_found(self, request: Request, exc: Exception) -> Response:
+        path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        _, body = _error(404, f"unknown path {path!r}; allowed: {ENDPOINTS}")
+        return self._send("other", 404, body)
+
+
+def parse_devices(text: str) -> list[str]:
+    """--devices "cpu,cpu" or "cuda:0,cuda:1" → one replica per entry; DDRLError naming a bad
+    entry and the devices this machine has."""
+    n = torch.cuda.device_count()
+    allowed = ["cpu", *(["cuda", *(f"cuda:{i}" for i in range(n))] if n else [])]
+    devices = [d.strip() for d in text.split(",")]
+    for d in devices:
+        if d not in allowed:
+            why = "unknown device" if not d.startswith("cuda") else "no such CUDA device here"
+            raise DDRLError(
+                f"--devices {text}: {d!r}: {why}; allowed: {', '.join(allowed)} "
+                "(comma-separated, one reward replica each)"
             )
-            traceback.print_exc(file=sys.stderr)
-            self._error(500, f"reward {self.server.reward_name!r} failed: {error_text(e)}")
-            return
-        self._send(200, encode_scores(scores))
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True  # a request still being scored does not hold up shutdown
-
-
-class _Server6(_Server):
-    address_family = socket.AF_INET6
+    return devices
 
 
 def make_server(
-    reward: Reward,
+    rewards: Reward | Sequence[Reward],
     host: str = "127.0.0.1",
     port: int = 0,
     name: str | None = None,
+    *,
+    devices: Sequence[str] | None = None,
+    max_batch: int = 64,
+    max_wait: float = 0.005,
     max_bytes: int = 8 << 30,
-) -> ThreadingHTTPServer:
-    """A bound, not yet serving, server for ``reward`` (port 0: a free port; read it from
-    ``server.server_address[1]``). Call ``serve_forever()``; ``shutdown()`` + ``server_close()``
-    stop it."""
-    cls = _Server6 if ":" in host else _Server
+) -> Served:
+    """A bound, not yet serving, server for ``rewards`` (one reward, or one per replica with
+    ``devices`` naming each one's device: "cpu" by default). Port 0 takes a free port
+    (``server.url`` has it). Requests are merged up to ``max_batch`` images per reward call,
+    waiting at most ``max_wait`` seconds after the first; bodies over ``max_bytes`` get 413."""
+    rewards = list(rewards) if isinstance(rewards, (list, tuple)) else [rewards]
+    devices = list(devices) if devices is not None else ["cpu"] * len(rewards)
+    if not rewards or len(devices) != len(rewards):
+        raise DDRLError(f"{len(rewards)} rewards for {len(devices)} devices; need one per device")
+    check_range("max_batch", max_batch, 1)
+    check_range("max_wait", max_wait, 0.0)
+    name = name or getattr(rewards[0], "__name__", type(rewards[0]).__name__)
+    app = _App(list(zip(devices, rewards, strict=True)), name, max_batch, max_wait, max_bytes)
+    # graceful: a reward call still running may hold shutdown this long
+    return Served(app.starlette(), bind(host, port), header="ddrl-reward/1", graceful=10)
+
+
+def serve(
+    rewards: Reward | Sequence[Reward],
+    host: str = "127.0.0.1",
+    port: int = 0,
+    ready: Callable[[str], None] | None = None,
+    name: str | None = None,
+    **options,
+) -> None:
+    """Serve ``rewards`` until interrupted; ``ready(url)`` is called once listening.
+    ``options``: ``make_server``'s keywords (devices, max_batch, max_wait, max_bytes)."""
+    server = make_server(rewards, host, port, name, **options)
     try:
-        server = cls((host, port), _Handler)
-    except OSError as e:
-        raise DDRLError(f"cannot listen on {host}:{port}: {error_text(e)}") from e
-    server.reward = reward
-    server.reward_name = name or getattr(reward, "__name__", type(reward).__name__)
-    server.lock = threading.Lock()
-    server.max_bytes = max_bytes
-    return server
-
-
-def server_url(server: ThreadingHTTPServer) -> str:
-    host, port = server.server_address[:2]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
-def serve(reward: Reward, host: str = "127.0.0.1", port: int = 0, ready=None, name=None) -> None:
-    """Serve ``reward`` until interrupted; ``ready(url)`` is called once listening."""
-    server = make_server(reward, host, port, name=name)
-    try:
-        if ready is not None:
-            ready(server_url(server))
-        server.serve_forever()
+        server.serve_forever(ready)
     except KeyboardInterrupt:
         pass
     finally:
-        server.server_close()
+        server.shutdown()

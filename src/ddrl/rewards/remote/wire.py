@@ -22,7 +22,9 @@ The answer is JSON (``Content-Type: application/json``):
   500 (the reward raised, or returned the wrong type or shape):
   ``{"error": "<one line>", "version": 1}``.
 
-``GET {url}/health`` answers ``{"ok": true, "reward": NAME, "version": 1}``.
+``GET {url}/health`` answers ``{"ok": true, "reward": NAME, "version": 1}``, to which a server
+may add keys (``ddrl reward-server`` adds its replicas and batching settings); clients read
+only these three.
 """
 
 from __future__ import annotations
