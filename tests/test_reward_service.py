@@ -539,3 +539,40 @@ def test_reward_server_flags_are_checked_before_the_reward_is_built(capsys, args
     assert main(["reward-server", "--reward", "nope", *args]) == 2  # "nope" is never built
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and says in err[0], err
+
+
+def test_overlapped_remote_scoring_gives_the_runs_metrics(tmp_path):
+    """reward.overlap with reward.name=remote: each rollout chunk (sampler.batch=3 of 8: 3, 3, 2)
+    is sent to the service while the next samples, and the run's metrics equal the run that
+    scores the whole batch after the rollout."""
+    from helpers_quick import quick
+
+    from ddrl.config import build_config
+    from ddrl.training.loop import train
+    from ddrl.training.runlog import prepare_run_dir, read_jsonl
+
+    sizes = []
+
+    class Recording(BrightnessReward):
+        def __call__(self, images, prompts):
+            sizes.append(images.shape[0])
+            return super().__call__(images, prompts)
+
+    rows = {}
+    with serving(Recording(), "brightness", max_wait=0.0) as (url, _):
+        for flag in ("false", "true"):
+            sizes.clear()
+            # (no preflight: its probe's two samples would be scored through the service too)
+            ov = ["reward.name=remote", f"reward.url={url}", "sampler.batch=3"]
+            cfg = build_config(
+                overrides=quick(*ov, f"reward.overlap={flag}", "train.preflight=false")
+            )
+            run = prepare_run_dir(tmp_path / flag, resume=False, overwrite=False)
+            train(cfg, run, log=lambda *a: None)
+            rows[flag] = [
+                {k: v for k, v in r.items() if not k.startswith("time_")}
+                for r in read_jsonl(run / "metrics.jsonl")
+            ]
+            if flag == "true":  # one request per chunk, as each finished (2 iterations)
+                assert sizes == [3, 3, 2] * 2
+    assert rows["true"] == rows["false"] and len(rows["true"]) == 2
