@@ -103,9 +103,9 @@ def test_sample_writes_one_file_per_sample_at_the_models_size(runs, family, tmp_
 def test_sample_is_the_evaluation_ode_of_the_run(runs, tmp_path):
     """The PNGs hold, pixel for pixel, ``sample_ode`` with the run's sampler on eval.grid from
     the seed's noise; a sampler.eval_steps override changes them."""
-    from ddrl.cli.export import load_run_generator
     from ddrl.config import load_config
     from ddrl.sampling import sample_ode
+    from ddrl.training.saved import load_run_generator
 
     run = runs("digits")
     cfg = load_config(run / "config.json")
@@ -278,14 +278,14 @@ def test_export_and_sample_write_all_or_nothing(runs, tmp_path, monkeypatch):
 def test_bad_sample_input_is_one_line_before_any_work(
     runs, tmp_path, capsys, monkeypatch, args, says
 ):
-    import ddrl.cli.sample as sample
+    import ddrl.training.saved as saved  # what ddrl sample loads with, once the checks pass
 
     run = runs("digits")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x.png").write_bytes(b"")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "generator.json").write_text("{")
-    monkeypatch.setattr(sample, "load_for_sampling", lambda *a: pytest.fail("work started"))
+    monkeypatch.setattr(saved, "load_for_sampling", lambda *a: pytest.fail("work started"))
     capsys.readouterr()
     code = main(["sample", *(a.format(run=run, tmp=tmp_path) for a in args)])
     err = capsys.readouterr().err.strip().splitlines()

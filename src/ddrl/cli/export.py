@@ -20,7 +20,6 @@ from pathlib import Path
 from ddrl.cli.card import CARD, model_card
 from ddrl.config import load_config
 from ddrl.errors import DDRLError
-from ddrl.training.saved import load_run_generator
 
 
 def export(run: Path, out: Path, merge: bool, step: int | None = None) -> Path:
@@ -28,6 +27,7 @@ def export(run: Path, out: Path, merge: bool, step: int | None = None) -> Path:
     ``out`` (new), all at once."""
     from ddrl.io import atomic_dir
     from ddrl.models.hf import DEFAULTS_FILE
+    from ddrl.training.saved import load_run_generator
 
     run, out = Path(run), Path(out)
     if out.exists():

@@ -16,12 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ddrl.config.resolve import parse_overrides
-from ddrl.dist.checkpoint import find_checkpoint
 from ddrl.errors import DDRLError, check_range, first_line
-from ddrl.evaluation.pictures import save_scatter
-from ddrl.io import atomic_dir
-from ddrl.training.components import device_of
-from ddrl.training.saved import ALLOWED, draw, load_for_sampling, sample_config, save_sample
+from ddrl.evaluation.config import SAMPLE_KEYS
 
 
 def check_sample_args(
@@ -51,9 +47,9 @@ def check_sample_args(
     check_range("--seed", seed, 0, 2**63 - 1)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DDRLError(f"--out {out} is not an empty folder; allowed: a new or empty folder")
-    bad = [k for k in parse_overrides(list(overrides)) if k not in ALLOWED]
+    bad = [k for k in parse_overrides(list(overrides)) if k not in SAMPLE_KEYS]
     if bad:
-        raise DDRLError(f"ddrl sample may only change {', '.join(ALLOWED)}; got {bad}")
+        raise DDRLError(f"ddrl sample may only change {', '.join(SAMPLE_KEYS)}; got {bad}")
     if (run / "config.json").is_file():
         return
     if not ((run / "generator.json").is_file() or (run / "model_index.json").is_file()):
@@ -80,6 +76,13 @@ def sample(
     prompt (edit and image-to-video models)."""
     run, out = Path(run), Path(out)
     check_sample_args(run, prompts, n, seed, out, step, overrides, images)
+    # Imported once the arguments are checked: torch and the families.
+    from ddrl.dist.checkpoint import find_checkpoint
+    from ddrl.evaluation.pictures import save_scatter
+    from ddrl.io import atomic_dir
+    from ddrl.training.components import device_of
+    from ddrl.training.saved import draw, load_for_sampling, sample_config, save_sample
+
     cfg = sample_config(run, overrides)
     if step is not None:  # a missing checkpoint is named before the model loads
         find_checkpoint(run, step)

@@ -9,6 +9,9 @@ from typing import Literal
 from ddrl.config.core import SamplerConfig
 from ddrl.errors import check_literals, check_range
 
+# The keys a saved run's config may change when it is sampled again (ddrl sample, ddrl vote).
+SAMPLE_KEYS = ("sampler.eval_steps", "sampler.cfg_scale", "eval.cfg_scale")
+
 
 @dataclass
 class EvalConfig:

@@ -3,7 +3,7 @@ draws them: what ``ddrl sample``, ``ddrl export`` and ``ddrl vote`` share.
 
 A run folder is sampled with its own config.json (``final/``, or a checkpoint), a model folder
 (``generator.json``, or a diffusers pipeline's ``model_index.json``) with the default settings
-(its family's preset for the embedded families). Only ``ALLOWED`` keys may be overridden.
+(its family's preset for the embedded families). Only ``SAMPLE_KEYS`` may be overridden.
 """
 
 from __future__ import annotations
@@ -19,13 +19,12 @@ from ddrl.config import PRESET_NAMES, RunConfig, build_config, load_config
 from ddrl.dist.checkpoint import find_checkpoint, load_trained
 from ddrl.errors import DDRLError
 from ddrl.evaluation import pictures
+from ddrl.evaluation.config import SAMPLE_KEYS
 from ddrl.models import family_of, load_generator
 from ddrl.models.base import Generator, decode_images
 from ddrl.models.config import LoraConfig, ModelConfig
 from ddrl.sampling import sample_ode
 from ddrl.training.components import load_base
-
-ALLOWED = ("sampler.eval_steps", "sampler.cfg_scale", "eval.cfg_scale")
 
 
 def saved_model_config(folder: Path) -> ModelConfig | None:
@@ -71,9 +70,9 @@ def load_run_generator(run: Path, step: int | None = None) -> Generator:
 
 def sample_config(run: Path, overrides=(), command: str = "ddrl sample") -> RunConfig:
     """A run's own config.json, or for a model folder the defaults (a built-in family's preset),
-    with only the ``ALLOWED`` keys overridden (``command`` names the refusal)."""
+    with only the ``SAMPLE_KEYS`` overridden (``command`` names the refusal)."""
     if (run / "config.json").is_file():
-        return load_config(run / "config.json", list(overrides), ALLOWED, command)
+        return load_config(run / "config.json", list(overrides), SAMPLE_KEYS, command)
     family = family_of(run)  # a one-line error for a corrupt generator.json / model_index.json
     own = [f"preset={family}"] if family in PRESET_NAMES else []
     return build_config(overrides=[*own, *overrides])
