@@ -99,7 +99,7 @@ def theirs(pipe, gen, w: float = 1.0, seed: int = 0, output_type="latent", promp
 
 def theirs_edit(pipe, gen, w: float = 1.0, output_type="latent"):
     """The edit pipeline, one prompt per call with its image (PIL, exactly the sample size)."""
-    from ddrl.models.qwen_image_edit import to_pil
+    from ddrl.models.base import to_pil
 
     x = noise(gen, len(PROMPTS))
     out = []
@@ -379,7 +379,7 @@ def _edit_data(tmp_path):
     """A caption folder of one condition image per prompt, and the prompt file."""
     from PIL import Image
 
-    from ddrl.models.qwen_image_edit import to_pil
+    from ddrl.models.base import to_pil
 
     folder = tmp_path / "cond"
     folder.mkdir()

@@ -132,6 +132,16 @@ class IdentityCodec:
         return z
 
 
+def to_pil(image: Tensor):
+    """[3, H, W] in [-1, 1] → an RGB PIL image, u = round((clamp(x, -1, 1) + 1) · 127.5) (the
+    reward wire's quantisation; a non-finite pixel as 0, +1 or -1 first, as there)."""
+    from PIL import Image
+
+    x = image.detach().float().nan_to_num(0.0, 1.0, -1.0).clamp(-1, 1)
+    x = ((x + 1) * 127.5).round().to(torch.uint8)
+    return Image.fromarray(x.permute(1, 2, 0).cpu().numpy())
+
+
 def clamp_images(codec: Codec, x: Tensor) -> Tensor:
     """Raw decoded images clamped to the codec's valid range (unchanged if it has none)."""
     return x if codec.value_range is None else x.clamp(*codec.value_range)

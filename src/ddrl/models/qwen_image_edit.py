@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ddrl.errors import DDRLError
-from ddrl.models.base import Cond
+from ddrl.models.base import Cond, to_pil
 from ddrl.models.config import ModelConfig
 from ddrl.models.hf import DEFAULTS_FILE
 from ddrl.models.qwen_image import QwenImageConditioner, QwenImageGenerator, pad_tokens
@@ -62,14 +62,6 @@ def _processor_without_torchvision() -> None:
 
 
 _processor_without_torchvision()
-
-
-def to_pil(image: Tensor):
-    """[3, H, W] in [-1, 1] → an RGB PIL image (8 bits per channel)."""
-    from PIL import Image
-
-    x = ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return Image.fromarray(x.permute(1, 2, 0).cpu().numpy())
 
 
 class QwenImageEditConditioner(QwenImageConditioner):

@@ -46,10 +46,11 @@ from PIL import Image
 from torch import Tensor
 
 from ddrl.errors import DDRLError
+from ddrl.models.base import to_pil
 from ddrl.rewards.base import RewardContext
 from ddrl.rewards.config import JudgeConfig, RewardConfig
 from ddrl.rewards.ocr import ocr_score, target_text
-from ddrl.rewards.remote.wire import MAX_ANSWER_BYTES, quantize
+from ddrl.rewards.remote.wire import MAX_ANSWER_BYTES
 from ddrl.rewards.transport import Retry, error_message, exchange, retried
 
 TEMPLATES = {
@@ -74,9 +75,8 @@ RETRY_STATUS = (429, 502, 503, 504)  # rate-limited, a proxy or an overloaded se
 
 def pil_images(images: Tensor) -> list[Image.Image]:
     """Images [B, 3, H, W] in [-1, 1] → B RGB PIL images, quantised to 8 bits as the reward wire
-    does (``u = round((clamp(x, -1, 1) + 1) * 127.5)``)."""
-    u8 = quantize(images).cpu()
-    return [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in u8]
+    does (``ddrl.models.base.to_pil``)."""
+    return [to_pil(x) for x in images]
 
 
 def png_data_url(image: Image.Image, size: int = 0) -> str:
