@@ -50,6 +50,8 @@ class Manifest:
 
     @classmethod
     def load(cls, root: Path) -> Manifest:
+        if not (root / MANIFEST).is_file():
+            raise DDRLError(f"{root} is not a votes folder (no {MANIFEST})")
         try:
             m = json.loads((root / MANIFEST).read_text())
             return cls(root, Settings(**m["settings"]), m["runs"], m["media"], m["questions"])
