@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ddrl.config import load_config
 from ddrl.experiments.hacking import watch_analysis, watch_summary
+from ddrl.experiments.runs_report import runs_metrics
 from ddrl.training.runlog import read_jsonl
 from ddrl.watch import Watch, WatchConfig
 
@@ -38,22 +39,17 @@ def main() -> None:
     p.add_argument("--write", action="store_true", help="write the replay to watch.jsonl")
     args = p.parse_args()
     rules = [r for r in args.rules.split(",") if r] if args.rules is not None else None
-    arms, base = [], None
-    for run in args.runs:
-        fired = replay(run, rules)
-        recorded = read_jsonl(run / "watch.jsonl")
+    metrics, _ = runs_metrics(args.runs)  # curves, base and recorded firings, as ddrl report
+    for run, arm in zip(args.runs, metrics["arms"], strict=True):
+        fired, recorded = replay(run, rules), arm["watch"]
         same = "equal to" if fired == recorded else "differs from"
         print(f"{run}: {len(fired)} firing(s), {same} its watch.jsonl ({len(recorded)})")
         for f in fired:
             print(f"  iteration {f['iteration']:3d}  {f['reason']}  [{f['rule']}]")
         if args.write:
             (run / "watch.jsonl").write_text("".join(json.dumps(f) + "\n" for f in fired))
-        curve = read_jsonl(run / "eval.jsonl")
-        base = base or next((r for r in curve if r["iteration"] == 0), None)
-        arms.append(
-            {"algorithm": "", "label": run.name, "curve": curve, "final": curve[-1], "watch": fired}
-        )
-    rows = watch_analysis({"base": base or {}, "arms": arms})
+        arm["watch"] = fired
+    rows = watch_analysis(metrics)
     print()
     print(f"{'run':32} {'first firing':>12} {'gold fell':>9} {'lead':>5}  outcome")
     for r in rows:
